@@ -1,0 +1,15 @@
+"""mtl_zoo: multi-objective ranking models for TensorFlow / Keras 2.
+
+Importing mtl_zoo selects Keras 2 (tf-keras) for tf.keras, which TensorFlow
+Recommenders needs; it fails with a clear message if Keras 3 was already chosen.
+"""
+
+from mtl_zoo._keras import keras  # noqa: F401  (first: pins tf.keras to Keras 2)
+from mtl_zoo.models import (MODELS, build, build_mmoe, build_shared_bottom,
+                            compile_model)
+from pipelines.schema import Schema
+
+__version__ = "0.1.0"
+
+__all__ = ["keras", "MODELS", "build", "build_mmoe", "build_shared_bottom",
+           "compile_model", "Schema", "__version__"]

@@ -1,0 +1,8 @@
+"""Reusable Keras layers; every one is a real class with `get_config`."""
+
+from mtl_zoo.layers.dense import MLP, ExpertBank, TaskHead
+from mtl_zoo.layers.gates import ExpertMixture, SoftmaxGate
+from mtl_zoo.layers.inputs import FeatureEmbedding, feature_embedding, schema_inputs
+
+__all__ = ["MLP", "ExpertBank", "TaskHead", "ExpertMixture", "SoftmaxGate",
+           "FeatureEmbedding", "feature_embedding", "schema_inputs"]

@@ -1,0 +1,55 @@
+"""Pieces every builder shares: schema inputs, task towers, compilation."""
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import tensorflow as tf
+
+from mtl_zoo import layers
+from mtl_zoo._keras import keras
+from pipelines import schema as schema_lib
+
+
+def embedded_inputs(schema: schema_lib.Schema, embeddings_l2: float = 0.0
+                    ) -> Tuple[Dict[str, tf.Tensor], tf.Tensor]:
+  """Keras inputs for every schema feature and their embedded [batch, dim] vector."""
+  inputs = layers.schema_inputs(schema)
+  return inputs, layers.feature_embedding(schema, embeddings_l2)(inputs)
+
+
+def task_towers(schema: schema_lib.Schema, task_inputs: Dict[str, tf.Tensor],
+                tower_units: Sequence[int], dropout: float = 0.0,
+                activation: str = "relu") -> Dict[str, tf.Tensor]:
+  """One tower and output head per task; each output is named after its task."""
+  outputs = {}
+  for task in schema.tasks:
+    x = task_inputs[task.name]
+    if tower_units:
+      x = layers.MLP(tower_units, activation, dropout, name=f"{task.name}_tower")(x)
+    outputs[task.name] = layers.TaskHead(task.type, name=task.name)(x)
+  return outputs
+
+
+def task_losses(schema: schema_lib.Schema) -> Dict[str, keras.losses.Loss]:
+  return {t.name: (keras.losses.BinaryCrossentropy(name=f"{t.name}_logloss")
+                   if t.type == schema_lib.BINARY else
+                   keras.losses.MeanSquaredError(name=f"{t.name}_mse"))
+          for t in schema.tasks}
+
+
+def compile_model(model: keras.Model, schema: schema_lib.Schema,
+                  learning_rate: float = 1e-3,
+                  optimizer: Optional[keras.optimizers.Optimizer] = None,
+                  **compile_kwargs) -> keras.Model:
+  """Compiles with one loss per task and the schema's loss weights.
+
+  Masks arrive as per-task sample weights from the reader, so a masked example
+  adds nothing to its task's loss. Exact per-task metrics are computed on eval
+  data by `mtl_zoo.metrics` rather than by streaming Keras metrics, which are
+  approximate (AUC) and slow down every training step.
+  """
+  model.compile(
+      optimizer=optimizer or keras.optimizers.legacy.Adam(learning_rate),
+      loss=task_losses(schema),
+      loss_weights={t.name: t.loss_weight for t in schema.tasks},
+      **compile_kwargs)
+  return model

@@ -1,0 +1,255 @@
+"""Train a multi-task model from TFRecords, report per-task metrics, export it.
+
+With no flags: writes the built-in synthetic ads log, trains an MMoE on CTR and
+CVR (CVR masked to clicked impressions), prints metrics and exports a
+SavedModel, all under ./mtl_zoo_output/.
+
+  python -m mtl_zoo.train
+  python -m mtl_zoo.train --model=shared_bottom --train_files='data/train-*' \
+      --eval_files='data/validation-*' --model_dir=runs/sb --export_dir=exports/sb
+  python -m mtl_zoo.train --flagfile=census.flags
+"""
+
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+from absl import app, flags
+
+from mtl_zoo import metrics as metrics_lib
+from mtl_zoo import models
+from mtl_zoo._keras import keras
+from mtl_zoo.export import export_saved_model
+from pipelines import reader
+from pipelines import schema as schema_lib
+from pipelines.datasets import synthetic_ads
+
+import tensorflow as tf  # noqa: E402  (after mtl_zoo._keras pins Keras 2)
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_enum("model", "mmoe", sorted(models.MODELS), "Architecture to train.")
+flags.DEFINE_string("train_files", None,
+                    "Glob(s), comma-separated, of training-layout TFRecord shards written "
+                    "by `python -m pipelines.convert`. Default: the built-in synthetic ads "
+                    "log, generated under --output_dir on first use.")
+flags.DEFINE_string("eval_files", None,
+                    "Glob(s) of evaluation shards. Default: with --train_files, none "
+                    "(metrics are then skipped); without it, the synthetic log's eval split.")
+flags.DEFINE_string("schema", None, "schema.json of the data. Default: the schema.json "
+                    "next to the first training shard.")
+flags.DEFINE_list("tasks", None, "Train only these schema tasks (default: all).")
+flags.DEFINE_string("output_dir", "mtl_zoo_output",
+                    "Base for the defaults of --model_dir, --export_dir and the synthetic data.")
+flags.DEFINE_string("model_dir", None, "Checkpoints, TensorBoard logs, metrics.json and the "
+                    "Keras model. Default: <output_dir>/runs/<model>-<timestamp>.")
+flags.DEFINE_string("export_dir", None, "SavedModel base directory; each export is a new "
+                    "numbered version in it. Default: <output_dir>/export/<model>. "
+                    "Set to '' to skip the export.")
+flags.DEFINE_integer("epochs", 5, "Passes over the training data.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 2048, "Examples per training step.", lower_bound=1)
+flags.DEFINE_float("learning_rate", 2e-3, "Adam learning rate.", lower_bound=0.0)
+flags.DEFINE_integer("num_experts", 8, "Experts (mmoe).", lower_bound=1)
+flags.DEFINE_list("expert_units", ["16"], "Hidden units of each expert, per layer (mmoe).")
+flags.DEFINE_list("bottom_units", ["128"], "Units of the shared bottom, per layer "
+                  "(shared_bottom).")
+flags.DEFINE_list("tower_units", ["8"], "Units of each task tower, per layer; empty for "
+                  "no tower.")
+flags.DEFINE_float("dropout", 0.0, "Dropout after every hidden layer.", lower_bound=0.0,
+                   upper_bound=0.99)
+flags.DEFINE_float("embeddings_l2", 0.0, "L2 penalty on embedding tables.", lower_bound=0.0)
+flags.DEFINE_integer("seed", 0, "Seed for weights, shuffling and the synthetic data.")
+flags.DEFINE_boolean("cache", True, "Keep parsed training data in memory after epoch 1.")
+flags.DEFINE_integer("shuffle_block", 8192, "Examples shuffled together (see "
+                     "pipelines.reader.make_dataset).", lower_bound=1)
+flags.DEFINE_integer("synthetic_requests", 12_000, "Training requests (10 impressions "
+                     "each) of the default synthetic log.", lower_bound=1)
+
+
+class DataError(Exception):
+  """The data cannot be used as given; the message says what to change."""
+
+
+def _units(values: List[str], flag: str) -> List[int]:
+  try:
+    units = [int(v) for v in values if v.strip()]
+  except ValueError:
+    raise app.UsageError(f"--{flag} takes comma-separated integers, got "
+                         f"{','.join(values)!r}.") from None
+  if any(u < 1 for u in units):
+    raise app.UsageError(f"--{flag} units must be positive, got {units}.")
+  return units
+
+
+def hyperparameters() -> dict:
+  return {"num_experts": FLAGS.num_experts,
+          "expert_units": _units(FLAGS.expert_units, "expert_units"),
+          "bottom_units": _units(FLAGS.bottom_units, "bottom_units"),
+          "tower_units": _units(FLAGS.tower_units, "tower_units"),
+          "dropout": FLAGS.dropout, "embeddings_l2": FLAGS.embeddings_l2}
+
+
+def resolve_data() -> tuple:
+  """(train pattern, eval pattern or None, schema) from the flags."""
+  if FLAGS.train_files:
+    train, evaluation = FLAGS.train_files, FLAGS.eval_files
+  else:
+    if FLAGS.eval_files:
+      raise app.UsageError("--eval_files needs --train_files (without both, the built-in "
+                           "synthetic data is used).")
+    data_dir = os.path.join(FLAGS.output_dir, "data",
+                            f"synthetic_ads-{FLAGS.synthetic_requests}-seed{FLAGS.seed}")
+    if not tf.io.gfile.exists(os.path.join(data_dir, schema_lib.SCHEMA_FILENAME)):
+      print(f"Writing the synthetic ads log to {data_dir} ...", flush=True)
+      synthetic_ads.write(data_dir, num_train_requests=FLAGS.synthetic_requests,
+                          num_eval_requests=max(1, FLAGS.synthetic_requests // 4),
+                          seed=FLAGS.seed)
+    else:
+      print(f"Using the synthetic ads log in {data_dir}", flush=True)
+    train, evaluation = os.path.join(data_dir, "train-*"), os.path.join(data_dir, "eval-*")
+  try:
+    train_files = reader.list_files(train)
+    if evaluation:
+      reader.list_files(evaluation)
+  except FileNotFoundError as e:
+    raise DataError(str(e)) from None
+  schema_path = FLAGS.schema or os.path.join(os.path.dirname(train_files[0]),
+                                             schema_lib.SCHEMA_FILENAME)
+  try:
+    schema = schema_lib.Schema.load(schema_path)
+    if FLAGS.tasks:
+      schema = schema.with_tasks(FLAGS.tasks)
+    schema.require_statistics()
+  except (FileNotFoundError, schema_lib.SchemaError) as e:
+    raise DataError(str(e)) from None
+  return train, evaluation, schema
+
+
+class EvalMetrics(keras.callbacks.Callback):
+  """Exact per-task metrics on the eval data after every epoch, into the logs
+  (so TensorBoard and the progress line show them)."""
+
+  def __init__(self, schema: schema_lib.Schema, dataset: tf.data.Dataset):
+    super().__init__()
+    self.schema, self.dataset = schema, dataset
+    self.latest: Dict[str, Dict[str, float]] = {}
+    self._predict = None
+
+  def on_epoch_end(self, epoch, logs=None):
+    self._predict = self._predict or metrics_lib.predict_function(self.model)
+    self.latest = metrics_lib.evaluate(self.model, self.schema, self.dataset, self._predict)
+    summary = []
+    for task, values in self.latest.items():
+      for name, value in values.items():
+        if name in ("auc", "logloss", "mse"):
+          if logs is not None:
+            logs[f"eval_{task}_{name}"] = value
+          summary.append(f"{task} {name} {value:.4f}")
+    print(f"  epoch {epoch + 1} eval: " + ", ".join(summary), flush=True)
+
+
+def write_json_atomically(path: str, data: dict) -> None:
+  tmp = path + ".tmp"
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def explain_data_error(e: tf.errors.OpError, files: str) -> str:
+  text = e.message
+  if isinstance(e, tf.errors.DataLossError) or "corrupted record" in text:
+    return (f"a record in {files} is corrupt or not a TFRecord ({text.splitlines()[0]}). "
+            "Rewrite the shards with `python -m pipelines.convert`; check that GZIP files "
+            "end in .gz.")
+  if "is required but could not be found" in text or "Can't parse serialized" in text:
+    return (f"records in {files} do not match the schema's training layout "
+            f"({text.splitlines()[0]}). Were they written with this schema by "
+            "`python -m pipelines.convert`? Pass the matching --schema.")
+  return f"reading {files} failed: {text.splitlines()[0]}"
+
+
+def train(argv_rest: Optional[list] = None) -> dict:
+  """Runs the whole job from FLAGS; returns a summary (paths and metrics)."""
+  if argv_rest:
+    raise app.UsageError(f"unexpected arguments {argv_rest}; flags look like --name=value.")
+  hparams = hyperparameters()
+  train_pattern, eval_pattern, schema = resolve_data()
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  model_dir = FLAGS.model_dir or os.path.join(FLAGS.output_dir, "runs", f"{FLAGS.model}-{stamp}")
+  export_dir = (FLAGS.export_dir if FLAGS.export_dir is not None
+                else os.path.join(FLAGS.output_dir, "export", FLAGS.model))
+  try:
+    tf.io.gfile.makedirs(model_dir)
+    if export_dir:
+      tf.io.gfile.makedirs(export_dir)
+  except (tf.errors.OpError, OSError) as e:
+    raise app.UsageError(f"--model_dir/--export_dir cannot be created: {e}") from None
+  keras.utils.set_random_seed(FLAGS.seed)
+
+  train_ds = reader.make_dataset(train_pattern, schema, FLAGS.batch_size, seed=FLAGS.seed,
+                                 cache=FLAGS.cache, shuffle_block=FLAGS.shuffle_block)
+  eval_ds = (reader.make_dataset(eval_pattern, schema, 8192, shuffle=False, cache=True)
+             if eval_pattern else None)
+  model = models.build(FLAGS.model, schema, **hparams)
+  models.compile_model(model, schema, learning_rate=FLAGS.learning_rate)
+  print(f"Training {FLAGS.model} ({model.count_params():,} parameters) on tasks "
+        f"{schema.task_names} from {train_pattern}", flush=True)
+
+  callbacks = [
+      keras.callbacks.ModelCheckpoint(os.path.join(model_dir, "checkpoints", "epoch-{epoch:03d}"),
+                                      save_weights_only=True),
+      keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), profile_batch=0),
+  ]
+  evaluator = EvalMetrics(schema, eval_ds) if eval_ds is not None else None
+  if evaluator:
+    callbacks.insert(0, evaluator)  # first, so later callbacks log its metrics
+  start = time.perf_counter()
+  try:
+    history = model.fit(train_ds, epochs=FLAGS.epochs, callbacks=callbacks,
+                        verbose=1 if sys.stdout.isatty() else 2)
+  except tf.errors.OpError as e:
+    raise DataError(explain_data_error(e, f"{train_pattern} / {eval_pattern}")) from None
+  seconds = time.perf_counter() - start
+
+  result = {"model": FLAGS.model, "hyperparameters": hparams, "tasks": schema.task_names,
+            "train_files": train_pattern, "eval_files": eval_pattern,
+            "epochs": FLAGS.epochs, "batch_size": FLAGS.batch_size,
+            "learning_rate": FLAGS.learning_rate, "seed": FLAGS.seed,
+            "train_seconds": round(seconds, 2),
+            "train_loss": {k: float(v[-1]) for k, v in history.history.items()
+                           if k.endswith("loss")},
+            "eval": evaluator.latest if evaluator else {}}
+  model.save(os.path.join(model_dir, "model.keras"))
+  schema.save(os.path.join(model_dir, schema_lib.SCHEMA_FILENAME))
+  write_json_atomically(os.path.join(model_dir, "metrics.json"), result)
+  if evaluator:
+    print("\nEval metrics (" + eval_pattern + "):")
+    print(metrics_lib.format_table(evaluator.latest,
+                                   ["auc", "logloss", "mse", "positive_rate", "examples"]))
+  if export_dir:
+    result["export"] = export_saved_model(model, schema, export_dir)
+  print(f"\nModel dir:   {os.path.abspath(model_dir)} (checkpoints/, logs/, metrics.json, "
+        "model.keras)")
+  if export_dir:
+    print(f"SavedModel:  {os.path.abspath(result['export'])}")
+  print(f"TensorBoard: tensorboard --logdir {os.path.abspath(os.path.join(model_dir, 'logs'))}")
+  return result
+
+
+def main(argv):
+  try:
+    train(argv[1:])
+  except DataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+def run():
+  """Console-script entry point (`mtl-zoo-train`)."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,134 @@
+"""The built-in synthetic ads log: impressions grouped in requests, click and conversion.
+
+Each request is one user in one context (hour, device) shown a list of items.
+Click and conversion come from latent user x item factors: the click factors of
+an item and its conversion factors are correlated but not equal, so CTR and CVR
+are related tasks that disagree in places (the click-bait item that converts
+badly exists). A conversion only happens after a click. Everything is drawn from
+one seeded generator, so the same seed gives the same log.
+"""
+
+from typing import Dict
+
+import numpy as np
+
+from pipelines import schema as schema_lib
+from pipelines import writer as writer_lib
+
+LATENT_DIM = 8
+NUM_SEGMENTS = 8
+NUM_CATEGORIES = 20
+NUM_TAGS = 50
+MAX_TAGS = 4
+NUM_HOURS = 24
+NUM_DEVICES = 3
+
+
+def make_schema(num_users: int = 2000, num_items: int = 1000,
+                impressions_per_request: int = 10) -> schema_lib.Schema:
+  """The log's schema, without numeric statistics (the writer adds them)."""
+  F = schema_lib.Feature
+  features = [
+      F("user_id", "categorical", vocab_size=num_users, embedding_dim=8),
+      F("user_segment", "categorical", vocab_size=NUM_SEGMENTS, embedding_dim=4),
+      F("item_id", "categorical", vocab_size=num_items, embedding_dim=8),
+      F("item_category", "categorical", vocab_size=NUM_CATEGORIES, embedding_dim=4),
+      F("hour", "categorical", vocab_size=NUM_HOURS, embedding_dim=4),
+      F("device", "categorical", vocab_size=NUM_DEVICES, embedding_dim=4),
+      F("position", "categorical", vocab_size=impressions_per_request, embedding_dim=4),
+      F("item_tags", "categorical_list", vocab_size=NUM_TAGS, embedding_dim=8,
+        max_len=MAX_TAGS),
+      F("price", "numeric", transform="log1p"),
+      F("user_activity", "numeric"),
+      F("item_quality", "numeric"),
+  ]
+  tasks = [schema_lib.Task("ctr", label="click"),
+           schema_lib.Task("cvr", label="conversion", mask="click")]
+  return schema_lib.Schema(features, ["click", "conversion"], tasks,
+                           request_id="request_id", name="synthetic_ads")
+
+
+class AdsWorld:
+  """Users, items and the hidden factors that drive their behaviour."""
+
+  def __init__(self, num_users: int, num_items: int, seed: int,
+               click_conversion_correlation: float = 0.5):
+    rng = np.random.default_rng(seed)
+    self.num_users, self.num_items = num_users, num_items
+    self.user_segment = rng.integers(0, NUM_SEGMENTS, num_users)
+    centroids = rng.normal(size=(NUM_SEGMENTS, LATENT_DIM))
+    self.user_factors = (centroids[self.user_segment]
+                         + 0.4 * rng.normal(size=(num_users, LATENT_DIM))) / np.sqrt(LATENT_DIM)
+    self.user_activity = rng.gamma(2.0, 1.0, num_users)
+    self.item_category = rng.integers(0, NUM_CATEGORIES, num_items)
+    category_factors = rng.normal(size=(NUM_CATEGORIES, LATENT_DIM))
+    self.click_factors = (category_factors[self.item_category]
+                          + 0.4 * rng.normal(size=(num_items, LATENT_DIM))) / np.sqrt(LATENT_DIM)
+    rho = click_conversion_correlation
+    self.conversion_factors = (rho * self.click_factors + np.sqrt(1 - rho ** 2)
+                               * rng.normal(size=(num_items, LATENT_DIM)) / np.sqrt(LATENT_DIM))
+    category_price = rng.normal(3.0, 1.0, NUM_CATEGORIES)
+    self.price = np.exp(category_price[self.item_category] + 0.5 * rng.normal(size=num_items))
+    self.item_quality = rng.normal(size=num_items)
+    # Tags follow the category (a few typical tags) plus noise.
+    category_tags = rng.integers(0, NUM_TAGS, (NUM_CATEGORIES, 3))
+    self.item_tags = []
+    for i in range(num_items):
+      n = rng.integers(1, MAX_TAGS + 1)
+      own = list(category_tags[self.item_category[i]][: max(1, n - 1)])
+      self.item_tags.append(own + list(rng.integers(0, NUM_TAGS, n - len(own))))
+    self.hour_effect = 0.3 * np.sin(np.arange(NUM_HOURS) / NUM_HOURS * 2 * np.pi)
+    self.device_effect = np.array([0.0, -0.2, 0.15])
+
+  def sample_log(self, num_requests: int, impressions_per_request: int,
+                 seed: int, first_request_id: int = 0) -> Dict[str, np.ndarray]:
+    """Columns of `num_requests * impressions_per_request` impressions."""
+    rng = np.random.default_rng(seed)
+    n = num_requests * impressions_per_request
+    user = np.repeat(rng.integers(0, self.num_users, num_requests), impressions_per_request)
+    hour = np.repeat(rng.integers(0, NUM_HOURS, num_requests), impressions_per_request)
+    device = np.repeat(rng.integers(0, NUM_DEVICES, num_requests), impressions_per_request)
+    position = np.tile(np.arange(impressions_per_request), num_requests)
+    item = rng.integers(0, self.num_items, n)
+    affinity_click = np.einsum("nd,nd->n", self.user_factors[user], self.click_factors[item])
+    affinity_conv = np.einsum("nd,nd->n", self.user_factors[user],
+                              self.conversion_factors[item])
+    log_price = np.log(self.price[item])
+    click_logit = (-1.6 + 2.5 * affinity_click + 0.4 * self.item_quality[item]
+                   - 0.12 * position + self.hour_effect[hour] + self.device_effect[device]
+                   + 0.1 * np.log1p(self.user_activity[user]))
+    conversion_logit = (-2.0 + 2.5 * affinity_conv - 0.6 * (log_price - 3.0)
+                        + 0.3 * np.log1p(self.user_activity[user]))
+    click = rng.random(n) < _sigmoid(click_logit)
+    conversion = click & (rng.random(n) < _sigmoid(conversion_logit))
+    return {
+        "user_id": user, "user_segment": self.user_segment[user], "item_id": item,
+        "item_category": self.item_category[item], "hour": hour, "device": device,
+        "position": position, "item_tags": [self.item_tags[i] for i in item],
+        "price": self.price[item], "user_activity": self.user_activity[user],
+        "item_quality": self.item_quality[item],
+        "click": click.astype(np.float32), "conversion": conversion.astype(np.float32),
+        "request_id": first_request_id + np.repeat(np.arange(num_requests),
+                                                   impressions_per_request),
+    }
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+def write(out_dir: str, num_train_requests: int = 12_000, num_eval_requests: int = 3_000,
+          impressions_per_request: int = 10, num_users: int = 2000, num_items: int = 1000,
+          seed: int = 0, num_shards: int = 4, compression=None,
+          overwrite: bool = False) -> schema_lib.Schema:
+  """Generates the log and writes `train` and `eval` splits plus schema.json."""
+  world = AdsWorld(num_users, num_items, seed)
+  train = world.sample_log(num_train_requests, impressions_per_request, seed + 1)
+  evaluation = world.sample_log(num_eval_requests, impressions_per_request, seed + 2,
+                                first_request_id=num_train_requests)
+  schema = writer_lib.with_numeric_statistics(
+      make_schema(num_users, num_items, impressions_per_request), train)
+  with writer_lib.DatasetWriter(out_dir, schema, compression, overwrite) as w:
+    w.write_split("train", train, num_shards)
+    w.write_split("eval", evaluation, max(1, num_shards // 4))
+  return schema

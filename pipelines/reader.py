@@ -1,0 +1,175 @@
+"""TFRecords (training layout) -> tf.data of (features, labels, sample weights)."""
+
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import tensorflow as tf
+
+from pipelines import schema as schema_lib
+
+Batch = Tuple[Dict[str, tf.Tensor], Dict[str, tf.Tensor], Dict[str, tf.Tensor]]
+
+
+def list_files(file_pattern: Union[str, Sequence[str]]) -> list:
+  """Expands one or several globs (comma-separated in a string) into sorted paths."""
+  patterns = file_pattern.split(",") if isinstance(file_pattern, str) else file_pattern
+  files = []
+  for pattern in patterns:
+    pattern = pattern.strip()
+    matched = tf.io.gfile.glob(pattern)
+    if not matched:
+      raise FileNotFoundError(
+          f"no files match {pattern!r}; check the path, or write the data first with "
+          "`python -m pipelines.convert`.")
+    files.extend(matched)
+  return sorted(set(files))
+
+
+def detect_compression(files: Sequence[str]) -> Optional[str]:
+  """GZIP when every file ends in .gz, none when none does; mixed is an error."""
+  gz = [f.endswith(".gz") for f in files]
+  if all(gz):
+    return "GZIP"
+  if any(gz):
+    raise ValueError("some input files end in .gz and some do not; pass one kind at a "
+                     "time or set the compression explicitly.")
+  return None
+
+
+def split_for_tasks(schema: schema_lib.Schema, columns: Dict[str, tf.Tensor],
+                    check_labels: bool = True) -> Tuple[Dict[str, tf.Tensor],
+                                                        Dict[str, tf.Tensor]]:
+  """Label columns -> per-task labels [batch, 1] and sample weights [batch].
+
+  A task's sample weight is its mask column (1 where the loss counts), or ones.
+  With `check_labels`, binary labels and masks outside {0, 1} fail the step with
+  a message naming the column.
+  """
+  labels, weights = {}, {}
+  for task in schema.tasks:
+    label = columns[task.label]
+    if check_labels and task.type == schema_lib.BINARY:
+      label = _checked_binary(label, f"label {task.label!r} of binary task {task.name!r}")
+    labels[task.name] = label[:, None]
+    if task.mask:
+      mask = columns[task.mask]
+      if check_labels:
+        mask = _checked_binary(mask, f"mask {task.mask!r} of task {task.name!r}")
+      weights[task.name] = mask
+    else:
+      weights[task.name] = tf.ones_like(label)
+  return labels, weights
+
+
+def _checked_binary(values: tf.Tensor, what: str) -> tf.Tensor:
+  ok = tf.reduce_all(tf.logical_or(tf.equal(values, 0.0), tf.equal(values, 1.0)))
+  check = tf.debugging.Assert(
+      ok, [f"{what} must be 0 or 1; check the data or declare the task as "
+           "'regression' in the schema. Offending batch min/max:",
+           tf.reduce_min(values), tf.reduce_max(values)])
+  with tf.control_dependencies([check]):
+    return tf.identity(values)
+
+
+def make_dataset(file_pattern: Union[str, Sequence[str]],
+                 schema: schema_lib.Schema,
+                 batch_size: int,
+                 shuffle: bool = True,
+                 shuffle_block: int = 8192,
+                 seed: Optional[int] = None,
+                 cache: Union[bool, str] = True,
+                 compression: Optional[str] = "auto",
+                 drop_remainder: bool = False,
+                 with_labels: bool = True,
+                 check_labels: bool = True,
+                 num_examples: Optional[int] = None) -> tf.data.Dataset:
+  """A dataset of `(features, labels, sample_weights)` batches for Keras `fit`.
+
+  Records are read and parsed in blocks of `shuffle_block` examples (one batched
+  parse per block, in parallel), cached as parsed blocks, and shuffled at block
+  granularity: each epoch visits the blocks in a new order and permutes the
+  examples inside each block before cutting batches. No step costs anything per
+  example after the first epoch, which is what keeps the input pipeline far
+  ahead of training on a 2-core CPU. The price: examples from different blocks
+  never share a batch, so data whose on-disk order is meaningful (sorted by
+  time or label) should be shuffled when it is written.
+
+  Args:
+    file_pattern: glob(s) of training-layout TFRecord shards.
+    schema: the schema the shards were written with.
+    batch_size: examples per batch.
+    shuffle: shuffle shard order, block order and examples within blocks.
+    shuffle_block: examples parsed, cached and shuffled together.
+    seed: seed for every shuffle (None: fresh each run).
+    cache: True caches parsed blocks in memory during the first epoch; a string
+      caches to that file prefix; False reads and parses every epoch.
+    compression: "auto" (from the file suffix), None or "GZIP".
+    with_labels: False yields only the features (for prediction).
+    check_labels: fail if a binary label or a mask is not 0 or 1 (cheap, per batch).
+    num_examples: the record count, when known; lets Keras plan epochs (and so
+      use steps_per_execution) without a counting pass.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+  files = list_files(file_pattern)
+  if compression == "auto":
+    compression = detect_compression(files)
+  ds = tf.data.Dataset.from_tensor_slices(files)
+  if shuffle:
+    ds = ds.shuffle(len(files), seed=seed)
+  # Blocks are cut inside each shard, then shards are interleaved block by block:
+  # interleaving single records costs ~5x more than parsing them.
+  block = max(shuffle_block, batch_size)
+  ds = ds.interleave(
+      lambda f: tf.data.TFRecordDataset(f, compression_type=compression or "").batch(block),
+      cycle_length=min(len(files), 8), num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=not shuffle)
+  ds = ds.map(lambda s: tf.io.parse_example(s, schema.training_parse_spec()),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+  if cache:
+    ds = ds.cache(cache if isinstance(cache, str) else "")
+  if shuffle:
+    ds = ds.shuffle(64, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(lambda block: _permute_block(block, seed))
+  ds = ds.rebatch(batch_size, drop_remainder=drop_remainder)
+  if num_examples is not None:
+    batches = num_examples // batch_size if drop_remainder else -(-num_examples // batch_size)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
+
+  def split(packed):
+    features, columns = schema.split_packed(packed)
+    if not with_labels:
+      return features
+    labels, weights = split_for_tasks(schema, columns, check_labels)
+    return features, labels, weights
+
+  ds = ds.map(split, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _permute_block(block: Dict[str, tf.Tensor], seed: Optional[int]) -> Dict[str, tf.Tensor]:
+  size = tf.shape(next(iter(block.values())))[0]
+  order = tf.random.shuffle(tf.range(size), seed=seed)
+  return {k: tf.gather(v, order) for k, v in block.items()}
+
+
+def count_records(file_pattern: Union[str, Sequence[str]]) -> int:
+  """Counts records in the shards (one fast pass, no parsing)."""
+  files = list_files(file_pattern)
+  ds = tf.data.TFRecordDataset(files, compression_type=detect_compression(files) or "")
+  return int(ds.batch(65536).reduce(tf.constant(0, tf.int64),
+                                    lambda n, b: n + tf.cast(tf.size(b), tf.int64)))
+
+
+def read_columns(file_pattern: Union[str, Sequence[str]], schema: schema_lib.Schema,
+                 batch_size: int = 8192) -> Dict[str, np.ndarray]:
+  """Reads whole shards back into numpy columns (features and label columns), in
+  file order. For evaluation, tests and small data; not a training path."""
+  files = list_files(file_pattern)
+  ds = tf.data.TFRecordDataset(files, compression_type=detect_compression(files) or "")
+  ds = ds.batch(batch_size).map(schema.parse_training_examples)
+  parts = {}
+  for features, columns in ds:
+    for name, value in {**features, **columns}.items():
+      parts.setdefault(name, []).append(value.numpy())
+  return {name: np.concatenate(chunks) for name, chunks in parts.items()}

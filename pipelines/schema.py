@@ -1,0 +1,519 @@
+"""The data contract: features, labels and tasks, and everything derived from them.
+
+One `Schema` object produces the TFRecord layout the writer uses, the parse spec the
+training reader uses, the per-feature parse spec and tensor signature the serving
+signatures use, and (through `mtl_zoo`) the Keras inputs. Nothing else describes
+the data, so training and serving cannot drift apart.
+
+Two record layouts are derived from the schema:
+
+* training layout ("packed"): every scalar categorical id in one int64 list,
+  every numeric value in one float list, every label in one float list, plus one
+  padded int64 list per variable-length feature. Batched parsing of a few
+  fixed-length lists is ~8x faster than one feature per column, so the input
+  pipeline never limits training.
+* serving layout: an ordinary tf.Example with one named feature per schema
+  feature and no labels -- what a caller of TF Serving writes by hand.
+
+Feature values seen by models (both layouts parse to the same tensors):
+  categorical       int64 [batch]            ids; out-of-range ids hit the OOV row
+  categorical_list  int64 [batch, max_len]   ids padded with -1
+  numeric           float32 [batch]          raw values; models normalise with
+                                             the mean/std stored here
+"""
+
+import dataclasses
+import json
+import math
+import os
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+FORMAT_VERSION = 1
+SCHEMA_FILENAME = "schema.json"
+
+CATEGORICAL = "categorical"
+CATEGORICAL_LIST = "categorical_list"
+NUMERIC = "numeric"
+FEATURE_KINDS = (CATEGORICAL, CATEGORICAL_LIST, NUMERIC)
+
+BINARY = "binary"
+REGRESSION = "regression"
+TASK_TYPES = (BINARY, REGRESSION)
+
+# Packed (training-layout) record keys. Leading underscores keep them apart from
+# user feature names, which may not start with "__".
+PACKED_CATEGORICAL = "__categorical__"
+PACKED_NUMERIC = "__numeric__"
+PACKED_LABELS = "__labels__"
+PACKED_REQUEST_ID = "__request_id__"
+
+LIST_PADDING_ID = -1
+
+
+class SchemaError(ValueError):
+  """The schema file or object is malformed; the message names the field."""
+
+
+@dataclasses.dataclass
+class Feature:
+  """One model input.
+
+  Attributes:
+    name: feature name; the tf.Example key in the serving layout.
+    kind: "categorical", "categorical_list" or "numeric".
+    vocab_size: categorical kinds: ids are expected in [0, vocab_size). Ids
+      outside that range are looked up in one extra out-of-vocabulary row, or,
+      with `hashed`, folded into vocab_size buckets.
+    hashed: categorical kinds: ids are arbitrary int64 (e.g. raw user ids) and
+      are hashed (modulo) into vocab_size buckets instead of using an OOV row.
+    embedding_dim: categorical kinds: width of the embedding.
+    max_len: categorical_list: ids kept per example (longer lists truncated).
+    combiner: categorical_list: "mean" or "sum" pooling over the list.
+    vocabulary: optional strings for ids 0..n-1, filled by converters that map
+      raw strings; lets clients send strings through the schema.
+    mean, std: numeric: normalisation statistics computed when data is written.
+    transform: numeric: "none" or "log1p" (applied to sign(x)*log1p(|x|)
+      before normalisation; for heavy-tailed counts and money).
+  """
+
+  name: str
+  kind: str
+  vocab_size: Optional[int] = None
+  hashed: bool = False
+  embedding_dim: Optional[int] = None
+  max_len: Optional[int] = None
+  combiner: str = "mean"
+  vocabulary: Optional[List[str]] = None
+  mean: Optional[float] = None
+  std: Optional[float] = None
+  transform: str = "none"
+
+  @property
+  def is_categorical(self) -> bool:
+    return self.kind in (CATEGORICAL, CATEGORICAL_LIST)
+
+  @property
+  def num_embedding_rows(self) -> int:
+    """Rows of the embedding table: the vocabulary plus one OOV row unless hashed."""
+    return self.vocab_size if self.hashed else self.vocab_size + 1
+
+  def to_dict(self) -> dict:
+    out = {"name": self.name, "kind": self.kind}
+    if self.is_categorical:
+      out.update(vocab_size=self.vocab_size, embedding_dim=self.embedding_dim)
+      if self.hashed:
+        out["hashed"] = True
+      if self.kind == CATEGORICAL_LIST:
+        out.update(max_len=self.max_len, combiner=self.combiner)
+      if self.vocabulary is not None:
+        out["vocabulary"] = list(self.vocabulary)
+    else:
+      out.update(mean=self.mean, std=self.std)
+      if self.transform != "none":
+        out["transform"] = self.transform
+    return out
+
+
+@dataclasses.dataclass
+class Task:
+  """One training objective.
+
+  Attributes:
+    name: task name; names the model output and the serving output.
+    label: the label column this task learns.
+    type: "binary" (sigmoid, log-loss) or "regression" (linear, MSE).
+    loss_weight: fixed weight of this task's loss in the total.
+    mask: optional label column; the loss counts only examples where it is 1
+      (e.g. CVR learned on clicked impressions only).
+  """
+
+  name: str
+  label: str
+  type: str = BINARY
+  loss_weight: float = 1.0
+  mask: Optional[str] = None
+
+  def to_dict(self) -> dict:
+    out = {"name": self.name, "label": self.label, "type": self.type,
+           "loss_weight": self.loss_weight}
+    if self.mask:
+      out["mask"] = self.mask
+    return out
+
+
+class Schema:
+  """Features, label columns and tasks, with the parse specs derived from them."""
+
+  def __init__(self, features: Sequence[Feature], labels: Sequence[str],
+               tasks: Sequence[Task], request_id: Optional[str] = None,
+               name: str = "dataset"):
+    self.features = list(features)
+    self.labels = list(labels)
+    self.tasks = list(tasks)
+    self.request_id = request_id
+    self.name = name
+    self.validate()
+
+  # ---------------------------------------------------------------- grouping
+  @property
+  def categorical(self) -> List[Feature]:
+    return [f for f in self.features if f.kind == CATEGORICAL]
+
+  @property
+  def categorical_lists(self) -> List[Feature]:
+    return [f for f in self.features if f.kind == CATEGORICAL_LIST]
+
+  @property
+  def numeric(self) -> List[Feature]:
+    return [f for f in self.features if f.kind == NUMERIC]
+
+  @property
+  def feature_names(self) -> List[str]:
+    return [f.name for f in self.features]
+
+  @property
+  def task_names(self) -> List[str]:
+    return [t.name for t in self.tasks]
+
+  def feature(self, name: str) -> Feature:
+    for f in self.features:
+      if f.name == name:
+        return f
+    raise SchemaError(
+        f"feature {name!r} is not in schema {self.name!r}; its features are "
+        f"{self.feature_names}. Add it to the schema file or drop it from the input.")
+
+  def task(self, name: str) -> Task:
+    for t in self.tasks:
+      if t.name == name:
+        return t
+    raise SchemaError(f"task {name!r} is not in schema {self.name!r}; its tasks are "
+                      f"{self.task_names}.")
+
+  def with_tasks(self, task_names: Sequence[str]) -> "Schema":
+    """A copy of this schema that keeps only the named tasks (same data layout)."""
+    return Schema(self.features, self.labels, [self.task(n) for n in task_names],
+                  self.request_id, self.name)
+
+  # -------------------------------------------------------------- validation
+  def validate(self) -> None:
+    seen = set()
+    for f in self.features:
+      where = f"feature {f.name!r}"
+      if not f.name or f.name.startswith("__"):
+        raise SchemaError(f"{where}: names must be non-empty and not start with '__'.")
+      if f.name in seen:
+        raise SchemaError(f"{where} is declared twice; feature names must be unique.")
+      seen.add(f.name)
+      if f.kind not in FEATURE_KINDS:
+        raise SchemaError(f"{where}: unknown kind {f.kind!r}; use one of {FEATURE_KINDS}.")
+      if f.is_categorical:
+        if not isinstance(f.vocab_size, int) or f.vocab_size < 1:
+          raise SchemaError(f"{where}: vocab_size must be a positive integer, got "
+                            f"{f.vocab_size!r}.")
+        if not isinstance(f.embedding_dim, int) or f.embedding_dim < 1:
+          raise SchemaError(f"{where}: embedding_dim must be a positive integer, got "
+                            f"{f.embedding_dim!r}.")
+        if f.vocabulary is not None and len(f.vocabulary) > f.vocab_size:
+          raise SchemaError(f"{where}: vocabulary has {len(f.vocabulary)} entries but "
+                            f"vocab_size is {f.vocab_size}.")
+      if f.kind == CATEGORICAL_LIST:
+        if not isinstance(f.max_len, int) or f.max_len < 1:
+          raise SchemaError(f"{where}: max_len must be a positive integer.")
+        if f.combiner not in ("mean", "sum"):
+          raise SchemaError(f"{where}: combiner must be 'mean' or 'sum'.")
+      if f.kind == NUMERIC:
+        if f.transform not in ("none", "log1p"):
+          raise SchemaError(f"{where}: transform must be 'none' or 'log1p'.")
+        if f.std is not None and not (f.std > 0 and math.isfinite(f.std)):
+          raise SchemaError(f"{where}: std must be a positive finite number.")
+    if len(set(self.labels)) != len(self.labels):
+      raise SchemaError(f"label columns must be unique, got {self.labels}.")
+    overlap = seen & set(self.labels)
+    if overlap:
+      raise SchemaError(f"{sorted(overlap)} are both features and labels; a label is "
+                        "never a model input.")
+    if not self.tasks:
+      raise SchemaError("the schema declares no tasks; add at least one to 'tasks'.")
+    task_names = set()
+    for t in self.tasks:
+      where = f"task {t.name!r}"
+      if t.name in task_names:
+        raise SchemaError(f"{where} is declared twice.")
+      task_names.add(t.name)
+      if t.type not in TASK_TYPES:
+        raise SchemaError(f"{where}: unknown type {t.type!r}; use one of {TASK_TYPES}.")
+      for column, role in ((t.label, "label"), (t.mask, "mask")):
+        if column is not None and column not in self.labels:
+          raise SchemaError(f"{where}: its {role} {column!r} is not a label column; "
+                            f"label columns are {self.labels}.")
+      if not (t.loss_weight >= 0 and math.isfinite(t.loss_weight)):
+        raise SchemaError(f"{where}: loss_weight must be a finite number >= 0.")
+
+  def require_statistics(self) -> None:
+    """Models need numeric mean/std; converters fill them when writing data."""
+    for f in self.numeric:
+      if f.mean is None or f.std is None:
+        raise SchemaError(
+            f"numeric feature {f.name!r} has no mean/std in the schema; write the data "
+            "with a pipelines converter (it computes them) or fill them in by hand.")
+
+  # ---------------------------------------------------------------- json i/o
+  def to_dict(self) -> dict:
+    out = {"format_version": FORMAT_VERSION, "name": self.name,
+           "features": [f.to_dict() for f in self.features],
+           "labels": list(self.labels),
+           "tasks": [t.to_dict() for t in self.tasks]}
+    if self.request_id:
+      out["request_id"] = self.request_id
+    return out
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "Schema":
+    if not isinstance(d, dict):
+      raise SchemaError("a schema is a JSON object with 'features', 'labels', 'tasks'.")
+    version = d.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+      raise SchemaError(f"schema format_version {version} is not supported; this "
+                        f"version of pipelines reads format_version {FORMAT_VERSION}.")
+    for key in ("features", "labels", "tasks"):
+      if not isinstance(d.get(key), list):
+        raise SchemaError(f"schema needs a list under {key!r}.")
+    features = [_build(Feature, f, "feature") for f in d["features"]]
+    tasks = [_build(Task, t, "task") for t in d["tasks"]]
+    return cls(features, d["labels"], tasks, d.get("request_id"), d.get("name", "dataset"))
+
+  @classmethod
+  def from_json(cls, text: str) -> "Schema":
+    try:
+      return cls.from_dict(json.loads(text))
+    except json.JSONDecodeError as e:
+      raise SchemaError(f"schema is not valid JSON: {e}") from None
+
+  def save(self, path: str) -> None:
+    """Writes the schema atomically: a crash never leaves a half-written file."""
+    tmp = path + ".tmp"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+      f.write(self.to_json() + "\n")
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+  @classmethod
+  def load(cls, path: str) -> "Schema":
+    if tf.io.gfile.isdir(path):
+      path = os.path.join(path, SCHEMA_FILENAME)
+    if not tf.io.gfile.exists(path):
+      raise FileNotFoundError(
+          f"schema file {path} does not exist; converters write {SCHEMA_FILENAME} next "
+          "to the TFRecords (python -m pipelines.convert), or pass --schema.")
+    with tf.io.gfile.GFile(path) as f:
+      try:
+        return cls.from_json(f.read())
+      except SchemaError as e:
+        raise SchemaError(f"{path}: {e}") from None
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, Schema) and self.to_dict() == other.to_dict()
+
+  def __repr__(self) -> str:
+    return (f"Schema({self.name!r}, features={self.feature_names}, labels={self.labels}, "
+            f"tasks={self.task_names})")
+
+  # ------------------------------------------------------------ tensor specs
+  def feature_signature(self) -> Dict[str, tf.TensorSpec]:
+    """The model's input tensors, one per feature (also the raw serving signature)."""
+    specs = {}
+    for f in self.features:
+      if f.kind == CATEGORICAL:
+        specs[f.name] = tf.TensorSpec([None], tf.int64, name=f.name)
+      elif f.kind == CATEGORICAL_LIST:
+        specs[f.name] = tf.TensorSpec([None, f.max_len], tf.int64, name=f.name)
+      else:
+        specs[f.name] = tf.TensorSpec([None], tf.float32, name=f.name)
+    return specs
+
+  def _missing_numeric_value(self, f: Feature) -> float:
+    return float(f.mean) if f.mean is not None else 0.0
+
+  def serving_parse_spec(self) -> dict:
+    """One named feature per schema feature; missing values get neutral defaults
+    (OOV id, the training mean, an empty list)."""
+    spec = {}
+    for f in self.features:
+      if f.kind == CATEGORICAL:
+        spec[f.name] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
+      elif f.kind == CATEGORICAL_LIST:
+        spec[f.name] = tf.io.VarLenFeature(tf.int64)
+      else:
+        spec[f.name] = tf.io.FixedLenFeature(
+            [], tf.float32, default_value=self._missing_numeric_value(f))
+    return spec
+
+  def parse_serving_examples(self, serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
+    """Serialized serving-layout tf.Examples [batch] -> model feature tensors."""
+    parsed = tf.io.parse_example(serialized, self.serving_parse_spec())
+    for f in self.categorical_lists:
+      dense = tf.sparse.to_dense(parsed[f.name], default_value=LIST_PADDING_ID)
+      dense = dense[:, :f.max_len]
+      pad = f.max_len - tf.shape(dense)[1]
+      parsed[f.name] = tf.pad(dense, [[0, 0], [0, pad]], constant_values=LIST_PADDING_ID)
+    return parsed
+
+  def training_parse_spec(self) -> dict:
+    spec = {}
+    if self.categorical:
+      spec[PACKED_CATEGORICAL] = tf.io.FixedLenFeature([len(self.categorical)], tf.int64)
+    if self.numeric:
+      spec[PACKED_NUMERIC] = tf.io.FixedLenFeature([len(self.numeric)], tf.float32)
+    spec[PACKED_LABELS] = tf.io.FixedLenFeature([len(self.labels)], tf.float32)
+    for f in self.categorical_lists:
+      spec[f.name] = tf.io.FixedLenFeature([f.max_len], tf.int64)
+    if self.request_id:
+      spec[PACKED_REQUEST_ID] = tf.io.FixedLenFeature([], tf.int64)
+    return spec
+
+  def split_packed(self, parsed: Dict[str, tf.Tensor]
+                   ) -> Tuple[Dict[str, tf.Tensor], Dict[str, tf.Tensor]]:
+    """Parsed training-layout tensors -> (features by name, label columns by name).
+
+    The label dict holds every label column (and the request id under the
+    schema's request_id name, when declared).
+    """
+    features = {}
+    if self.categorical:
+      ids = tf.unstack(parsed[PACKED_CATEGORICAL], num=len(self.categorical), axis=1)
+      features.update(zip((f.name for f in self.categorical), ids))
+    if self.numeric:
+      values = tf.unstack(parsed[PACKED_NUMERIC], num=len(self.numeric), axis=1)
+      features.update(zip((f.name for f in self.numeric), values))
+    for f in self.categorical_lists:
+      features[f.name] = parsed[f.name]
+    columns = dict(zip(self.labels,
+                       tf.unstack(parsed[PACKED_LABELS], num=len(self.labels), axis=1)))
+    if self.request_id:
+      columns[self.request_id] = parsed[PACKED_REQUEST_ID]
+    return features, columns
+
+  def parse_training_examples(
+      self, serialized: tf.Tensor
+  ) -> Tuple[Dict[str, tf.Tensor], Dict[str, tf.Tensor]]:
+    """Serialized training-layout records [batch] -> (features, label columns)."""
+    return self.split_packed(tf.io.parse_example(serialized, self.training_parse_spec()))
+
+  # ---------------------------------------------------------- example makers
+  def check_columns(self, columns: dict, need_labels: bool) -> int:
+    """Validates a columnar batch (name -> sequence); returns its length."""
+    known = set(self.feature_names) | set(self.labels) | {self.request_id}
+    unknown = set(columns) - known
+    if unknown:
+      raise SchemaError(f"data has fields {sorted(unknown)} that schema {self.name!r} "
+                        f"does not declare; its features are {self.feature_names} and "
+                        f"its labels {self.labels}.")
+    required = list(self.labels) + ([self.request_id] if self.request_id else [])
+    missing = [c for c in required if c not in columns] if need_labels else []
+    if missing:
+      raise SchemaError(f"data lacks label columns {missing} declared by schema "
+                        f"{self.name!r}.")
+    lengths = {len(v) for v in columns.values()}
+    if len(lengths) > 1:
+      raise SchemaError(f"columns have different lengths {sorted(lengths)}.")
+    return lengths.pop() if lengths else 0
+
+  def pack_columns(self, columns: dict) -> Dict[str, np.ndarray]:
+    """Columnar data -> the training layout's arrays (one row per example).
+
+    Missing features get the same neutral defaults as the serving parse:
+    the OOV id, the training mean, an empty list.
+    """
+    n = self.check_columns(columns, need_labels=True)
+    packed = {}
+    if self.categorical:
+      packed[PACKED_CATEGORICAL] = np.stack(
+          [_column(columns, f.name, n, -1, np.int64) for f in self.categorical], axis=1)
+    if self.numeric:
+      packed[PACKED_NUMERIC] = np.stack(
+          [_column(columns, f.name, n, self._missing_numeric_value(f), np.float32)
+           for f in self.numeric], axis=1)
+    packed[PACKED_LABELS] = np.stack(
+        [np.asarray(columns[c], np.float32) for c in self.labels], axis=1)
+    for f in self.categorical_lists:
+      lists = columns.get(f.name, [None] * n)
+      packed[f.name] = np.array([_pad_ids(v, f.max_len) for v in lists], np.int64)
+      packed[f.name] = packed[f.name].reshape(n, f.max_len)
+    if self.request_id:
+      packed[PACKED_REQUEST_ID] = np.asarray(columns[self.request_id], np.int64)
+    return packed
+
+  def training_examples(self, columns: dict) -> Iterator[bytes]:
+    """Columnar data -> serialized training-layout records."""
+    packed = self.pack_columns(columns)
+    n = len(packed[PACKED_LABELS])
+    makers = {key: (_float if arr.dtype == np.float32 else _int64)
+              for key, arr in packed.items()}
+    for i in range(n):
+      feats = {}
+      for key, arr in packed.items():
+        row = arr[i]
+        feats[key] = makers[key](row.tolist() if row.ndim else [row.item()])
+      yield tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+
+  def training_example(self, record: dict) -> bytes:
+    """One record (feature name / label column -> value), serialized for training."""
+    return next(self.training_examples({k: [v] for k, v in record.items()}))
+
+  def serving_example(self, record: dict) -> bytes:
+    """One record, serialized in the serving layout: one named feature each, labels
+    and features absent from the record left out."""
+    self.check_columns({k: [v] for k, v in record.items()}, need_labels=False)
+    feats = {}
+    for f in self.features:
+      value = record.get(f.name)
+      if value is None:
+        continue
+      if f.kind == CATEGORICAL:
+        feats[f.name] = _int64([int(value)])
+      elif f.kind == CATEGORICAL_LIST:
+        feats[f.name] = _int64([int(v) for v in value])
+      else:
+        feats[f.name] = _float([float(value)])
+    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+
+
+def _column(columns, name, n, default, dtype) -> np.ndarray:
+  if name not in columns:
+    return np.full([n], default, dtype)
+  return np.asarray(columns[name], dtype)
+
+
+def _pad_ids(ids, max_len) -> List[int]:
+  ids = [int(v) for v in (ids if ids is not None else [])][:max_len]
+  return ids + [LIST_PADDING_ID] * (max_len - len(ids))
+
+
+def _int64(values) -> tf.train.Feature:
+  return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+
+
+def _float(values) -> tf.train.Feature:
+  return tf.train.Feature(float_list=tf.train.FloatList(value=values))
+
+
+def _build(cls, d, what):
+  if not isinstance(d, dict):
+    raise SchemaError(f"each {what} must be a JSON object, got {d!r}.")
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = set(d) - known
+  if unknown:
+    raise SchemaError(f"{what} {d.get('name')!r}: unknown fields {sorted(unknown)}; "
+                      f"known fields are {sorted(known)}.")
+  if "name" not in d:
+    raise SchemaError(f"a {what} has no 'name': {d!r}.")
+  try:
+    return cls(**d)
+  except TypeError as e:
+    raise SchemaError(f"{what} {d.get('name')!r}: {e}") from None

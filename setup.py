@@ -1,0 +1,25 @@
+"""mtl_zoo: multi-objective ranking models (MMoE, Shared-Bottom, ...) for TensorFlow."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mtl_zoo",
+    version="0.1.0",
+    description="Multi-task / multi-objective ranking model zoo on TensorFlow and Keras 2",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["mtl_zoo", "mtl_zoo.*", "pipelines", "pipelines.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow>=2.16,<2.22",
+        "tf-keras>=2.16,<2.22",
+        "tensorflow-recommenders==0.7.7",
+        "tensorboard>=2.16",
+        "absl-py>=1.0",
+        "numpy>=1.23",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "tensorflow-serving-api>=2.16,<2.22"],
+    },
+    entry_points={"console_scripts": ["mtl-zoo-train=mtl_zoo.train:run"]},
+)
