@@ -1,0 +1,67 @@
+"""Shared fixtures: small generated TFRecord datasets, on the CPU."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import mtl_zoo  # noqa: E402,F401  (pins Keras 2 before TensorFlow is used)
+from pipelines import schema as schema_lib  # noqa: E402
+from pipelines import writer as writer_lib  # noqa: E402
+from pipelines.datasets import synthetic_ads  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ads_dir(tmp_path_factory):
+  """A small synthetic ads log: 3,000 train and 1,000 eval impressions."""
+  out = str(tmp_path_factory.mktemp("data") / "ads")
+  synthetic_ads.write(out, num_train_requests=300, num_eval_requests=100,
+                      num_users=200, num_items=100, seed=1, num_shards=3)
+  return out
+
+
+@pytest.fixture(scope="session")
+def ads_schema(ads_dir):
+  return schema_lib.Schema.load(ads_dir)
+
+
+def mixed_schema(with_stats: bool = True) -> schema_lib.Schema:
+  """Every feature kind, including a hashed id and a masked task."""
+  F = schema_lib.Feature
+  features = [
+      F("user", "categorical", vocab_size=5, embedding_dim=3),
+      F("raw_id", "categorical", vocab_size=7, embedding_dim=3, hashed=True),
+      F("slot", "categorical", vocab_size=4, embedding_dim=2),
+      F("tags", "categorical_list", vocab_size=6, embedding_dim=2, max_len=3),
+      F("price", "numeric", transform="log1p",
+        mean=1.0 if with_stats else None, std=2.0 if with_stats else None),
+      F("age", "numeric", mean=30.0 if with_stats else None, std=10.0 if with_stats else None),
+  ]
+  tasks = [schema_lib.Task("ctr", "click"),
+           schema_lib.Task("cvr", "conversion", mask="click", loss_weight=2.0)]
+  return schema_lib.Schema(features, ["click", "conversion"], tasks, name="mixed")
+
+
+def mixed_columns(n: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  click = (rng.random(n) < 0.4).astype(np.float32)
+  return {
+      "user": rng.integers(0, 5, n), "raw_id": rng.integers(-1000, 10**9, n),
+      "slot": rng.integers(0, 4, n),
+      "tags": [list(rng.integers(0, 6, rng.integers(0, 5))) for _ in range(n)],
+      "price": rng.gamma(2.0, 3.0, n), "age": rng.normal(30, 10, n),
+      "click": click, "conversion": click * (rng.random(n) < 0.5),
+  }
+
+
+@pytest.fixture
+def mixed_dir(tmp_path):
+  out = str(tmp_path / "mixed")
+  with writer_lib.DatasetWriter(out, mixed_schema()) as w:
+    w.write_split("train", mixed_columns(600), num_shards=2)
+  return out

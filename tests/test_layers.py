@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import mixed_schema
+from mtl_zoo import layers
+from mtl_zoo._keras import keras
+
+
+def _embedding():
+  layer = layers.feature_embedding(mixed_schema())
+  features = {"user": tf.constant([0, 4, 5, -1], tf.int64),
+              "raw_id": tf.constant([3, 10, -4, 3], tf.int64),
+              "slot": tf.constant([1, 1, 1, 1], tf.int64),
+              "tags": tf.constant([[0, 1, -1], [-1, -1, -1], [2, 2, 2], [9, -1, -1]], tf.int64),
+              "price": tf.constant([0.0, np.e - 1, 1.0, 5.0]),
+              "age": tf.constant([30.0, 40.0, 20.0, 30.0])}
+  return layer, layer(features).numpy()
+
+
+def test_feature_embedding_layout_and_oov():
+  layer, out = _embedding()
+  assert out.shape == (4, layer.output_dim) == (4, 3 + 3 + 2 + 2 + 2)
+  table3 = layer._tables[0].numpy()  # user (6 rows incl. OOV) then raw_id (7, hashed)
+  user = out[:, 0:3]
+  np.testing.assert_allclose(user[0], table3[0])
+  np.testing.assert_allclose(user[1], table3[4])
+  np.testing.assert_allclose(user[2], table3[5])  # id == vocab_size -> OOV row
+  np.testing.assert_allclose(user[3], table3[5])  # negative id -> OOV row
+  raw = out[:, 3:6]
+  np.testing.assert_allclose(raw[1], table3[6 + 10 % 7])  # hashed, no OOV row
+  np.testing.assert_allclose(raw[2], table3[6 + (-4) % 7])
+
+
+def test_list_pooling_ignores_padding_and_numeric_uses_schema_stats():
+  layer, out = _embedding()
+  tags = layer._list_tables[0].numpy()
+  pooled = out[:, 8:10]
+  np.testing.assert_allclose(pooled[0], (tags[0] + tags[1]) / 2, rtol=1e-6)
+  np.testing.assert_allclose(pooled[1], 0.0)  # empty list
+  np.testing.assert_allclose(pooled[2], tags[2], rtol=1e-6)
+  np.testing.assert_allclose(pooled[3], tags[6], rtol=1e-6)  # out of range -> OOV
+  numeric = out[:, 10:]
+  np.testing.assert_allclose(numeric[:, 0], [(0 - 1) / 2, 0.0, (np.log1p(1) - 1) / 2,
+                                             (np.log1p(5) - 1) / 2], rtol=1e-5)
+  np.testing.assert_allclose(numeric[:, 1], [0.0, 1.0, -1.0, 0.0], atol=1e-6)
+
+
+def test_expert_bank_equals_separate_mlps():
+  bank = layers.ExpertBank(3, [5, 4])
+  x = tf.random.stateless_normal([6, 7], seed=[1, 2])
+  out = bank(x).numpy()
+  assert out.shape == (6, 3, 4)
+  for e in range(3):
+    h = np.maximum(x.numpy() @ bank.kernels[0][e].numpy() + bank.biases[0][e].numpy(), 0)
+    h = np.maximum(h @ bank.kernels[1][e].numpy() + bank.biases[1][e].numpy(), 0)
+    np.testing.assert_allclose(out[:, e], h, rtol=1e-5, atol=1e-6)
+
+
+def test_gate_sums_to_one_and_mixture_weights_experts():
+  gate = layers.SoftmaxGate(4)
+  x = tf.random.stateless_normal([5, 3], seed=[0, 1])
+  w = gate(x).numpy()
+  np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-6)
+  experts = tf.random.stateless_normal([5, 4, 2], seed=[2, 3])
+  mixed = layers.ExpertMixture()([experts, w]).numpy()
+  np.testing.assert_allclose(mixed, np.einsum("beu,be->bu", experts.numpy(), w), rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: layers.MLP([4, 2], "tanh", 0.1, kernel_l2=1e-4, name="m"),
+    lambda: layers.ExpertBank(3, [4], dropout=0.2, name="e"),
+    lambda: layers.SoftmaxGate(3, name="g"),
+    lambda: layers.TaskHead("regression", name="t"),
+    lambda: layers.ExpertMixture(name="x"),
+    lambda: layers.feature_embedding(mixed_schema(), embeddings_l2=1e-5),
+])
+def test_layers_round_trip_through_config(make):
+  layer = make()
+  config = layer.get_config()
+  clone = type(layer).from_config(config)
+  assert clone.get_config() == config
+  restored = keras.layers.deserialize(keras.layers.serialize(layer))
+  assert type(restored) is type(layer)
