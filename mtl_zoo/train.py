@@ -158,16 +158,17 @@ def write_json_atomically(path: str, data: dict) -> None:
 
 
 def explain_data_error(e: tf.errors.OpError, files: str) -> str:
-  text = e.message
-  if isinstance(e, tf.errors.DataLossError) or "corrupted record" in text:
-    return (f"a record in {files} is corrupt or not a TFRecord ({text.splitlines()[0]}). "
-            "Rewrite the shards with `python -m pipelines.convert`; check that GZIP files "
-            "end in .gz.")
-  if "is required but could not be found" in text or "Can't parse serialized" in text:
-    return (f"records in {files} do not match the schema's training layout "
-            f"({text.splitlines()[0]}). Were they written with this schema by "
-            "`python -m pipelines.convert`? Pass the matching --schema.")
-  return f"reading {files} failed: {text.splitlines()[0]}"
+  lines = [l.strip() for l in e.message.splitlines() if l.strip()]
+  keys = ("corrupted record", "Feature:", "Key:", "must be 0 or 1", "Number of")
+  detail = next((l for l in lines if any(k in l for k in keys)), lines[-1] if lines else "")
+  if isinstance(e, tf.errors.DataLossError) or "corrupted record" in detail:
+    return (f"a record in {files} is corrupt or not a TFRecord ({detail}). Rewrite the "
+            "shards with `python -m pipelines.convert`; GZIP files must end in .gz.")
+  if "Feature:" in detail or "Key:" in detail or "Number of" in detail:
+    return (f"records in {files} do not match the schema's training layout ({detail}). "
+            "Were they written with this schema by `python -m pipelines.convert`? "
+            "Pass the matching --schema.")
+  return f"reading {files} failed: {detail}"
 
 
 def train(argv_rest: Optional[list] = None) -> dict:
@@ -210,7 +211,8 @@ def train(argv_rest: Optional[list] = None) -> dict:
     history = model.fit(train_ds, epochs=FLAGS.epochs, callbacks=callbacks,
                         verbose=1 if sys.stdout.isatty() else 2)
   except tf.errors.OpError as e:
-    raise DataError(explain_data_error(e, f"{train_pattern} / {eval_pattern}")) from None
+    raise DataError(explain_data_error(
+        e, " or ".join(p for p in (train_pattern, eval_pattern) if p))) from None
   seconds = time.perf_counter() - start
 
   result = {"model": FLAGS.model, "hyperparameters": hparams, "tasks": schema.task_names,

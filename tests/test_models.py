@@ -1,3 +1,4 @@
+import dataclasses
 import os
 
 import numpy as np
@@ -8,6 +9,7 @@ import mtl_zoo
 from mtl_zoo import layers, models
 from mtl_zoo._keras import keras
 from pipelines import reader
+from pipelines.schema import Schema
 
 
 def _layers_of(model, cls):
@@ -92,8 +94,9 @@ def test_masked_examples_do_not_touch_the_masked_task(ads_dir, ads_schema):
 
 
 def test_loss_weights_come_from_the_schema(ads_schema):
-  schema = ads_schema.with_tasks(["ctr", "cvr"])
-  schema.tasks[1].loss_weight = 3.0
+  schema = Schema(ads_schema.features, ads_schema.labels,
+                  [ads_schema.task("ctr"), dataclasses.replace(ads_schema.task("cvr"),
+                                                               loss_weight=3.0)])
   model = mtl_zoo.build_mmoe(schema)
   models.compile_model(model, schema)
   assert model.compiled_loss._loss_weights == {"ctr": 1.0, "cvr": 3.0}

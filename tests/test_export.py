@@ -1,0 +1,117 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import mtl_zoo
+from conftest import REPO
+from mtl_zoo import export
+from pipelines import reader
+from pipelines import schema as schema_lib
+
+RELOAD = """
+import json, sys
+import numpy as np, tensorflow as tf
+loaded = tf.saved_model.load(sys.argv[1])
+examples = tf.constant(np.load(sys.argv[2], allow_pickle=True).tolist())
+out = loaded.signatures["serving_default"](examples=examples)
+print(json.dumps({k: v.numpy().tolist() for k, v in out.items()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(ads_dir, ads_schema, tmp_path_factory):
+  mtl_zoo.keras.utils.set_random_seed(0)
+  model = mtl_zoo.build_mmoe(ads_schema)
+  mtl_zoo.compile_model(model, ads_schema)
+  model.fit(reader.make_dataset(os.path.join(ads_dir, "train-*"), ads_schema, 256),
+            epochs=1, verbose=0)
+  base = str(tmp_path_factory.mktemp("export") / "mmoe")
+  return model, base, export.export_saved_model(model, ads_schema, base)
+
+
+def _serving_records(ads_dir, schema, n=200):
+  cols = reader.read_columns(os.path.join(ads_dir, "eval-*"), schema)
+  records = []
+  for i in range(n):
+    record = {}
+    for f in schema.features:
+      value = cols[f.name][i]
+      record[f.name] = [v for v in value if v >= 0] if f.kind == "categorical_list" else value
+    records.append(record)
+  records[0].pop("price")  # missing optional features
+  records[1]["item_tags"] = []
+  records[2]["item_id"] = 10**6  # out of vocabulary
+  records[3]["item_tags"] = [1, 2, 3, 4, 5, 6]  # longer than max_len
+  return records
+
+
+def test_reloaded_savedmodel_matches_keras_in_a_fresh_process(exported, ads_dir, ads_schema,
+                                                              tmp_path):
+  model, _, path = exported
+  records = _serving_records(ads_dir, ads_schema)
+  serialized = [ads_schema.serving_example(r) for r in records]
+  np.save(tmp_path / "examples.npy", np.array(serialized, dtype=object))
+  result = subprocess.run([sys.executable, "-c", RELOAD, path, str(tmp_path / "examples.npy")],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+  assert result.returncode == 0, result.stderr
+  served = json.loads(result.stdout.strip().splitlines()[-1])
+  keras_out = model(ads_schema.parse_serving_examples(tf.constant(serialized)))
+  assert sorted(served) == ["ctr", "cvr"]
+  for task in ("ctr", "cvr"):
+    assert len(served[task]) == len(records)
+    np.testing.assert_allclose(served[task], keras_out[task].numpy()[:, 0], atol=1e-5)
+
+
+def test_features_signature_matches_serving_default(exported, ads_dir, ads_schema):
+  _, _, path = exported
+  loaded = tf.saved_model.load(path)
+  serialized = tf.constant([ads_schema.serving_example(r)
+                            for r in _serving_records(ads_dir, ads_schema, 50)])
+  by_example = loaded.signatures["serving_default"](examples=serialized)
+  by_feature = loaded.signatures["features"](**ads_schema.parse_serving_examples(serialized))
+  for task in ("ctr", "cvr"):
+    np.testing.assert_allclose(by_example[task], by_feature[task], atol=1e-6)
+  assert schema_lib.Schema.load(os.path.join(path, export.SCHEMA_ASSET)) == ads_schema
+
+
+def test_saved_model_cli_lists_both_signatures_without_labels(exported, ads_schema):
+  _, _, path = exported
+  cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+  result = subprocess.run([cli, "show", "--dir", path, "--all"], capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  text = result.stdout
+  for signature in ("serving_default", "features"):
+    assert f"signature_def['{signature}']" in text
+  assert "inputs['examples'] tensor_info" in text
+  assert "outputs['ctr'] tensor_info" in text and "outputs['cvr'] tensor_info" in text
+  for label in ads_schema.labels:
+    assert f"inputs['{label}']" not in text
+  for feature in ads_schema.feature_names:
+    assert f"inputs['{feature}']" in text
+
+
+def test_versions_increase_and_failed_export_leaves_nothing(exported, ads_schema,
+                                                            monkeypatch):
+  model, base, first = exported
+  second = export.export_saved_model(model, ads_schema, base)
+  assert int(os.path.basename(second)) > int(os.path.basename(first))
+
+  def crash(*args, **kwargs):
+    raise RuntimeError("disk full")
+
+  monkeypatch.setattr(tf.saved_model, "save", crash)
+  with pytest.raises(RuntimeError, match="disk full"):
+    export.export_saved_model(model, ads_schema, base)
+  assert sorted(os.listdir(base)) == sorted([os.path.basename(first),
+                                             os.path.basename(second)])
+  assert export.existing_versions(base) == [int(os.path.basename(first)),
+                                            int(os.path.basename(second))]
+  with pytest.raises(FileExistsError, match="never overwritten"):
+    export.export_saved_model(model, ads_schema, base, version=os.path.basename(first))

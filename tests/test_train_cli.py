@@ -1,0 +1,84 @@
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, mixed_schema
+from pipelines import schema as schema_lib
+
+
+def _train(*flags, timeout=300):
+  return subprocess.run([sys.executable, "-m", "mtl_zoo.train", *flags], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout,
+                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+
+def test_cli_trains_reports_metrics_and_exports(ads_dir, tmp_path):
+  model_dir, export_dir = tmp_path / "run", tmp_path / "export"
+  result = _train(f"--train_files={ads_dir}/train-*", f"--eval_files={ads_dir}/eval-*",
+                  "--model=shared_bottom", "--epochs=2", "--batch_size=256",
+                  "--bottom_units=16,8", f"--model_dir={model_dir}",
+                  f"--export_dir={export_dir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "| ctr |" in result.stdout and "| cvr |" in result.stdout
+  assert "epoch 2 eval: ctr auc" in result.stdout
+  metrics = json.load(open(model_dir / "metrics.json"))
+  assert metrics["model"] == "shared_bottom"
+  assert metrics["hyperparameters"]["bottom_units"] == [16, 8]
+  assert 0.5 < metrics["eval"]["ctr"]["auc"] <= 1.0
+  assert metrics["eval"]["cvr"]["examples"] < metrics["eval"]["ctr"]["examples"]
+  versions = os.listdir(export_dir)
+  assert len(versions) == 1 and versions[0].isdigit()
+  assert os.path.exists(export_dir / versions[0] / "saved_model.pb")
+  assert str(export_dir / versions[0]) in result.stdout
+  assert glob.glob(str(model_dir / "checkpoints" / "epoch-002*"))
+  assert glob.glob(str(model_dir / "logs" / "train" / "events.out.tfevents.*"))
+  assert os.path.exists(model_dir / "model.keras")
+
+
+def test_helpfull_documents_every_flag():
+  text = _train("--helpfull").stdout
+  for flag in ("model", "train_files", "eval_files", "schema", "model_dir", "export_dir",
+               "epochs", "batch_size", "learning_rate", "num_experts", "expert_units",
+               "tower_units", "bottom_units", "dropout", "seed", "flagfile"):
+    assert f"--{flag}" in text, flag
+
+
+def _corrupt_copy(ads_dir, tmp_path):
+  bad = tmp_path / "bad"
+  shutil.copytree(ads_dir, bad)
+  shard = sorted(glob.glob(str(bad / "train-*")))[0]
+  data = bytearray(open(shard, "rb").read())
+  data[100] ^= 0xFF
+  open(shard, "wb").write(bytes(data))
+  return f"--train_files={bad}/train-*"
+
+
+def _other_schema(ads_dir, tmp_path):
+  path = tmp_path / "schema.json"
+  mixed = mixed_schema()
+  schema_lib.Schema(mixed.features, ["click", "conversion"], mixed.tasks).save(str(path))
+  return f"--train_files={ads_dir}/train-*", f"--schema={path}"
+
+
+@pytest.mark.parametrize("make_flags, message", [
+    (lambda d, t: ["--model=mmeo"], "--model"),
+    (lambda d, t: [f"--train_files={t}/missing-*"], "no files match"),
+    (lambda d, t: [_corrupt_copy(d, t)], "corrupt or not a TFRecord"),
+    (lambda d, t: list(_other_schema(d, t)), "do not match the schema's training layout"),
+    (lambda d, t: [f"--train_files={d}/train-*", f"--schema={t}/none.json"],
+     "none.json does not exist"),
+    (lambda d, t: [f"--train_files={d}/train-*", "--tasks=ctr,clicks"],
+     "task 'clicks' is not in schema"),
+    (lambda d, t: ["--tower_units=8,big"], "--tower_units takes comma-separated integers"),
+])
+def test_cli_errors_name_the_problem(make_flags, message, ads_dir, tmp_path):
+  result = _train(*make_flags(ads_dir, tmp_path), "--epochs=1", "--batch_size=256",
+                  f"--model_dir={tmp_path}/run", "--export_dir=")
+  assert result.returncode != 0
+  assert message in result.stderr, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
