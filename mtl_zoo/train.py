@@ -12,6 +12,7 @@ SavedModel, all under ./mtl_zoo_output/.
 
 import json
 import os
+import re
 import sys
 import time
 from typing import Dict, List, Optional
@@ -164,6 +165,10 @@ def explain_data_error(e: tf.errors.OpError, files: str) -> str:
   if isinstance(e, tf.errors.DataLossError) or "corrupted record" in detail:
     return (f"a record in {files} is corrupt or not a TFRecord ({detail}). Rewrite the "
             "shards with `python -m pipelines.convert`; GZIP files must end in .gz.")
+  bad_label = re.search(r"assertion failed: \[(.*?)\] \[(.*?)\] \[(.*?)\]", detail)
+  if bad_label:
+    what, low, high = bad_label.groups()
+    return f"bad values in {files}: {what} {low}, {high}."
   if "Feature:" in detail or "Key:" in detail or "Number of" in detail:
     return (f"records in {files} do not match the schema's training layout ({detail}). "
             "Were they written with this schema by `python -m pipelines.convert`? "

@@ -49,12 +49,12 @@ def split_for_tasks(schema: schema_lib.Schema, columns: Dict[str, tf.Tensor],
   for task in schema.tasks:
     label = columns[task.label]
     if check_labels and task.type == schema_lib.BINARY:
-      label = _checked_binary(label, f"label {task.label!r} of binary task {task.name!r}")
+      label = _checked_binary(label, f"label column {task.label} of binary task {task.name}")
     labels[task.name] = label[:, None]
     if task.mask:
       mask = columns[task.mask]
       if check_labels:
-        mask = _checked_binary(mask, f"mask {task.mask!r} of task {task.name!r}")
+        mask = _checked_binary(mask, f"mask column {task.mask} of task {task.name}")
       weights[task.name] = mask
     else:
       weights[task.name] = tf.ones_like(label)
@@ -64,8 +64,8 @@ def split_for_tasks(schema: schema_lib.Schema, columns: Dict[str, tf.Tensor],
 def _checked_binary(values: tf.Tensor, what: str) -> tf.Tensor:
   ok = tf.reduce_all(tf.logical_or(tf.equal(values, 0.0), tf.equal(values, 1.0)))
   check = tf.debugging.Assert(
-      ok, [f"{what} must be 0 or 1; check the data or declare the task as "
-           "'regression' in the schema. Offending batch min/max:",
+      ok, [f"{what} must be 0 or 1; fix the data, or declare the task as a "
+           "regression in the schema. Offending batch min and max:",
            tf.reduce_min(values), tf.reduce_max(values)])
   with tf.control_dependencies([check]):
     return tf.identity(values)

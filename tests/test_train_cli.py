@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from conftest import REPO, mixed_schema
+from conftest import REPO, mixed_columns, mixed_schema
 from pipelines import schema as schema_lib
+from pipelines import writer as writer_lib
 
 
 def _train(*flags, timeout=300):
@@ -65,6 +66,14 @@ def _other_schema(ads_dir, tmp_path):
   return f"--train_files={ads_dir}/train-*", f"--schema={path}"
 
 
+def _bad_label(tmp_path):
+  columns = mixed_columns(100)
+  columns["conversion"][5] = 2.0
+  with writer_lib.DatasetWriter(str(tmp_path / "labels"), mixed_schema()) as w:
+    w.write_split("train", columns)
+  return f"--train_files={tmp_path}/labels/train-*"
+
+
 @pytest.mark.parametrize("make_flags, message", [
     (lambda d, t: ["--model=mmeo"], "--model"),
     (lambda d, t: [f"--train_files={t}/missing-*"], "no files match"),
@@ -74,6 +83,8 @@ def _other_schema(ads_dir, tmp_path):
      "none.json does not exist"),
     (lambda d, t: [f"--train_files={d}/train-*", "--tasks=ctr,clicks"],
      "task 'clicks' is not in schema"),
+    (lambda d, t: [_bad_label(t)],
+     "label column conversion of binary task cvr must be 0 or 1"),
     (lambda d, t: ["--tower_units=8,big"], "--tower_units takes comma-separated integers"),
 ])
 def test_cli_errors_name_the_problem(make_flags, message, ads_dir, tmp_path):

@@ -110,3 +110,11 @@ def write(data_dir: str, out_dir: str, group: int = 1, seed: int = 0,
     w.write_split("validation", splits["validation"], 1)
     w.write_split("test", splits["test"], 1)
   return schema
+
+
+def write_if_missing(data_dir: str, out_dir: str, group: int = 1) -> schema_lib.Schema:
+  """Converts once; later calls reuse the TFRecords already in `out_dir`."""
+  if not os.path.exists(os.path.join(out_dir, schema_lib.SCHEMA_FILENAME)):
+    print(f"Converting {data_dir} -> {out_dir}", flush=True)
+    return write(data_dir, out_dir, group=group)
+  return schema_lib.Schema.load(out_dir)
