@@ -7,7 +7,8 @@ import tensorflow as tf
 
 from pipelines import schema as schema_lib
 
-Batch = Tuple[Dict[str, tf.Tensor], Dict[str, tf.Tensor], Dict[str, tf.Tensor]]
+# Parsed blocks held for shuffling: all of them for datasets up to ~500k examples.
+BLOCK_SHUFFLE_BUFFER = 64
 
 
 def list_files(file_pattern: Union[str, Sequence[str]]) -> list:
@@ -81,8 +82,7 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
                  compression: Optional[str] = "auto",
                  drop_remainder: bool = False,
                  with_labels: bool = True,
-                 check_labels: bool = True,
-                 num_examples: Optional[int] = None) -> tf.data.Dataset:
+                 check_labels: bool = True) -> tf.data.Dataset:
   """A dataset of `(features, labels, sample_weights)` batches for Keras `fit`.
 
   Records are read and parsed in blocks of `shuffle_block` examples (one batched
@@ -106,8 +106,6 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
     compression: "auto" (from the file suffix), None or "GZIP".
     with_labels: False yields only the features (for prediction).
     check_labels: fail if a binary label or a mask is not 0 or 1 (cheap, per batch).
-    num_examples: the record count, when known; lets Keras plan epochs (and so
-      use steps_per_execution) without a counting pass.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -129,12 +127,9 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
   if cache:
     ds = ds.cache(cache if isinstance(cache, str) else "")
   if shuffle:
-    ds = ds.shuffle(64, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.shuffle(BLOCK_SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
     ds = ds.map(lambda block: _permute_block(block, seed))
   ds = ds.rebatch(batch_size, drop_remainder=drop_remainder)
-  if num_examples is not None:
-    batches = num_examples // batch_size if drop_remainder else -(-num_examples // batch_size)
-    ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
 
   def split(packed):
     features, columns = schema.split_packed(packed)

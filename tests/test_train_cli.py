@@ -20,10 +20,11 @@ def _train(*flags, timeout=300):
 
 def test_cli_trains_reports_metrics_and_exports(ads_dir, tmp_path):
   model_dir, export_dir = tmp_path / "run", tmp_path / "export"
-  result = _train(f"--train_files={ads_dir}/train-*", f"--eval_files={ads_dir}/eval-*",
-                  "--model=shared_bottom", "--epochs=2", "--batch_size=256",
-                  "--bottom_units=16,8", f"--model_dir={model_dir}",
-                  f"--export_dir={export_dir}")
+  flagfile = tmp_path / "run.flags"
+  flagfile.write_text(f"--train_files={ads_dir}/train-*\n--eval_files={ads_dir}/eval-*\n"
+                      "--model=shared_bottom\n--bottom_units=16,8\n")
+  result = _train(f"--flagfile={flagfile}", "--epochs=2", "--batch_size=256",
+                  f"--model_dir={model_dir}", f"--export_dir={export_dir}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "| ctr |" in result.stdout and "| cvr |" in result.stdout
   assert "epoch 2 eval: ctr auc" in result.stdout
