@@ -52,10 +52,15 @@ flags.DEFINE_string("export_dir", None, "SavedModel base directory; each export 
 flags.DEFINE_integer("epochs", 5, "Passes over the training data.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 2048, "Examples per training step.", lower_bound=1)
 flags.DEFINE_float("learning_rate", 2e-3, "Adam learning rate.", lower_bound=0.0)
-flags.DEFINE_integer("num_experts", 8, "Experts (mmoe).", lower_bound=1)
-flags.DEFINE_list("expert_units", ["16"], "Hidden units of each expert, per layer (mmoe).")
-flags.DEFINE_list("bottom_units", ["128"], "Units of the shared bottom, per layer "
-                  "(shared_bottom).")
+flags.DEFINE_integer("num_experts", 8, "Shared experts (mmoe, omoe).", lower_bound=1)
+flags.DEFINE_integer("num_task_experts", 2, "Experts of each task (cgc, ple).", lower_bound=1)
+flags.DEFINE_integer("num_shared_experts", 2, "Shared experts per level (cgc, ple).",
+                     lower_bound=1)
+flags.DEFINE_integer("num_levels", 2, "Extraction levels (ple).", lower_bound=1)
+flags.DEFINE_list("expert_units", ["16"], "Hidden units of each expert, per layer (mmoe, "
+                  "omoe, cgc, ple).")
+flags.DEFINE_list("bottom_units", ["128"], "Units of the shared bottom (shared_bottom) or "
+                  "of each task's own bottom (single_task), per layer.")
 flags.DEFINE_list("tower_units", ["8"], "Units of each task tower, per layer; empty for "
                   "no tower.")
 flags.DEFINE_float("dropout", 0.0, "Dropout after every hidden layer.", lower_bound=0.0,
@@ -85,7 +90,8 @@ def _units(values: List[str], flag: str) -> List[int]:
 
 
 def hyperparameters() -> dict:
-  return {"num_experts": FLAGS.num_experts,
+  return {"num_experts": FLAGS.num_experts, "num_task_experts": FLAGS.num_task_experts,
+          "num_shared_experts": FLAGS.num_shared_experts, "num_levels": FLAGS.num_levels,
           "expert_units": _units(FLAGS.expert_units, "expert_units"),
           "bottom_units": _units(FLAGS.bottom_units, "bottom_units"),
           "tower_units": _units(FLAGS.tower_units, "tower_units"),

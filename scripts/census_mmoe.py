@@ -30,7 +30,7 @@ flags.DEFINE_string("data_dir", None, "Where the TFRecords go (default: "
 flags.DEFINE_integer("group", 1, "MMoE paper task group: 1 or 2.")
 flags.DEFINE_enum("model", "mmoe", sorted(models.MODELS), "Architecture.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
-flags.DEFINE_integer("epochs", 8, "Epochs.")
+flags.DEFINE_integer("epochs", 12, "Epochs.")
 flags.DEFINE_integer("batch_size", 2048, "Batch size.")
 flags.DEFINE_float("learning_rate", 4e-3, "Adam learning rate.")
 flags.DEFINE_integer("num_experts", 8, "Experts.")

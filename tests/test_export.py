@@ -115,3 +115,17 @@ def test_versions_increase_and_failed_export_leaves_nothing(exported, ads_schema
                                             int(os.path.basename(second))]
   with pytest.raises(FileExistsError, match="never overwritten"):
     export.export_saved_model(model, ads_schema, base, version=os.path.basename(first))
+
+
+@pytest.mark.parametrize("name", sorted(mtl_zoo.MODELS))
+def test_every_architecture_round_trips_through_the_example_signature(
+    name, ads_dir, ads_schema, tmp_path):
+  model = mtl_zoo.build(name, ads_schema)
+  path = export.export_saved_model(model, ads_schema, str(tmp_path / name))
+  serialized = tf.constant([ads_schema.serving_example(r)
+                            for r in _serving_records(ads_dir, ads_schema, 64)])
+  served = tf.saved_model.load(path).signatures["serving_default"](examples=serialized)
+  expected = model(ads_schema.parse_serving_examples(serialized))
+  assert sorted(served) == sorted(ads_schema.task_names)
+  for task in ads_schema.task_names:
+    np.testing.assert_allclose(served[task], expected[task][:, 0], atol=1e-5)

@@ -116,3 +116,50 @@ def test_keras_model_file_round_trip(tmp_path, ads_dir, ads_schema):
 def test_unknown_model_name_lists_the_choices(ads_schema):
   with pytest.raises(ValueError, match="unknown model 'mmeo'.*'mmoe'"):
     models.build("mmeo", ads_schema)
+
+
+def _gate_inputs(model, gate_name):
+  """Names of the expert banks that reach a gate's mixture."""
+  mixture = model.get_layer(gate_name.replace("gate_", "mixture_"))
+  experts_input = mixture.input[0]
+  history = experts_input._keras_history.layer
+  banks = history.input if isinstance(history, keras.layers.Concatenate) else [experts_input]
+  return sorted(t._keras_history.layer.name for t in banks)
+
+
+def test_omoe_has_one_gate_for_all_tasks(ads_schema):
+  model = mtl_zoo.build_omoe(ads_schema, num_experts=4)
+  gates = _layers_of(model, layers.SoftmaxGate)
+  assert [g.name for g in gates] == ["gate"]
+  assert len(_layers_of(model, layers.ExpertBank)) == 1
+
+
+def test_cgc_task_gate_sees_only_own_and_shared_experts(ads_schema):
+  model = mtl_zoo.build_cgc(ads_schema, num_task_experts=3, num_shared_experts=2)
+  assert _gate_inputs(model, "gate_ctr_0") == ["experts_ctr_0", "experts_shared_0"]
+  assert _gate_inputs(model, "gate_cvr_0") == ["experts_cvr_0", "experts_shared_0"]
+  assert model.get_layer("gate_ctr_0").num_experts == 5
+  assert not [l for l in model.layers if l.name.startswith("gate_shared")]
+
+
+def test_ple_stacks_levels_with_shared_gates_below_the_top(ads_schema):
+  model = mtl_zoo.build_ple(ads_schema, num_levels=3, num_task_experts=2,
+                            num_shared_experts=1)
+  shared_gates = sorted(l.name for l in model.layers if l.name.startswith("gate_shared"))
+  assert shared_gates == ["gate_shared_0", "gate_shared_1"]
+  assert model.get_layer("gate_shared_0").num_experts == 2 * 2 + 1  # all experts
+  assert _gate_inputs(model, "mixture_shared_1".replace("mixture_", "gate_")) == [
+      "experts_ctr_1", "experts_cvr_1", "experts_shared_1"]
+  # Level 1's shared experts read level 0's shared mixture.
+  assert (model.get_layer("experts_shared_1").input.name
+          == model.get_layer("mixture_shared_0").output.name)
+
+
+def test_single_task_shares_no_parameters(ads_schema):
+  model = mtl_zoo.build_single_task(ads_schema, bottom_units=[8])
+  owners = {}
+  for layer in model.layers:
+    for v in layer.trainable_weights:
+      owners.setdefault(v.ref(), set()).add(layer.name.split("_")[0])
+  assert all(len(tasks) == 1 for tasks in owners.values())
+  assert sorted({t for tasks in owners.values() for t in tasks}) == ["ctr", "cvr"]

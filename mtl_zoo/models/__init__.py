@@ -9,11 +9,18 @@ from typing import Callable, Dict
 
 from mtl_zoo.models.common import compile_model, task_towers
 from mtl_zoo.models.mmoe import build_mmoe
+from mtl_zoo.models.omoe import build_omoe
+from mtl_zoo.models.ple import build_cgc, build_ple
 from mtl_zoo.models.shared_bottom import build_shared_bottom
+from mtl_zoo.models.single_task import build_single_task
 
 MODELS: Dict[str, Callable] = {
+    "single_task": build_single_task,
     "shared_bottom": build_shared_bottom,
+    "omoe": build_omoe,
     "mmoe": build_mmoe,
+    "cgc": build_cgc,
+    "ple": build_ple,
 }
 
 
@@ -31,5 +38,6 @@ def build(name: str, schema, **hparams):
   return builder(schema, **{k: v for k, v in hparams.items() if k in accepted})
 
 
-__all__ = ["MODELS", "build", "get_builder", "build_mmoe", "build_shared_bottom",
-           "compile_model", "task_towers"]
+__all__ = ["MODELS", "build", "get_builder", "build_single_task", "build_shared_bottom",
+           "build_omoe", "build_mmoe", "build_cgc", "build_ple", "compile_model",
+           "task_towers"]

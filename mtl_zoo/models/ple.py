@@ -1,0 +1,84 @@
+"""CGC and PLE: task-specific plus shared experts (Tang et al., RecSys 2020)."""
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import tensorflow as tf
+
+from mtl_zoo import layers
+from mtl_zoo._keras import keras
+from mtl_zoo.models import common
+from pipelines import schema as schema_lib
+
+SHARED = "shared"
+
+
+def extraction_level(task_inputs: Dict[str, tf.Tensor], shared_input: tf.Tensor,
+                     level: int, num_task_experts: int, num_shared_experts: int,
+                     expert_units: Sequence[int], activation: str, dropout: float,
+                     with_shared_gate: bool
+                     ) -> Tuple[Dict[str, tf.Tensor], Optional[tf.Tensor]]:
+  """One CGC extraction level.
+
+  Each task has its own experts (`experts_<task>_<level>`), and all tasks see the
+  shared experts (`experts_shared_<level>`). Task k's gate (`gate_<task>_<level>`)
+  mixes only its own and the shared experts. With `with_shared_gate` (lower PLE
+  levels) a shared gate over all experts produces the next level's shared input.
+  """
+  def bank(name, x, n):
+    return layers.ExpertBank(n, expert_units, activation, dropout,
+                             name=f"experts_{name}_{level}")(x)
+
+  shared = bank(SHARED, shared_input, num_shared_experts)
+  own = {task: bank(task, x, num_task_experts) for task, x in task_inputs.items()}
+  outputs = {}
+  for task, x in task_inputs.items():
+    candidates = keras.layers.Concatenate(axis=1, name=f"candidates_{task}_{level}")(
+        [own[task], shared])
+    weights = layers.SoftmaxGate(num_task_experts + num_shared_experts,
+                                 name=f"gate_{task}_{level}")(x)
+    outputs[task] = layers.ExpertMixture(name=f"mixture_{task}_{level}")([candidates, weights])
+  shared_output = None
+  if with_shared_gate:
+    everything = keras.layers.Concatenate(axis=1, name=f"candidates_shared_{level}")(
+        [*own.values(), shared])
+    weights = layers.SoftmaxGate(num_task_experts * len(own) + num_shared_experts,
+                                 name=f"gate_shared_{level}")(shared_input)
+    shared_output = layers.ExpertMixture(name=f"mixture_shared_{level}")([everything, weights])
+  return outputs, shared_output
+
+
+def build_ple(schema: schema_lib.Schema,
+              num_levels: int = 2,
+              num_task_experts: int = 2,
+              num_shared_experts: int = 2,
+              expert_units: Sequence[int] = (16,),
+              tower_units: Sequence[int] = (8,),
+              dropout: float = 0.0,
+              activation: str = "relu",
+              embeddings_l2: float = 0.0,
+              name: str = "ple") -> keras.Model:
+  """Progressive Layered Extraction: `num_levels` stacked extraction levels."""
+  if num_levels < 1:
+    raise ValueError(f"num_levels must be >= 1, got {num_levels}.")
+  inputs, x = common.embedded_inputs(schema, embeddings_l2)
+  task_inputs, shared = {t: x for t in schema.task_names}, x
+  for level in range(num_levels):
+    task_inputs, shared = extraction_level(
+        task_inputs, shared, level, num_task_experts, num_shared_experts, expert_units,
+        activation, dropout, with_shared_gate=level < num_levels - 1)
+  outputs = common.task_towers(schema, task_inputs, tower_units, dropout, activation)
+  return keras.Model(inputs, outputs, name=name)
+
+
+def build_cgc(schema: schema_lib.Schema,
+              num_task_experts: int = 2,
+              num_shared_experts: int = 2,
+              expert_units: Sequence[int] = (16,),
+              tower_units: Sequence[int] = (8,),
+              dropout: float = 0.0,
+              activation: str = "relu",
+              embeddings_l2: float = 0.0,
+              name: str = "cgc") -> keras.Model:
+  """Customized Gate Control: a single extraction level (PLE with one level)."""
+  return build_ple(schema, 1, num_task_experts, num_shared_experts, expert_units,
+                   tower_units, dropout, activation, embeddings_l2, name)
