@@ -226,7 +226,9 @@ def train(argv_rest: Optional[list] = None) -> dict:
         e, " or ".join(p for p in (train_pattern, eval_pattern) if p))) from None
   seconds = time.perf_counter() - start
 
-  result = {"model": FLAGS.model, "hyperparameters": hparams, "tasks": schema.task_names,
+  result = {"model": FLAGS.model,
+            "hyperparameters": models.hyperparameters_of(FLAGS.model, hparams),
+            "tasks": schema.task_names,
             "train_files": train_pattern, "eval_files": eval_pattern,
             "epochs": FLAGS.epochs, "batch_size": FLAGS.batch_size,
             "learning_rate": FLAGS.learning_rate, "seed": FLAGS.seed,

@@ -70,7 +70,7 @@ def main(argv):
         for split, v in aucs.items()) + f" ({seconds:.1f}s training)", flush=True)
   print(f"\n{FLAGS.model} on census group {FLAGS.group}, {len(rows)} seeds, "
         f"{FLAGS.epochs} epochs, batch {FLAGS.batch_size}, lr {FLAGS.learning_rate}, "
-        f"{hparams}")
+        f"{models.hyperparameters_of(FLAGS.model, hparams)}")
   print("| task | split | mean AUC | min | max |\n|---|---|---|---|---|")
   for i, task in enumerate(schema.task_names):
     for split in heldout:

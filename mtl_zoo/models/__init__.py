@@ -31,13 +31,17 @@ def get_builder(name: str) -> Callable:
     raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}.") from None
 
 
+def hyperparameters_of(name: str, hparams: dict) -> dict:
+  """The subset of `hparams` that model `name`'s builder takes."""
+  accepted = inspect.signature(get_builder(name)).parameters
+  return {k: v for k, v in hparams.items() if k in accepted}
+
+
 def build(name: str, schema, **hparams):
   """Builds model `name`, passing only the hyper-parameters its builder takes."""
-  builder = get_builder(name)
-  accepted = inspect.signature(builder).parameters
-  return builder(schema, **{k: v for k, v in hparams.items() if k in accepted})
+  return get_builder(name)(schema, **hyperparameters_of(name, hparams))
 
 
-__all__ = ["MODELS", "build", "get_builder", "build_single_task", "build_shared_bottom",
+__all__ = ["MODELS", "build", "get_builder", "hyperparameters_of", "build_single_task", "build_shared_bottom",
            "build_omoe", "build_mmoe", "build_cgc", "build_ple", "compile_model",
            "task_towers"]
