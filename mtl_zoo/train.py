@@ -128,6 +128,7 @@ def resolve_data() -> tuple:
     schema = schema_lib.Schema.load(schema_path)
     if FLAGS.tasks:
       schema = schema.with_tasks(FLAGS.tasks)
+    schema = models.training_schema(FLAGS.model, schema)
     schema.require_statistics()
   except (FileNotFoundError, schema_lib.SchemaError) as e:
     raise DataError(str(e)) from None

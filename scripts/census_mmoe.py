@@ -43,7 +43,8 @@ def main(argv):
   del argv
   data_dir = FLAGS.data_dir or os.path.join("mtl_zoo_output", "data",
                                             f"census_group{FLAGS.group}")
-  schema = census.write_if_missing(FLAGS.census_dir, data_dir, FLAGS.group)
+  schema = models.training_schema(
+      FLAGS.model, census.write_if_missing(FLAGS.census_dir, data_dir, FLAGS.group))
   hparams = dict(num_experts=FLAGS.num_experts,
                  expert_units=[int(u) for u in FLAGS.expert_units],
                  tower_units=[int(u) for u in FLAGS.tower_units],

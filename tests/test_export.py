@@ -120,12 +120,13 @@ def test_versions_increase_and_failed_export_leaves_nothing(exported, ads_schema
 @pytest.mark.parametrize("name", sorted(mtl_zoo.MODELS))
 def test_every_architecture_round_trips_through_the_example_signature(
     name, ads_dir, ads_schema, tmp_path):
-  model = mtl_zoo.build(name, ads_schema)
-  path = export.export_saved_model(model, ads_schema, str(tmp_path / name))
-  serialized = tf.constant([ads_schema.serving_example(r)
-                            for r in _serving_records(ads_dir, ads_schema, 64)])
+  schema = mtl_zoo.training_schema(name, ads_schema)
+  model = mtl_zoo.build(name, schema)
+  path = export.export_saved_model(model, schema, str(tmp_path / name))
+  serialized = tf.constant([schema.serving_example(r)
+                            for r in _serving_records(ads_dir, schema, 64)])
   served = tf.saved_model.load(path).signatures["serving_default"](examples=serialized)
-  expected = model(ads_schema.parse_serving_examples(serialized))
-  assert sorted(served) == sorted(ads_schema.task_names)
-  for task in ads_schema.task_names:
+  expected = model(schema.parse_serving_examples(serialized))
+  assert sorted(served) == sorted(schema.task_names)
+  for task in schema.task_names:
     np.testing.assert_allclose(served[task], expected[task][:, 0], atol=1e-5)

@@ -21,11 +21,13 @@ def test_builders_have_feature_inputs_and_task_named_outputs(name, ads_schema):
   model = models.build(name, ads_schema)
   assert sorted(model.input_names) == sorted(ads_schema.feature_names)
   assert not set(model.input_names) & set(ads_schema.labels)
-  assert sorted(model.output_names) == ["ctr", "cvr"]
+  tasks = sorted(models.training_schema(name, ads_schema).task_names)
+  assert tasks == (["ctr", "ctr_cvr", "cvr"] if name == "esmm" else ["ctr", "cvr"])
+  assert sorted(model.output_names) == tasks
   features = {k: tf.zeros([3] + spec.shape[1:].as_list(), spec.dtype)
               for k, spec in ads_schema.feature_signature().items()}
   outputs = model(features)
-  assert sorted(outputs) == ["ctr", "cvr"]
+  assert sorted(outputs) == tasks
   for value in outputs.values():
     assert value.shape == (3, 1)
     assert np.all((value.numpy() > 0) & (value.numpy() < 1))
@@ -57,9 +59,10 @@ def test_shared_bottom_structure(ads_schema):
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_short_training_lowers_the_loss(name, ads_dir, ads_schema):
   keras.utils.set_random_seed(0)
-  model = models.build(name, ads_schema)
-  models.compile_model(model, ads_schema, learning_rate=5e-3)
-  train = reader.make_dataset(os.path.join(ads_dir, "train-*"), ads_schema, 256, seed=0)
+  schema = models.training_schema(name, ads_schema)
+  model = models.build(name, schema)
+  models.compile_model(model, schema, learning_rate=5e-3)
+  train = reader.make_dataset(os.path.join(ads_dir, "train-*"), schema, 256, seed=0)
   before = model.evaluate(train, verbose=0, return_dict=True)["loss"]
   model.fit(train, epochs=3, verbose=0)
   after = model.evaluate(train, verbose=0, return_dict=True)["loss"]
@@ -163,3 +166,38 @@ def test_single_task_shares_no_parameters(ads_schema):
       owners.setdefault(v.ref(), set()).add(layer.name.split("_")[0])
   assert all(len(tasks) == 1 for tasks in owners.values())
   assert sorted({t for tasks in owners.values() for t in tasks}) == ["ctr", "cvr"]
+
+
+def test_esmm_ctcvr_is_ctr_times_cvr_and_trains_in_entire_space(ads_dir, ads_schema):
+  schema = models.training_schema("esmm", ads_schema)
+  ctr, cvr, ctcvr = (schema.task(n) for n in ("ctr", "cvr", "ctr_cvr"))
+  assert (ctr.mask, ctr.loss_weight) == (None, 1.0)
+  assert (cvr.mask, cvr.loss_weight) == ("click", 0.0)  # evaluated on clicks, not fitted
+  assert (ctcvr.label, ctcvr.mask, ctcvr.loss_weight) == ("conversion", None, 1.0)
+  model = mtl_zoo.build_esmm(ads_schema)
+  for seed in range(3):
+    features = {k: tf.random.stateless_uniform(
+        [50] + spec.shape[1:].as_list(), [seed, 1], -5, 500, tf.int64)
+        if spec.dtype == tf.int64 else tf.random.stateless_normal([50], [seed, 2]) * 100
+        for k, spec in ads_schema.feature_signature().items()}
+    out = model(features)
+    np.testing.assert_allclose(out["ctr_cvr"], out["ctr"] * out["cvr"], rtol=1e-6)
+  assert [l.name for l in model.layers if isinstance(l, layers.FeatureEmbedding)] == [
+      "feature_embedding"]  # embeddings shared by the stages
+
+
+def test_esmm_follows_longer_funnels_and_rejects_unchained_tasks(ads_schema):
+  funnel = Schema(ads_schema.features, ["click", "conversion", "repurchase"],
+                  [ads_schema.task("ctr"), ads_schema.task("cvr"),
+                   dataclasses.replace(ads_schema.task("cvr"), name="rpr",
+                                       label="repurchase", mask="conversion")])
+  assert models.training_schema("esmm", funnel).task_names == [
+      "ctr", "cvr", "rpr", "ctr_cvr", "ctr_cvr_rpr"]
+  model = mtl_zoo.build_esmm(funnel)
+  features = {k: tf.zeros([4] + spec.shape[1:].as_list(), spec.dtype)
+              for k, spec in funnel.feature_signature().items()}
+  out = model(features)
+  np.testing.assert_allclose(out["ctr_cvr_rpr"], out["ctr"] * out["cvr"] * out["rpr"],
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="esmm needs tasks chained by masks"):
+    mtl_zoo.build_esmm(ads_schema.with_tasks(["ctr"]))

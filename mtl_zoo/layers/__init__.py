@@ -3,6 +3,7 @@
 from mtl_zoo.layers.dense import MLP, ExpertBank, TaskHead
 from mtl_zoo.layers.gates import ExpertMixture, SoftmaxGate
 from mtl_zoo.layers.inputs import FeatureEmbedding, feature_embedding, schema_inputs
+from mtl_zoo.layers.product import ProbabilityProduct
 
 __all__ = ["MLP", "ExpertBank", "TaskHead", "ExpertMixture", "SoftmaxGate",
-           "FeatureEmbedding", "feature_embedding", "schema_inputs"]
+           "FeatureEmbedding", "feature_embedding", "schema_inputs", "ProbabilityProduct"]

@@ -1,13 +1,15 @@
 """Model builders and the registry that maps CLI `--model` names to them.
 
 A new architecture is one module here with a `build_<name>(schema, ...)` function
-and one line in MODELS.
+and one line in MODELS (and one in TRAINING_SCHEMAS if it trains on derived tasks,
+like ESMM).
 """
 
 import inspect
 from typing import Callable, Dict
 
 from mtl_zoo.models.common import compile_model, task_towers
+from mtl_zoo.models.esmm import build_esmm, entire_space_schema
 from mtl_zoo.models.mmoe import build_mmoe
 from mtl_zoo.models.omoe import build_omoe
 from mtl_zoo.models.ple import build_cgc, build_ple
@@ -21,7 +23,17 @@ MODELS: Dict[str, Callable] = {
     "mmoe": build_mmoe,
     "cgc": build_cgc,
     "ple": build_ple,
+    "esmm": build_esmm,
 }
+
+# Architectures that train on different tasks than the data's schema declares.
+TRAINING_SCHEMAS: Dict[str, Callable] = {"esmm": entire_space_schema}
+
+
+def training_schema(name: str, schema):
+  """The schema model `name` is trained, evaluated and exported with."""
+  get_builder(name)
+  return TRAINING_SCHEMAS.get(name, lambda s: s)(schema)
 
 
 def get_builder(name: str) -> Callable:
@@ -43,5 +55,5 @@ def build(name: str, schema, **hparams):
 
 
 __all__ = ["MODELS", "build", "get_builder", "hyperparameters_of", "build_single_task", "build_shared_bottom",
-           "build_omoe", "build_mmoe", "build_cgc", "build_ple", "compile_model",
-           "task_towers"]
+           "build_omoe", "build_mmoe", "build_cgc", "build_ple", "build_esmm",
+           "compile_model", "task_towers", "training_schema", "TRAINING_SCHEMAS"]

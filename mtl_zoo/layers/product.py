@@ -1,0 +1,19 @@
+"""Entire-space probability: the product of conditional stage probabilities."""
+
+import tensorflow as tf
+
+from mtl_zoo._keras import keras
+
+
+@keras.utils.register_keras_serializable(package="mtl_zoo")
+class ProbabilityProduct(keras.layers.Layer):
+  """Multiplies probabilities element-wise: p(click & convert) = pCTR x pCVR (ESMM).
+
+  Input: a list of tensors of one shape. Output: their product.
+  """
+
+  def call(self, probabilities):
+    result = probabilities[0]
+    for p in probabilities[1:]:
+      result = result * p
+    return result
