@@ -59,13 +59,19 @@ flags.DEFINE_integer("num_shared_experts", 2, "Shared experts per level (cgc, pl
 flags.DEFINE_integer("num_levels", 2, "Extraction levels (ple).", lower_bound=1)
 flags.DEFINE_list("expert_units", ["16"], "Hidden units of each expert, per layer (mmoe, "
                   "omoe, cgc, ple).")
-flags.DEFINE_list("bottom_units", ["128"], "Units of the shared bottom (shared_bottom) or "
-                  "of each task's own bottom (single_task), per layer.")
+flags.DEFINE_list("bottom_units", ["128"], "Units per layer of the shared bottom "
+                  "(shared_bottom) or of each task's own network (single_task, esmm, "
+                  "cross_stitch, l2_constrained).")
 flags.DEFINE_list("tower_units", ["8"], "Units of each task tower, per layer; empty for "
                   "no tower.")
 flags.DEFINE_float("dropout", 0.0, "Dropout after every hidden layer.", lower_bound=0.0,
                    upper_bound=0.99)
 flags.DEFINE_float("embeddings_l2", 0.0, "L2 penalty on embedding tables.", lower_bound=0.0)
+flags.DEFINE_float("l2_distance_weight", 1e-3, "Weight of the parameter-distance penalty "
+                   "between task networks (l2_constrained).", lower_bound=0.0)
+flags.DEFINE_float("cross_stitch_self_weight", 0.9, "Initial weight a cross-stitch unit "
+                   "gives a task's own activations (cross_stitch).", lower_bound=0.0,
+                   upper_bound=1.0)
 flags.DEFINE_integer("seed", 0, "Seed for weights, shuffling and the synthetic data.")
 flags.DEFINE_boolean("cache", True, "Keep parsed training data in memory after epoch 1.")
 flags.DEFINE_integer("shuffle_block", 8192, "Examples shuffled together (see "
@@ -95,7 +101,9 @@ def hyperparameters() -> dict:
           "expert_units": _units(FLAGS.expert_units, "expert_units"),
           "bottom_units": _units(FLAGS.bottom_units, "bottom_units"),
           "tower_units": _units(FLAGS.tower_units, "tower_units"),
-          "dropout": FLAGS.dropout, "embeddings_l2": FLAGS.embeddings_l2}
+          "dropout": FLAGS.dropout, "embeddings_l2": FLAGS.embeddings_l2,
+          "l2_distance_weight": FLAGS.l2_distance_weight,
+          "cross_stitch_self_weight": FLAGS.cross_stitch_self_weight}
 
 
 def resolve_data() -> tuple:

@@ -82,3 +82,41 @@ def test_layers_round_trip_through_config(make):
   assert clone.get_config() == config
   restored = keras.layers.deserialize(keras.layers.serialize(layer))
   assert type(restored) is type(layer)
+
+
+def test_cross_stitch_starts_near_identity_and_mixes_linearly():
+  unit = layers.CrossStitch(self_weight=0.8)
+  inputs = [tf.fill([2, 3], float(v)) for v in (1.0, 2.0, 4.0)]
+  outputs = unit(inputs)
+  alpha = unit.alpha.numpy()
+  np.testing.assert_allclose(np.diag(alpha), 0.8)
+  np.testing.assert_allclose(alpha.sum(axis=1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(outputs[0].numpy(), 0.8 * 1 + 0.1 * 2 + 0.1 * 4, rtol=1e-6)
+  unit.alpha.assign(np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0]], np.float32))
+  np.testing.assert_allclose(unit(inputs)[0].numpy(), 2.0)
+
+
+def test_l2_constrained_penalty_is_the_pairwise_parameter_distance():
+  networks = layers.L2ConstrainedNetworks(3, [4, 2], distance_weight=0.5)
+  x = tf.random.stateless_normal([5, 6], seed=[3, 4])
+  outputs = networks(x)
+  assert len(outputs) == 3 and outputs[0].shape == (5, 2)
+  expected = 0.0
+  for w in [*networks.kernels, *networks.biases]:
+    w = w.numpy()
+    expected += sum(np.sum((w[a] - w[b]) ** 2) for a in range(3) for b in range(a + 1, 3))
+  assert networks.losses[-1].numpy() == pytest.approx(0.5 * expected, rel=1e-4)
+  h = np.maximum(x.numpy() @ networks.kernels[0][1].numpy() + networks.biases[0][1].numpy(), 0)
+  h = np.maximum(h @ networks.kernels[1][1].numpy() + networks.biases[1][1].numpy(), 0)
+  np.testing.assert_allclose(outputs[1].numpy(), h, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: layers.CrossStitch(0.7, name="c"),
+    lambda: layers.L2ConstrainedNetworks(2, [3], 0.1, name="l"),
+    lambda: layers.ProbabilityProduct(name="p"),
+])
+def test_sharing_layers_round_trip_through_config(make):
+  layer = make()
+  config = layer.get_config()
+  assert type(layer).from_config(config).get_config() == config

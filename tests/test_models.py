@@ -201,3 +201,26 @@ def test_esmm_follows_longer_funnels_and_rejects_unchained_tasks(ads_schema):
                              rtol=1e-6)
   with pytest.raises(ValueError, match="esmm needs tasks chained by masks"):
     mtl_zoo.build_esmm(ads_schema.with_tasks(["ctr"]))
+
+
+def test_cross_stitch_units_sit_between_task_layers(ads_schema):
+  model = mtl_zoo.build_cross_stitch(ads_schema, bottom_units=[8, 4])
+  units = [l for l in model.layers if isinstance(l, layers.CrossStitch)]
+  assert [u.name for u in units] == ["cross_stitch_0", "cross_stitch_1"]
+  for unit in units:
+    np.testing.assert_allclose(np.diag(unit.alpha.numpy()), 0.9)
+  assert {l.name for l in model.layers if "_layer_" in l.name} == {
+      "ctr_layer_0", "cvr_layer_0", "ctr_layer_1", "cvr_layer_1"}
+
+
+def test_l2_constrained_penalty_pulls_task_networks_together(ads_dir, ads_schema):
+  train = reader.make_dataset(os.path.join(ads_dir, "train-*"), ads_schema, 256, seed=0)
+  distances = {}
+  for weight in (0.0, 1.0):
+    keras.utils.set_random_seed(0)
+    model = mtl_zoo.build_l2_constrained(ads_schema, l2_distance_weight=weight)
+    models.compile_model(model, ads_schema, learning_rate=5e-3)
+    assert len(model.losses) == (1 if weight else 0)
+    model.fit(train, epochs=2, verbose=0)
+    distances[weight] = float(model.get_layer("task_networks").parameter_distance())
+  assert distances[1.0] < 0.1 * distances[0.0]

@@ -15,6 +15,7 @@ from mtl_zoo.models.omoe import build_omoe
 from mtl_zoo.models.ple import build_cgc, build_ple
 from mtl_zoo.models.shared_bottom import build_shared_bottom
 from mtl_zoo.models.single_task import build_single_task
+from mtl_zoo.models.soft_sharing import build_cross_stitch, build_l2_constrained
 
 MODELS: Dict[str, Callable] = {
     "single_task": build_single_task,
@@ -24,6 +25,8 @@ MODELS: Dict[str, Callable] = {
     "cgc": build_cgc,
     "ple": build_ple,
     "esmm": build_esmm,
+    "cross_stitch": build_cross_stitch,
+    "l2_constrained": build_l2_constrained,
 }
 
 # Architectures that train on different tasks than the data's schema declares.
@@ -56,4 +59,4 @@ def build(name: str, schema, **hparams):
 
 __all__ = ["MODELS", "build", "get_builder", "hyperparameters_of", "build_single_task", "build_shared_bottom",
            "build_omoe", "build_mmoe", "build_cgc", "build_ple", "build_esmm",
-           "compile_model", "task_towers", "training_schema", "TRAINING_SCHEMAS"]
+           "build_cross_stitch", "build_l2_constrained", "compile_model", "task_towers", "training_schema", "TRAINING_SCHEMAS"]

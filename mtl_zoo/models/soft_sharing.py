@@ -1,0 +1,53 @@
+"""Soft parameter sharing: per-task networks that learn how much to share."""
+
+from typing import Sequence
+
+from mtl_zoo import layers
+from mtl_zoo._keras import keras
+from mtl_zoo.models import common
+from pipelines import schema as schema_lib
+
+
+def build_cross_stitch(schema: schema_lib.Schema,
+                       bottom_units: Sequence[int] = (64, 32),
+                       tower_units: Sequence[int] = (8,),
+                       cross_stitch_self_weight: float = 0.9,
+                       dropout: float = 0.0,
+                       activation: str = "relu",
+                       embeddings_l2: float = 0.0,
+                       name: str = "cross_stitch") -> keras.Model:
+  """Cross-stitch networks (Misra et al., CVPR 2016) over shared embeddings.
+
+  Each task has its own hidden layers (`<task>_layer_<i>`); after every layer a
+  cross-stitch unit (`cross_stitch_<i>`) mixes the tasks' activations.
+  """
+  if len(schema.tasks) < 2:
+    raise ValueError("cross_stitch needs at least two tasks.")
+  inputs, x = common.embedded_inputs(schema, embeddings_l2)
+  hidden = [x] * len(schema.tasks)
+  for i, units in enumerate(bottom_units):
+    hidden = [layers.MLP([units], activation, dropout, name=f"{task}_layer_{i}")(h)
+              for task, h in zip(schema.task_names, hidden)]
+    hidden = layers.CrossStitch(cross_stitch_self_weight, name=f"cross_stitch_{i}")(hidden)
+  outputs = common.task_towers(schema, dict(zip(schema.task_names, hidden)), tower_units,
+                               dropout, activation)
+  return keras.Model(inputs, outputs, name=name)
+
+
+def build_l2_constrained(schema: schema_lib.Schema,
+                         bottom_units: Sequence[int] = (64, 32),
+                         tower_units: Sequence[int] = (8,),
+                         l2_distance_weight: float = 1e-3,
+                         activation: str = "relu",
+                         embeddings_l2: float = 0.0,
+                         name: str = "l2_constrained") -> keras.Model:
+  """Per-task networks whose parameters are pulled together by an L2 distance
+  penalty (Duong et al., ACL 2015), over shared embeddings (layer `task_networks`)."""
+  if len(schema.tasks) < 2:
+    raise ValueError("l2_constrained needs at least two tasks.")
+  inputs, x = common.embedded_inputs(schema, embeddings_l2)
+  hidden = layers.L2ConstrainedNetworks(len(schema.tasks), bottom_units, l2_distance_weight,
+                                        activation, name="task_networks")(x)
+  outputs = common.task_towers(schema, dict(zip(schema.task_names, hidden)), tower_units,
+                               activation=activation)
+  return keras.Model(inputs, outputs, name=name)
