@@ -67,6 +67,8 @@ flags.DEFINE_list("tower_units", ["8"], "Units of each task tower, per layer; em
 flags.DEFINE_float("dropout", 0.0, "Dropout after every hidden layer.", lower_bound=0.0,
                    upper_bound=0.99)
 flags.DEFINE_float("embeddings_l2", 0.0, "L2 penalty on embedding tables.", lower_bound=0.0)
+flags.DEFINE_integer("cross_layers", 0, "DCN-v2 cross layers (TFRS `Cross`) on top of the "
+                     "embeddings, for any architecture.", lower_bound=0)
 flags.DEFINE_float("l2_distance_weight", 1e-3, "Weight of the parameter-distance penalty "
                    "between task networks (l2_constrained).", lower_bound=0.0)
 flags.DEFINE_float("cross_stitch_self_weight", 0.9, "Initial weight a cross-stitch unit "
@@ -102,6 +104,7 @@ def hyperparameters() -> dict:
           "bottom_units": _units(FLAGS.bottom_units, "bottom_units"),
           "tower_units": _units(FLAGS.tower_units, "tower_units"),
           "dropout": FLAGS.dropout, "embeddings_l2": FLAGS.embeddings_l2,
+          "cross_layers": FLAGS.cross_layers,
           "l2_distance_weight": FLAGS.l2_distance_weight,
           "cross_stitch_self_weight": FLAGS.cross_stitch_self_weight}
 

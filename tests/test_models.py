@@ -224,3 +224,18 @@ def test_l2_constrained_penalty_pulls_task_networks_together(ads_dir, ads_schema
     model.fit(train, epochs=2, verbose=0)
     distances[weight] = float(model.get_layer("task_networks").parameter_distance())
   assert distances[1.0] < 0.1 * distances[0.0]
+
+
+@pytest.mark.parametrize("name", ["mmoe", "single_task", "esmm"])
+def test_any_architecture_can_use_a_dcn_cross_bottom(name, tmp_path, ads_dir, ads_schema):
+  import tensorflow_recommenders as tfrs
+  model = models.build(name, ads_schema, cross_layers=2)
+  crosses = [l for l in model.layers if isinstance(l, tfrs.layers.dcn.Cross)]
+  assert len(crosses) == (4 if name == "single_task" else 2)
+  ds = reader.make_dataset(os.path.join(ads_dir, "eval-*"), ads_schema, 50, shuffle=False)
+  features = next(iter(ds))[0]
+  path = str(tmp_path / "m.keras")
+  model.save(path)
+  loaded = keras.models.load_model(path)
+  for task in model.output_names:
+    np.testing.assert_allclose(model(features)[task], loaded(features)[task], atol=1e-6)

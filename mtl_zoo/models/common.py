@@ -9,11 +9,28 @@ from mtl_zoo._keras import keras
 from pipelines import schema as schema_lib
 
 
-def embedded_inputs(schema: schema_lib.Schema, embeddings_l2: float = 0.0
+def embedded_inputs(schema: schema_lib.Schema, embeddings_l2: float = 0.0,
+                    cross_layers: int = 0, name: str = "feature_embedding"
                     ) -> Tuple[Dict[str, tf.Tensor], tf.Tensor]:
-  """Keras inputs for every schema feature and their embedded [batch, dim] vector."""
+  """Keras inputs for every schema feature and their embedded [batch, dim] vector,
+  optionally through `cross_layers` DCN-v2 cross layers."""
   inputs = layers.schema_inputs(schema)
-  return inputs, layers.feature_embedding(schema, embeddings_l2)(inputs)
+  return inputs, embed(inputs, schema, embeddings_l2, cross_layers, name)
+
+
+def embed(inputs: Dict[str, tf.Tensor], schema: schema_lib.Schema,
+          embeddings_l2: float = 0.0, cross_layers: int = 0,
+          name: str = "feature_embedding") -> tf.Tensor:
+  """The feature-interaction bottom every builder shares: embeddings, then
+  optionally `cross_layers` explicit feature crosses from TFRS's DCN-v2 `Cross`
+  (Wang et al., WWW 2021): x_{l+1} = x_0 * (W x_l + b) + x_l."""
+  x0 = layers.feature_embedding(schema, embeddings_l2, name=name)(inputs)
+  x = x0
+  if cross_layers:
+    import tensorflow_recommenders as tfrs  # only models with crosses pay its import
+    for i in range(cross_layers):
+      x = tfrs.layers.dcn.Cross(name=f"{name}_cross_{i}")(x0, x)
+  return x
 
 
 def task_towers(schema: schema_lib.Schema, task_inputs: Dict[str, tf.Tensor],

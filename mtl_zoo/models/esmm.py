@@ -69,6 +69,7 @@ def build_esmm(schema: schema_lib.Schema,
                dropout: float = 0.0,
                activation: str = "relu",
                embeddings_l2: float = 0.0,
+               cross_layers: int = 0,
                name: str = "esmm") -> keras.Model:
   """ESMM over shared embeddings: one network per task (bottom MLP `<task>_bottom`,
   tower, head), plus one `ProbabilityProduct` output per entire-space stage.
@@ -79,7 +80,7 @@ def build_esmm(schema: schema_lib.Schema,
   schema = entire_space_schema(schema)
   chain = stage_chain(schema)
   products = entire_space_names(chain)
-  inputs, x = common.embedded_inputs(schema, embeddings_l2)
+  inputs, x = common.embedded_inputs(schema, embeddings_l2, cross_layers)
   own = schema.with_tasks([t for t in schema.task_names if t not in products])
   bottoms = {t: layers.MLP(bottom_units, activation, dropout, name=f"{t}_bottom")(x)
              for t in own.task_names}

@@ -15,6 +15,7 @@ def build_mmoe(schema: schema_lib.Schema,
                dropout: float = 0.0,
                activation: str = "relu",
                embeddings_l2: float = 0.0,
+               cross_layers: int = 0,
                name: str = "mmoe") -> keras.Model:
   """Multi-gate Mixture-of-Experts.
 
@@ -22,7 +23,7 @@ def build_mmoe(schema: schema_lib.Schema,
   (layer `gate_<task>`), so tasks share what helps them and keep apart where
   they conflict. Returns an uncompiled model with outputs task name -> [batch, 1].
   """
-  inputs, x = common.embedded_inputs(schema, embeddings_l2)
+  inputs, x = common.embedded_inputs(schema, embeddings_l2, cross_layers)
   experts = layers.ExpertBank(num_experts, expert_units, activation, dropout,
                               name="experts")(x)
   mixed = {}

@@ -15,10 +15,11 @@ def build_omoe(schema: schema_lib.Schema,
                dropout: float = 0.0,
                activation: str = "relu",
                embeddings_l2: float = 0.0,
+               cross_layers: int = 0,
                name: str = "omoe") -> keras.Model:
   """One-gate Mixture-of-Experts: MMoE's ablation with a single gate (layer
   `gate`) whose mixture feeds every task tower."""
-  inputs, x = common.embedded_inputs(schema, embeddings_l2)
+  inputs, x = common.embedded_inputs(schema, embeddings_l2, cross_layers)
   experts = layers.ExpertBank(num_experts, expert_units, activation, dropout,
                               name="experts")(x)
   weights = layers.SoftmaxGate(num_experts, name="gate")(x)

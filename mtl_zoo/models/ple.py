@@ -56,11 +56,12 @@ def build_ple(schema: schema_lib.Schema,
               dropout: float = 0.0,
               activation: str = "relu",
               embeddings_l2: float = 0.0,
+              cross_layers: int = 0,
               name: str = "ple") -> keras.Model:
   """Progressive Layered Extraction: `num_levels` stacked extraction levels."""
   if num_levels < 1:
     raise ValueError(f"num_levels must be >= 1, got {num_levels}.")
-  inputs, x = common.embedded_inputs(schema, embeddings_l2)
+  inputs, x = common.embedded_inputs(schema, embeddings_l2, cross_layers)
   task_inputs, shared = {t: x for t in schema.task_names}, x
   for level in range(num_levels):
     task_inputs, shared = extraction_level(
@@ -78,7 +79,8 @@ def build_cgc(schema: schema_lib.Schema,
               dropout: float = 0.0,
               activation: str = "relu",
               embeddings_l2: float = 0.0,
+              cross_layers: int = 0,
               name: str = "cgc") -> keras.Model:
   """Customized Gate Control: a single extraction level (PLE with one level)."""
   return build_ple(schema, 1, num_task_experts, num_shared_experts, expert_units,
-                   tower_units, dropout, activation, embeddings_l2, name)
+                   tower_units, dropout, activation, embeddings_l2, cross_layers, name)

@@ -15,6 +15,7 @@ def build_cross_stitch(schema: schema_lib.Schema,
                        dropout: float = 0.0,
                        activation: str = "relu",
                        embeddings_l2: float = 0.0,
+                       cross_layers: int = 0,
                        name: str = "cross_stitch") -> keras.Model:
   """Cross-stitch networks (Misra et al., CVPR 2016) over shared embeddings.
 
@@ -23,7 +24,7 @@ def build_cross_stitch(schema: schema_lib.Schema,
   """
   if len(schema.tasks) < 2:
     raise ValueError("cross_stitch needs at least two tasks.")
-  inputs, x = common.embedded_inputs(schema, embeddings_l2)
+  inputs, x = common.embedded_inputs(schema, embeddings_l2, cross_layers)
   hidden = [x] * len(schema.tasks)
   for i, units in enumerate(bottom_units):
     hidden = [layers.MLP([units], activation, dropout, name=f"{task}_layer_{i}")(h)
@@ -40,12 +41,13 @@ def build_l2_constrained(schema: schema_lib.Schema,
                          l2_distance_weight: float = 1e-3,
                          activation: str = "relu",
                          embeddings_l2: float = 0.0,
+                         cross_layers: int = 0,
                          name: str = "l2_constrained") -> keras.Model:
   """Per-task networks whose parameters are pulled together by an L2 distance
   penalty (Duong et al., ACL 2015), over shared embeddings (layer `task_networks`)."""
   if len(schema.tasks) < 2:
     raise ValueError("l2_constrained needs at least two tasks.")
-  inputs, x = common.embedded_inputs(schema, embeddings_l2)
+  inputs, x = common.embedded_inputs(schema, embeddings_l2, cross_layers)
   hidden = layers.L2ConstrainedNetworks(len(schema.tasks), bottom_units, l2_distance_weight,
                                         activation, name="task_networks")(x)
   outputs = common.task_towers(schema, dict(zip(schema.task_names, hidden)), tower_units,
