@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 
 from absl import app, flags
 
+from mtl_zoo import diagnostics
 from mtl_zoo import metrics as metrics_lib
 from mtl_zoo import models
 from mtl_zoo._keras import keras
@@ -148,17 +149,22 @@ def resolve_data() -> tuple:
 
 class EvalMetrics(keras.callbacks.Callback):
   """Exact per-task metrics on the eval data after every epoch, into the logs
-  (so TensorBoard and the progress line show them)."""
+  (so TensorBoard and the progress line show them), and for gated models the
+  gates' mean expert weights (TensorBoard `gates/...` under `log_dir`)."""
 
-  def __init__(self, schema: schema_lib.Schema, dataset: tf.data.Dataset):
+  def __init__(self, schema: schema_lib.Schema, dataset: tf.data.Dataset, log_dir: str):
     super().__init__()
     self.schema, self.dataset = schema, dataset
     self.latest: Dict[str, Dict[str, float]] = {}
+    self.gates: Dict[str, dict] = {}
     self._predict = None
+    self._writer = tf.summary.create_file_writer(log_dir)
 
   def on_epoch_end(self, epoch, logs=None):
     self._predict = self._predict or metrics_lib.predict_function(self.model)
     self.latest = metrics_lib.evaluate(self.model, self.schema, self.dataset, self._predict)
+    self.gates = diagnostics.gate_report(self.model, self.dataset)
+    diagnostics.write_summaries(self.gates, self._writer, epoch + 1)
     summary = []
     for task, values in self.latest.items():
       for name, value in values.items():
@@ -226,7 +232,8 @@ def train(argv_rest: Optional[list] = None) -> dict:
                                       save_weights_only=True),
       keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), profile_batch=0),
   ]
-  evaluator = EvalMetrics(schema, eval_ds) if eval_ds is not None else None
+  evaluator = (EvalMetrics(schema, eval_ds, os.path.join(model_dir, "logs", "eval_gates"))
+               if eval_ds is not None else None)
   if evaluator:
     callbacks.insert(0, evaluator)  # first, so later callbacks log its metrics
   start = time.perf_counter()
@@ -247,7 +254,8 @@ def train(argv_rest: Optional[list] = None) -> dict:
             "train_seconds": round(seconds, 2),
             "train_loss": {k: float(v[-1]) for k, v in history.history.items()
                            if k.endswith("loss")},
-            "eval": evaluator.latest if evaluator else {}}
+            "eval": evaluator.latest if evaluator else {},
+            "gates": evaluator.gates if evaluator else {}}
   model.save(os.path.join(model_dir, "model.keras"))
   schema.save(os.path.join(model_dir, schema_lib.SCHEMA_FILENAME))
   write_json_atomically(os.path.join(model_dir, "metrics.json"), result)
@@ -255,6 +263,12 @@ def train(argv_rest: Optional[list] = None) -> dict:
     print("\nEval metrics (" + eval_pattern + "):")
     print(metrics_lib.format_table(evaluator.latest,
                                    ["auc", "logloss", "mse", "positive_rate", "examples"]))
+    for gate, summary in evaluator.gates.items():
+      weights = " ".join(f"{w:.2f}" for w in summary["mean_weights"])
+      starved = summary["starved_experts"]
+      print(f"gate {gate}: mean expert weights [{weights}], normalized entropy "
+            f"{summary['normalized_entropy']:.2f}"
+            + (f", starved experts {starved}" if starved else ""))
   if export_dir:
     result["export"] = export_saved_model(model, schema, export_dir)
   print(f"\nModel dir:   {os.path.abspath(model_dir)} (checkpoints/, logs/, metrics.json, "

@@ -33,6 +33,7 @@ def test_cli_trains_reports_metrics_and_exports(ads_dir, tmp_path):
   assert metrics["hyperparameters"]["bottom_units"] == [16, 8]
   assert 0.5 < metrics["eval"]["ctr"]["auc"] <= 1.0
   assert metrics["eval"]["cvr"]["examples"] < metrics["eval"]["ctr"]["examples"]
+  assert metrics["gates"] == {}  # shared_bottom has no gates
   versions = os.listdir(export_dir)
   assert len(versions) == 1 and versions[0].isdigit()
   assert os.path.exists(export_dir / versions[0] / "saved_model.pb")
