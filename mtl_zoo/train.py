@@ -22,6 +22,7 @@ from absl import app, flags
 from mtl_zoo import diagnostics
 from mtl_zoo import metrics as metrics_lib
 from mtl_zoo import models
+from mtl_zoo import weighting
 from mtl_zoo._keras import keras
 from mtl_zoo.export import export_saved_model
 from pipelines import reader
@@ -50,6 +51,9 @@ flags.DEFINE_string("model_dir", None, "Checkpoints, TensorBoard logs, metrics.j
 flags.DEFINE_string("export_dir", None, "SavedModel base directory; each export is a new "
                     "numbered version in it. Default: <output_dir>/export/<model>. "
                     "Set to '' to skip the export.")
+flags.DEFINE_enum("loss_weighting", "fixed", list(weighting.METHODS),
+                  "How task losses are balanced: fixed (schema loss weights), uncertainty, "
+                  "dwa, gradnorm or pcgrad (see mtl_zoo/weighting.py).")
 flags.DEFINE_integer("epochs", 5, "Passes over the training data.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 2048, "Examples per training step.", lower_bound=1)
 flags.DEFINE_float("learning_rate", 2e-3, "Adam learning rate.", lower_bound=0.0)
@@ -152,8 +156,11 @@ class EvalMetrics(keras.callbacks.Callback):
   (so TensorBoard and the progress line show them), and for gated models the
   gates' mean expert weights (TensorBoard `gates/...` under `log_dir`)."""
 
-  def __init__(self, schema: schema_lib.Schema, dataset: tf.data.Dataset, log_dir: str):
+  def __init__(self, model: keras.Model, schema: schema_lib.Schema,
+               dataset: tf.data.Dataset, log_dir: str):
     super().__init__()
+    # The functional model, not what `fit` trains (a loss-weighting wrapper, maybe).
+    self.task_model = model
     self.schema, self.dataset = schema, dataset
     self.latest: Dict[str, Dict[str, float]] = {}
     self.gates: Dict[str, dict] = {}
@@ -161,9 +168,10 @@ class EvalMetrics(keras.callbacks.Callback):
     self._writer = tf.summary.create_file_writer(log_dir)
 
   def on_epoch_end(self, epoch, logs=None):
-    self._predict = self._predict or metrics_lib.predict_function(self.model)
-    self.latest = metrics_lib.evaluate(self.model, self.schema, self.dataset, self._predict)
-    self.gates = diagnostics.gate_report(self.model, self.dataset)
+    self._predict = self._predict or metrics_lib.predict_function(self.task_model)
+    self.latest = metrics_lib.evaluate(self.task_model, self.schema, self.dataset,
+                                       self._predict)
+    self.gates = diagnostics.gate_report(self.task_model, self.dataset)
     diagnostics.write_summaries(self.gates, self._writer, epoch + 1)
     summary = []
     for task, values in self.latest.items():
@@ -223,7 +231,10 @@ def train(argv_rest: Optional[list] = None) -> dict:
   eval_ds = (reader.make_dataset(eval_pattern, schema, 8192, shuffle=False, cache=True)
              if eval_pattern else None)
   model = models.build(FLAGS.model, schema, **hparams)
-  models.compile_model(model, schema, learning_rate=FLAGS.learning_rate)
+  trainable = models.compile_model(model, schema, learning_rate=FLAGS.learning_rate,
+                                   weighting=FLAGS.loss_weighting,
+                                   weighting_options={"seed": FLAGS.seed}
+                                   if FLAGS.loss_weighting != "fixed" else None)
   print(f"Training {FLAGS.model} ({model.count_params():,} parameters) on tasks "
         f"{schema.task_names} from {train_pattern}", flush=True)
 
@@ -232,20 +243,21 @@ def train(argv_rest: Optional[list] = None) -> dict:
                                       save_weights_only=True),
       keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), profile_batch=0),
   ]
-  evaluator = (EvalMetrics(schema, eval_ds, os.path.join(model_dir, "logs", "eval_gates"))
+  evaluator = (EvalMetrics(model, schema, eval_ds,
+                           os.path.join(model_dir, "logs", "eval_gates"))
                if eval_ds is not None else None)
   if evaluator:
     callbacks.insert(0, evaluator)  # first, so later callbacks log its metrics
   start = time.perf_counter()
   try:
-    history = model.fit(train_ds, epochs=FLAGS.epochs, callbacks=callbacks,
+    history = trainable.fit(train_ds, epochs=FLAGS.epochs, callbacks=callbacks,
                         verbose=1 if sys.stdout.isatty() else 2)
   except tf.errors.OpError as e:
     raise DataError(explain_data_error(
         e, " or ".join(p for p in (train_pattern, eval_pattern) if p))) from None
   seconds = time.perf_counter() - start
 
-  result = {"model": FLAGS.model,
+  result = {"model": FLAGS.model, "loss_weighting": FLAGS.loss_weighting,
             "hyperparameters": models.hyperparameters_of(FLAGS.model, hparams),
             "tasks": schema.task_names,
             "train_files": train_pattern, "eval_files": eval_pattern,
@@ -254,6 +266,8 @@ def train(argv_rest: Optional[list] = None) -> dict:
             "train_seconds": round(seconds, 2),
             "train_loss": {k: float(v[-1]) for k, v in history.history.items()
                            if k.endswith("loss")},
+            "task_weights": {k[len("weight_"):]: float(v[-1])
+                             for k, v in history.history.items() if k.startswith("weight_")},
             "eval": evaluator.latest if evaluator else {},
             "gates": evaluator.gates if evaluator else {}}
   model.save(os.path.join(model_dir, "model.keras"))

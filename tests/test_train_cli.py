@@ -22,7 +22,8 @@ def test_cli_trains_reports_metrics_and_exports(ads_dir, tmp_path):
   model_dir, export_dir = tmp_path / "run", tmp_path / "export"
   flagfile = tmp_path / "run.flags"
   flagfile.write_text(f"--train_files={ads_dir}/train-*\n--eval_files={ads_dir}/eval-*\n"
-                      "--model=shared_bottom\n--bottom_units=16,8\n")
+                      "--model=shared_bottom\n--bottom_units=16,8\n"
+                      "--loss_weighting=uncertainty\n")
   result = _train(f"--flagfile={flagfile}", "--epochs=2", "--batch_size=256",
                   f"--model_dir={model_dir}", f"--export_dir={export_dir}")
   assert result.returncode == 0, result.stderr[-3000:]
@@ -31,6 +32,8 @@ def test_cli_trains_reports_metrics_and_exports(ads_dir, tmp_path):
   metrics = json.load(open(model_dir / "metrics.json"))
   assert metrics["model"] == "shared_bottom"
   assert metrics["hyperparameters"]["bottom_units"] == [16, 8]
+  assert metrics["loss_weighting"] == "uncertainty"
+  assert sorted(metrics["task_weights"]) == ["ctr", "cvr"]
   assert 0.5 < metrics["eval"]["ctr"]["auc"] <= 1.0
   assert metrics["eval"]["cvr"]["examples"] < metrics["eval"]["ctr"]["examples"]
   assert metrics["gates"] == {}  # shared_bottom has no gates

@@ -56,16 +56,31 @@ def task_losses(schema: schema_lib.Schema) -> Dict[str, keras.losses.Loss]:
 def compile_model(model: keras.Model, schema: schema_lib.Schema,
                   learning_rate: float = 1e-3,
                   optimizer: Optional[keras.optimizers.Optimizer] = None,
+                  weighting: str = "fixed", weighting_options: Optional[dict] = None,
                   **compile_kwargs) -> keras.Model:
-  """Compiles with one loss per task and the schema's loss weights.
+  """Compiles for training with one loss per task; returns the model to `fit`.
+
+  With `weighting="fixed"` that is `model` itself, compiled with the schema's
+  loss weights. Other methods (see `mtl_zoo.weighting`) return a
+  `MultiTaskTrainer` wrapping `model`; fit the trainer, export `model`.
 
   Masks arrive as per-task sample weights from the reader, so a masked example
   adds nothing to its task's loss. Exact per-task metrics are computed on eval
   data by `mtl_zoo.metrics` rather than by streaming Keras metrics, which are
   approximate (AUC) and slow down every training step.
   """
+  # Legacy Adam applies each variable's update in one fused kernel; the new
+  # optimizer issues ~10 ops per variable, which dominates small models on CPU.
+  optimizer = optimizer or keras.optimizers.legacy.Adam(learning_rate)
+  # Task masks arrive as sample weights; no streaming metrics need them.
+  compile_kwargs.setdefault("weighted_metrics", [])
+  if weighting != "fixed":
+    from mtl_zoo.weighting import MultiTaskTrainer  # it imports this module
+    trainer = MultiTaskTrainer(model, schema, weighting, **(weighting_options or {}))
+    trainer.compile(optimizer=optimizer, **compile_kwargs)
+    return trainer
   model.compile(
-      optimizer=optimizer or keras.optimizers.legacy.Adam(learning_rate),
+      optimizer=optimizer,
       loss=task_losses(schema),
       loss_weights={t.name: t.loss_weight for t in schema.tasks},
       **compile_kwargs)

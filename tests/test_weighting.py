@@ -1,0 +1,151 @@
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import mtl_zoo
+from mtl_zoo import export, weighting
+from mtl_zoo._keras import keras
+from pipelines import reader
+from pipelines import schema as schema_lib
+from pipelines import writer as writer_lib
+
+
+def test_pcgrad_projects_away_conflicting_components():
+  g1, g2 = tf.constant([1.0, 0.0]), tf.constant([-1.0, 1.0])
+  order = tf.constant([[1, 0], [0, 1]])
+  combined = weighting.project_conflicting([g1, g2], order)
+  # g1 loses its component along g2 (and ends orthogonal to it), g2 its along g1.
+  np.testing.assert_allclose(combined, [0.5 + 0.0, 0.5 + 1.0], atol=1e-6)
+  agreeing = weighting.project_conflicting([g1, tf.constant([1.0, 1.0])], order)
+  np.testing.assert_allclose(agreeing, [2.0, 1.0], atol=1e-6)  # no conflict: plain sum
+
+
+def test_dwa_weights_favour_the_task_whose_loss_fell_least():
+  w = weighting.dwa_weights(tf.constant([0.9, 0.5]), tf.constant([1.0, 1.0]), 2.0)
+  expected = 2 * np.exp([0.45, 0.25]) / np.exp([0.45, 0.25]).sum()
+  np.testing.assert_allclose(w, expected, rtol=1e-6)
+  assert w[0] > w[1] and float(tf.reduce_sum(w)) == pytest.approx(2.0)
+
+
+def _two_regression_tasks(out_dir, second_label):
+  """Tasks 'clean' (signal + small noise) and 'other' = second_label(signal, rng)."""
+  rng = np.random.default_rng(0)
+  n = 4000
+  x = rng.normal(size=(n, 3))
+  signal = x @ np.array([1.0, -2.0, 0.5])
+  schema = schema_lib.Schema(
+      [schema_lib.Feature(f"x{i}", "numeric") for i in range(3)], ["clean", "other"],
+      [schema_lib.Task("clean", "clean", "regression"),
+       schema_lib.Task("other", "other", "regression")], name="two_tasks")
+  columns = {f"x{i}": x[:, i] for i in range(3)}
+  columns.update(clean=signal + 0.1 * rng.normal(size=n), other=second_label(signal, rng))
+  schema = writer_lib.with_numeric_statistics(schema, columns)
+  with writer_lib.DatasetWriter(out_dir, schema) as w:
+    w.write_split("train", columns)
+  return schema, reader.make_dataset(os.path.join(out_dir, "train-*"), schema, 128, seed=0)
+
+
+@pytest.fixture(scope="module")
+def noisy_tasks(tmp_path_factory):
+  """'other' is the same signal with label noise of std 3: it can't be fitted as well."""
+  return _two_regression_tasks(str(tmp_path_factory.mktemp("noisy") / "d"),
+                               lambda s, rng: s + 3.0 * rng.normal(size=s.shape))
+
+
+@pytest.fixture(scope="module")
+def scaled_tasks(tmp_path_factory):
+  """'other' is the clean task times 10: same learning pace, 10x the gradients."""
+  return _two_regression_tasks(str(tmp_path_factory.mktemp("scaled") / "d"),
+                               lambda s, rng: 10.0 * s)
+
+
+def _train(schema, dataset, method, epochs=4, **options):
+  keras.utils.set_random_seed(0)
+  model = mtl_zoo.build_shared_bottom(schema, bottom_units=[16], tower_units=[])
+  trainer = mtl_zoo.compile_model(model, schema, learning_rate=1e-2, weighting=method,
+                                  weighting_options=options)
+  history = trainer.fit(dataset, epochs=epochs, verbose=0)
+  return model, trainer, history
+
+
+def test_uncertainty_weighting_lowers_the_noisier_task(noisy_tasks):
+  schema, ds = noisy_tasks
+  _, trainer, history = _train(schema, ds, "uncertainty")
+  weights = trainer.current_weights().numpy()
+  assert weights[1] < 0.3 * weights[0]
+  assert history.history["weight_other"][-1] == pytest.approx(weights[1])
+
+
+def test_gradnorm_balances_gradient_norms(scaled_tasks):
+  schema, ds = scaled_tasks
+  _, trainer, _ = _train(schema, ds, "gradnorm")
+  weights = trainer.current_weights().numpy()
+  assert weights.sum() == pytest.approx(2.0, rel=1e-5)
+  assert weights[1] < 0.5 * weights[0]  # the 10x-gradient task is turned down
+
+
+def test_gradnorm_boosts_the_task_that_trains_slower(noisy_tasks):
+  schema, ds = noisy_tasks
+  _, trainer, _ = _train(schema, ds, "gradnorm")
+  weights = trainer.current_weights().numpy()
+  assert weights[1] > weights[0]  # its loss ratio L(t)/L(0) stays high
+
+
+def test_dwa_sets_weights_from_the_last_two_epochs(noisy_tasks):
+  schema, ds = noisy_tasks
+  _, trainer, history = _train(schema, ds, "dwa", epochs=3, dwa_temperature=2.0)
+  means = np.array([[history.history["clean_loss"][e], history.history["other_loss"][e]]
+                    for e in (2, 1)], np.float32)
+  np.testing.assert_allclose(trainer.current_weights(),
+                             weighting.dwa_weights(means[0], means[1], 2.0), rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["uncertainty", "dwa", "gradnorm", "pcgrad"])
+def test_methods_train_with_masks_and_export_without_training_state(
+    method, ads_dir, ads_schema, tmp_path):
+  keras.utils.set_random_seed(0)
+  model = mtl_zoo.build_mmoe(ads_schema)
+  trainer = mtl_zoo.compile_model(model, ads_schema, learning_rate=5e-3, weighting=method)
+  ds = reader.make_dataset(os.path.join(ads_dir, "train-*"), ads_schema, 256, seed=0)
+  before = trainer.evaluate(ds, verbose=0, return_dict=True)
+  trainer.fit(ds, epochs=2, verbose=0)
+  after = trainer.evaluate(ds, verbose=0, return_dict=True)
+  assert after["ctr_loss"] < before["ctr_loss"] and after["cvr_loss"] < before["cvr_loss"]
+  # A masked example's label does not reach its task's loss.
+  features, labels, weights = next(iter(ds))
+  masked = weights["cvr"].numpy() == 0
+  flipped = dict(labels, cvr=tf.where(masked[:, None], 1 - labels["cvr"], labels["cvr"]))
+  outputs = model(features)
+  np.testing.assert_allclose(trainer._task_losses(labels, outputs, weights),
+                             trainer._task_losses(flipped, outputs, weights), rtol=1e-6)
+  path = export.export_saved_model(model, ads_schema, str(tmp_path / "e"))
+  names = [n for n, _ in tf.train.list_variables(os.path.join(path, "variables", "variables"))]
+  # Exactly the model's variables: no log-variances, task weights or loss history.
+  assert len([n for n in names if n.endswith("VARIABLE_VALUE")]) == len(model.variables)
+  assert not any("log_variances" in n or "task_weights" in n or "history" in n for n in names)
+  inputs = tf.saved_model.load(path).signatures["features"].structured_input_signature[1]
+  assert sorted(inputs) == sorted(ads_schema.feature_names)
+
+
+def test_unknown_or_single_task_weighting_is_refused(ads_schema):
+  model = mtl_zoo.build_mmoe(ads_schema)
+  with pytest.raises(ValueError, match="got 'softmax'"):
+    mtl_zoo.compile_model(model, ads_schema, weighting="softmax")
+  single = ads_schema.with_tasks(["ctr"])
+  with pytest.raises(ValueError, match="at least two tasks"):
+    mtl_zoo.compile_model(mtl_zoo.build_mmoe(single), single, weighting="pcgrad")
+
+
+def test_pcgrad_treats_only_multi_task_parameters_as_shared(ads_dir, ads_schema):
+  model = mtl_zoo.build_shared_bottom(ads_schema, bottom_units=[8], tower_units=[4])
+  trainer = mtl_zoo.compile_model(model, ads_schema, weighting="pcgrad")
+  features, labels, weights = next(iter(reader.make_dataset(
+      os.path.join(ads_dir, "eval-*"), ads_schema, 64, shuffle=False)))
+  with tf.GradientTape(persistent=True) as tape:
+    losses = trainer._task_losses(labels, model(features, training=True), weights)
+  per_task = trainer._task_gradients(tape, losses, model.trainable_variables)
+  shared = {v.name.split("/")[0] for v, s in zip(model.trainable_variables,
+                                                 trainer._shared(per_task)) if s}
+  assert shared == {"feature_embedding", "shared_bottom"}
