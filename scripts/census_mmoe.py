@@ -5,20 +5,17 @@
 
 Converts the raw files to TFRecords on first use (under --data_dir), then for each
 seed trains on the training split and reports exact AUC on the validation half
-(what settings were chosen by) and the test half of the census test file.
+(what the settings were chosen by) and the test half of the census test file.
 """
 
 import os
 import sys
-import time
 
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import mtl_zoo  # noqa: E402  (pins Keras 2 first)
-from mtl_zoo import metrics, models  # noqa: E402
-from pipelines import reader  # noqa: E402
+from mtl_zoo import experiments, models  # noqa: E402  (pins Keras 2 first)
 from pipelines.datasets import census  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,40 +40,30 @@ def main(argv):
   del argv
   data_dir = FLAGS.data_dir or os.path.join("mtl_zoo_output", "data",
                                             f"census_group{FLAGS.group}")
-  schema = models.training_schema(
-      FLAGS.model, census.write_if_missing(FLAGS.census_dir, data_dir, FLAGS.group))
-  hparams = dict(num_experts=FLAGS.num_experts,
-                 expert_units=[int(u) for u in FLAGS.expert_units],
-                 tower_units=[int(u) for u in FLAGS.tower_units],
-                 bottom_units=[int(u) for u in FLAGS.bottom_units])
-  heldout = {split: reader.make_dataset(os.path.join(data_dir, f"{split}-*"), schema, 8192,
-                                       shuffle=False)
-             for split in ("validation", "test")}
-  rows = []
+  schema = census.write_if_missing(FLAGS.census_dir, data_dir, FLAGS.group)
+  hparams = models.hyperparameters_of(FLAGS.model, dict(
+      num_experts=FLAGS.num_experts, expert_units=[int(u) for u in FLAGS.expert_units],
+      tower_units=[int(u) for u in FLAGS.tower_units],
+      bottom_units=[int(u) for u in FLAGS.bottom_units]))
+  splits = {s: os.path.join(data_dir, f"{s}-*") for s in ("validation", "test")}
+  aucs = {s: {t: [] for t in schema.task_names} for s in splits}
   for seed in (int(s) for s in FLAGS.seeds):
-    mtl_zoo.keras.utils.set_random_seed(seed)
-    model = models.build(FLAGS.model, schema, **hparams)
-    models.compile_model(model, schema, learning_rate=FLAGS.learning_rate)
-    train = reader.make_dataset(os.path.join(data_dir, "train-*"), schema,
-                                FLAGS.batch_size, seed=seed)
-    start = time.perf_counter()
-    model.fit(train, epochs=FLAGS.epochs, verbose=0)
-    seconds = time.perf_counter() - start
-    predict = metrics.predict_function(model)
-    aucs = {split: [metrics.evaluate(model, schema, ds, predict)[t]["auc"]
-                    for t in schema.task_names] for split, ds in heldout.items()}
-    rows.append(aucs)
+    result = experiments.run_trial(schema, os.path.join(data_dir, "train-*"), splits,
+                                   FLAGS.model, hparams, FLAGS.epochs, FLAGS.batch_size,
+                                   FLAGS.learning_rate, seed)
+    for split, per_task in result["metrics"].items():
+      for t in schema.task_names:
+        aucs[split][t].append(per_task[t]["auc"])
     print(f"seed {seed}: " + "; ".join(
-        f"{split} AUC " + ", ".join(f"{t} {a:.4f}" for t, a in zip(schema.task_names, v))
-        for split, v in aucs.items()) + f" ({seconds:.1f}s training)", flush=True)
-  print(f"\n{FLAGS.model} on census group {FLAGS.group}, {len(rows)} seeds, "
-        f"{FLAGS.epochs} epochs, batch {FLAGS.batch_size}, lr {FLAGS.learning_rate}, "
-        f"{models.hyperparameters_of(FLAGS.model, hparams)}")
+        f"{split} AUC " + ", ".join(f"{t} {aucs[split][t][-1]:.4f}" for t in schema.task_names)
+        for split in splits) + f" ({result['train_seconds']:.1f}s training)", flush=True)
+  print(f"\n{FLAGS.model} on census group {FLAGS.group}, {len(FLAGS.seeds)} seeds, "
+        f"{FLAGS.epochs} epochs, batch {FLAGS.batch_size}, lr {FLAGS.learning_rate}, {hparams}")
   print("| task | split | mean AUC | min | max |\n|---|---|---|---|---|")
-  for i, task in enumerate(schema.task_names):
-    for split in heldout:
-      values = [r[split][i] for r in rows]
-      print(f"| {task} | {split} | {sum(values) / len(values):.4f} | {min(values):.4f} | "
+  for t in schema.task_names:
+    for split in splits:
+      values = aucs[split][t]
+      print(f"| {t} | {split} | {sum(values) / len(values):.4f} | {min(values):.4f} | "
             f"{max(values):.4f} |")
 
 
