@@ -5,6 +5,7 @@ from typing import List, Optional, Sequence
 import tensorflow as tf
 
 from mtl_zoo._keras import keras
+from mtl_zoo.layers.dense import ExpertBank
 
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
@@ -44,56 +45,45 @@ class CrossStitch(keras.layers.Layer):
 
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
-class L2ConstrainedNetworks(keras.layers.Layer):
+class L2ConstrainedNetworks(ExpertBank):
   """`num_tasks` MLPs of one shape over the same input, pulled together by an L2
   penalty on the distance between their parameters (Duong et al., ACL 2015).
 
-  The penalty, `distance_weight * sum over layers and task pairs of
-  ||W_a - W_b||^2` (kernels and biases), is added to the model's losses.
+  An `ExpertBank` with one "expert" per task, whose outputs go to the tasks one
+  each instead of through gates. The penalty, `distance_weight * sum over layers
+  and task pairs of ||W_a - W_b||^2` (kernels and biases), is added to the
+  model's losses.
   Input: [batch, features]. Output: a list of `num_tasks` tensors [batch, units[-1]].
   """
 
   def __init__(self, num_tasks: int, units: Sequence[int], distance_weight: float = 1e-3,
-               activation: str = "relu", **kwargs):
-    super().__init__(**kwargs)
-    if num_tasks < 2 or not units:
-      raise ValueError("L2ConstrainedNetworks needs num_tasks >= 2 and at least one layer.")
-    self.num_tasks = int(num_tasks)
-    self.units = [int(u) for u in units]
+               activation: str = "relu", dropout: float = 0.0, kernel_l2: float = 0.0,
+               **kwargs):
+    if num_tasks < 2:
+      raise ValueError("L2ConstrainedNetworks needs num_tasks >= 2.")
+    super().__init__(num_tasks, units, activation, dropout, kernel_l2, **kwargs)
     self.distance_weight = distance_weight
-    self.activation = activation
-    self._activation = keras.activations.get(activation)
-
-  def build(self, input_shape):
-    fan_in = int(input_shape[-1])
-    self.kernels, self.biases = [], []
-    for i, u in enumerate(self.units):
-      self.kernels.append(self.add_weight(
-          f"kernel_{i}", shape=[self.num_tasks, fan_in, u],
-          initializer=keras.initializers.GlorotUniform()))
-      self.biases.append(self.add_weight(f"bias_{i}", shape=[self.num_tasks, u],
-                                         initializer="zeros"))
-      fan_in = u
-    super().build(input_shape)
 
   def parameter_distance(self) -> tf.Tensor:
     """Sum over layers and task pairs of squared parameter distances."""
+    n = self.num_experts
     total = 0.0
     for weight in [*self.kernels, *self.biases]:
-      flat = tf.reshape(weight, [self.num_tasks, -1])
-      # sum_{a<b} ||w_a - w_b||^2 = T * sum_a ||w_a||^2 - ||sum_a w_a||^2
-      total += (self.num_tasks * tf.reduce_sum(tf.square(flat))
+      flat = tf.reshape(weight, [n, -1])
+      # sum_{a<b} ||w_a - w_b||^2 = n * sum_a ||w_a||^2 - ||sum_a w_a||^2
+      total += (n * tf.reduce_sum(tf.square(flat))
                 - tf.reduce_sum(tf.square(tf.reduce_sum(flat, axis=0))))
     return total
 
   def call(self, x: tf.Tensor, training: Optional[bool] = None) -> List[tf.Tensor]:
     if self.distance_weight:
       self.add_loss(self.distance_weight * self.parameter_distance())
-    h = self._activation(tf.einsum("bi,tio->bto", x, self.kernels[0]) + self.biases[0])
-    for kernel, bias in zip(self.kernels[1:], self.biases[1:]):
-      h = self._activation(tf.einsum("bti,tio->bto", h, kernel) + bias)
-    return tf.unstack(h, num=self.num_tasks, axis=1)
+    return tf.unstack(super().call(x, training), num=self.num_experts, axis=1)
+
+  def compute_output_shape(self, input_shape):
+    return [tf.TensorShape([input_shape[0], self.units[-1]])] * self.num_experts
 
   def get_config(self):
-    return {**super().get_config(), "num_tasks": self.num_tasks, "units": self.units,
-            "distance_weight": self.distance_weight, "activation": self.activation}
+    config = super().get_config()
+    config["num_tasks"] = config.pop("num_experts")
+    return {**config, "distance_weight": self.distance_weight}
