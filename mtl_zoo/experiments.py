@@ -50,9 +50,8 @@ def run_trial(schema: schema_lib.Schema, train_pattern: str,
   keras.utils.set_random_seed(seed)
   schema = models.training_schema(model_name, schema)
   model = models.build(model_name, schema, **hparams)
-  trainable = models.compile_model(
-      model, schema, learning_rate=learning_rate, weighting=weighting,
-      weighting_options={"seed": seed} if weighting != "fixed" else None)
+  trainable = models.compile_model(model, schema, learning_rate=learning_rate,
+                                   weighting=weighting)
   train = reader.make_dataset(train_pattern, schema, batch_size, seed=seed)
   heldout = {split: reader.make_dataset(p, schema, 8192, shuffle=False)
              for split, p in eval_patterns.items()}

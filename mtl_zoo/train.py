@@ -232,9 +232,7 @@ def train(argv_rest: Optional[list] = None) -> dict:
              if eval_pattern else None)
   model = models.build(FLAGS.model, schema, **hparams)
   trainable = models.compile_model(model, schema, learning_rate=FLAGS.learning_rate,
-                                   weighting=FLAGS.loss_weighting,
-                                   weighting_options={"seed": FLAGS.seed}
-                                   if FLAGS.loss_weighting != "fixed" else None)
+                                   weighting=FLAGS.loss_weighting)
   print(f"Training {FLAGS.model} ({model.count_params():,} parameters) on tasks "
         f"{schema.task_names} from {train_pattern}", flush=True)
 

@@ -67,8 +67,7 @@ class MultiTaskTrainer(keras.Model):
 
   def __init__(self, model: keras.Model, schema: schema_lib.Schema, method: str,
                dwa_temperature: float = 2.0, gradnorm_alpha: float = 1.5,
-               gradnorm_learning_rate: float = 0.025, seed: Optional[int] = None,
-               **kwargs):
+               gradnorm_learning_rate: float = 0.025, **kwargs):
     super().__init__(name=f"{model.name}_{method}", **kwargs)
     if method not in METHODS or method == "fixed":
       raise ValueError(f"MultiTaskTrainer takes one of {METHODS[1:]}, got {method!r}; "
@@ -84,7 +83,6 @@ class MultiTaskTrainer(keras.Model):
     self.dwa_temperature = dwa_temperature
     self.gradnorm_alpha = gradnorm_alpha
     self.gradnorm_learning_rate = gradnorm_learning_rate
-    self._seed = seed
     base = tf.constant([t.loss_weight for t in self.tasks], tf.float32)
     if method == "uncertainty":
       self.log_variances = self.add_weight("log_variances", shape=[n], initializer="zeros")
@@ -185,12 +183,12 @@ class MultiTaskTrainer(keras.Model):
     shared = self._shared(per_task)
     dense = [[tf.convert_to_tensor(g[i]) if g[i] is not None else tf.zeros_like(v)
               for i, v in enumerate(variables)] for g in per_task]
-    shared_vars = [v for v, s in zip(variables, shared) if s]
     flat = [tf.concat([tf.reshape(d, [-1]) for d, s in zip(grads, shared) if s], 0)
             for grads in dense]
     n = len(self.tasks)
-    order = tf.stack([tf.random.shuffle(tf.range(n), seed=self._seed) for _ in range(n)])
-    combined = project_conflicting(flat, order) if shared_vars else None
+    # A fresh random visiting order per task and step (seeded by the global seed).
+    order = tf.stack([tf.random.shuffle(tf.range(n)) for _ in range(n)])
+    combined = project_conflicting(flat, order) if any(shared) else None
     out, offset = [], 0
     reg_grads = tape.gradient(regularization, variables) if self.model.losses else \
         [None] * len(variables)

@@ -236,6 +236,9 @@ class Schema:
     if overlap:
       raise SchemaError(f"{sorted(overlap)} are both features and labels; a label is "
                         "never a model input.")
+    if self.request_id and self.request_id in seen | set(self.labels):
+      raise SchemaError(f"request_id {self.request_id!r} is also a feature or label name; "
+                        "it must be its own column.")
     if not self.tasks:
       raise SchemaError("the schema declares no tasks; add at least one to 'tasks'.")
     task_names = set()
