@@ -11,7 +11,8 @@ Methods:
                r_t = L_t(epoch-1) / L_t(epoch-2), from per-epoch mean losses.
   gradnorm     GradNorm (Chen et al., ICML 2018): learned w_t moved so that each task's
                gradient norm on the shared parameters tracks its relative training rate;
-               weights renormalised to sum to T.
+               weights renormalised to sum to T. The weight step is the L_grad gradient
+               divided by the mean gradient norm, so it does not depend on loss scale.
   pcgrad       PCGrad (Yu et al., NeurIPS 2020): per-task gradients on shared parameters;
                a component conflicting with another task's gradient is projected away.
 
@@ -217,8 +218,9 @@ class MultiTaskTrainer(keras.Model):
     ratios = losses / tf.maximum(self._initial_losses, 1e-12)
     relative = ratios / tf.reduce_mean(ratios)
     target = tf.stop_gradient(tf.reduce_mean(weighted_norms) * relative ** self.gradnorm_alpha)
-    # d/dw_t sum_k |w_k G_k - target_k| with G_k and the targets held constant.
-    grad = tf.sign(weighted_norms - target) * norms
+    # d/dw_t sum_k |w_k G_k - target_k| with G_k and the targets held constant,
+    # divided by the mean norm so the step does not depend on the losses' scale.
+    grad = tf.sign(weighted_norms - target) * norms / (tf.reduce_mean(norms) + 1e-12)
     updated = tf.maximum(self.task_weights - self.gradnorm_learning_rate * grad, 1e-3)
     n = tf.cast(len(self.tasks), tf.float32)
     self.task_weights.assign(updated * n / tf.reduce_sum(updated))

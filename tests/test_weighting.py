@@ -56,9 +56,9 @@ def noisy_tasks(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scaled_tasks(tmp_path_factory):
-  """'other' is the clean task times 10: same learning pace, 10x the gradients."""
+  """'other' is a copy of the clean task times 10: same pace, 10x the gradients."""
   return _two_regression_tasks(str(tmp_path_factory.mktemp("scaled") / "d"),
-                               lambda s, rng: 10.0 * s)
+                               lambda s, rng: 10.0 * (s + 0.1 * rng.normal(size=s.shape)))
 
 
 def _train(schema, dataset, method, epochs=4, **options):
