@@ -20,6 +20,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "tensorflow-serving-api>=2.16,<2.22"],
+        # Only the experiment scripts in scripts/ draw plots.
+        "experiments": ["matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["mtl-zoo-train=mtl_zoo.train:run"]},
 )
