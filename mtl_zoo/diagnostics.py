@@ -33,26 +33,35 @@ def summarize(mean_weights: np.ndarray) -> Dict[str, object]:
               mean_weights < STARVED_FRACTION / n)]}
 
 
-def gate_report(model: keras.Model, dataset: tf.data.Dataset) -> Dict[str, dict]:
-  """Mean gate weights over a (features, ...) dataset, per gate layer.
+class GateProbe:
+  """Reads every gate of a model; build once, `report` after each epoch."""
 
-  Returns {} for models without gates. `normalized_entropy` is 1 for a gate
-  that weighs all experts equally and 0 for one collapsed onto a single expert.
-  """
-  gates = gate_layers(model)
-  if not gates:
-    return {}
-  probe = keras.Model(model.inputs, {g.name: g.output for g in gates})
-  predict = tf.function(lambda features: probe(features, training=False),
-                        reduce_retracing=True)
-  sums = {g.name: 0.0 for g in gates}
-  count = 0
-  for batch in dataset:
-    features = batch[0] if isinstance(batch, tuple) else batch
-    for name, weights in predict(features).items():
-      sums[name] = sums[name] + tf.reduce_sum(weights, axis=0).numpy()
-    count += int(tf.shape(next(iter(features.values())))[0])
-  return {name: summarize(total / max(count, 1)) for name, total in sums.items()}
+  def __init__(self, model: keras.Model):
+    self.gates = gate_layers(model)
+    if self.gates:
+      probe = keras.Model(model.inputs, {g.name: g.output for g in self.gates})
+      self._predict = tf.function(lambda features: probe(features, training=False),
+                                  reduce_retracing=True)
+
+  def report(self, dataset: tf.data.Dataset) -> Dict[str, dict]:
+    """Mean gate weights over a (features, ...) dataset, per gate layer ({} without
+    gates). `normalized_entropy` is 1 for a gate that weighs all experts equally
+    and 0 for one collapsed onto a single expert."""
+    if not self.gates:
+      return {}
+    sums = {g.name: 0.0 for g in self.gates}
+    count = 0
+    for batch in dataset:
+      features = batch[0] if isinstance(batch, tuple) else batch
+      for name, weights in self._predict(features).items():
+        sums[name] = sums[name] + tf.reduce_sum(weights, axis=0).numpy()
+      count += int(tf.shape(next(iter(features.values())))[0])
+    return {name: summarize(total / max(count, 1)) for name, total in sums.items()}
+
+
+def gate_report(model: keras.Model, dataset: tf.data.Dataset) -> Dict[str, dict]:
+  """One-off `GateProbe(model).report(dataset)`."""
+  return GateProbe(model).report(dataset)
 
 
 def write_summaries(report: Dict[str, dict], writer, step: int) -> None:

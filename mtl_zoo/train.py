@@ -165,13 +165,14 @@ class EvalMetrics(keras.callbacks.Callback):
     self.latest: Dict[str, Dict[str, float]] = {}
     self.gates: Dict[str, dict] = {}
     self._predict = None
+    self._gates = diagnostics.GateProbe(model)
     self._writer = tf.summary.create_file_writer(log_dir)
 
   def on_epoch_end(self, epoch, logs=None):
     self._predict = self._predict or metrics_lib.predict_function(self.task_model)
     self.latest = metrics_lib.evaluate(self.task_model, self.schema, self.dataset,
                                        self._predict)
-    self.gates = diagnostics.gate_report(self.task_model, self.dataset)
+    self.gates = self._gates.report(self.dataset)
     diagnostics.write_summaries(self.gates, self._writer, epoch + 1)
     summary = []
     for task, values in self.latest.items():
