@@ -6,40 +6,56 @@ Every export has:
                    one float32 [batch] output per task, named by task.
   features         the schema's raw feature tensors (see
                    `Schema.feature_signature`) -> the same outputs.
-Labels are never inputs. The schema travels in `assets.extra/schema.json` so
-clients can build requests from it. Versions are written to a hidden temporary
-directory and renamed into `<export_dir>/<version>` only when complete, so TF
-Serving (which watches numeric directories) never sees a half-written model.
+  classify         (binary serving task) TF Serving's Classify API: inputs
+                   (serialized tf.Examples) -> scores float32 [batch, 2]
+                   (P(0), P(1)) and classes string [batch, 2] ("0", "1").
+  regress          TF Serving's Regress API: inputs -> outputs float32 [batch],
+                   the serving task's value (its probability, if binary).
+The serving task is `serving_task`, by default the schema's first task. Labels
+are never inputs. The schema travels in `assets.extra/schema.json` so clients
+can build requests from it; with warm-up examples, `assets.extra/
+tf_serving_warmup_requests` holds PredictionLog records TF Serving replays
+before it takes traffic. Versions are written to a hidden temporary directory
+and renamed into `<export_dir>/<version>` only when complete, so TF Serving
+(which watches numeric directories) never sees a half-written model.
 """
 
 import os
 import shutil
 import time
 import uuid
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
 
 from mtl_zoo._keras import keras
 from pipelines import schema as schema_lib
 
 SERVING_DEFAULT = "serving_default"
 FEATURES_SIGNATURE = "features"
+CLASSIFY_SIGNATURE = "classify"
+REGRESS_SIGNATURE = "regress"
 SCHEMA_ASSET = os.path.join("assets.extra", schema_lib.SCHEMA_FILENAME)
+WARMUP_ASSET = os.path.join("assets.extra", "tf_serving_warmup_requests")
 
 
 class ServingModule(tf.Module):
   """Wraps a Keras model with the schema's parse and per-task outputs."""
 
-  def __init__(self, model: keras.Model, schema: schema_lib.Schema):
+  def __init__(self, model: keras.Model, schema: schema_lib.Schema,
+               serving_task: Optional[str] = None):
     super().__init__(name="mtl_zoo_serving")
     self.model = model
     self._schema = schema
-    self.serve_examples = tf.function(
-        self._serve_examples,
-        input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    self._task = schema.task(serving_task or schema.task_names[0])
+    examples = tf.TensorSpec([None], tf.string, name="examples")
+    inputs = tf.TensorSpec([None], tf.string, name=tf.saved_model.CLASSIFY_INPUTS)
+    self.serve_examples = tf.function(self._serve_examples, input_signature=[examples])
     self.serve_features = tf.function(
         self._predict, input_signature=[schema.feature_signature()])
+    self.classify = tf.function(self._classify, input_signature=[inputs])
+    self.regress = tf.function(self._regress, input_signature=[inputs])
 
   def _predict(self, features: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
     outputs = self.model(features, training=False)
@@ -48,9 +64,59 @@ class ServingModule(tf.Module):
   def _serve_examples(self, examples: tf.Tensor) -> Dict[str, tf.Tensor]:
     return self._predict(self._schema.parse_serving_examples(examples))
 
+  def _classify(self, inputs: tf.Tensor) -> Dict[str, tf.Tensor]:
+    p = self._serve_examples(inputs)[self._task.name]
+    scores = tf.stack([1.0 - p, p], axis=1)
+    classes = tf.tile(tf.constant([["0", "1"]]), [tf.shape(p)[0], 1])
+    return {tf.saved_model.CLASSIFY_OUTPUT_SCORES: scores,
+            tf.saved_model.CLASSIFY_OUTPUT_CLASSES: classes}
+
+  def _regress(self, inputs: tf.Tensor) -> Dict[str, tf.Tensor]:
+    return {tf.saved_model.REGRESS_OUTPUTS: self._serve_examples(inputs)[self._task.name]}
+
   def signatures(self) -> dict:
-    return {SERVING_DEFAULT: self.serve_examples.get_concrete_function(),
-            FEATURES_SIGNATURE: self.serve_features.get_concrete_function()}
+    signatures = {SERVING_DEFAULT: self.serve_examples.get_concrete_function(),
+                  FEATURES_SIGNATURE: self.serve_features.get_concrete_function(),
+                  REGRESS_SIGNATURE: self.regress.get_concrete_function()}
+    if self._task.type == schema_lib.BINARY:
+      signatures[CLASSIFY_SIGNATURE] = self.classify.get_concrete_function()
+    return signatures
+
+
+METHOD_NAMES = {CLASSIFY_SIGNATURE: tf.saved_model.CLASSIFY_METHOD_NAME,
+                REGRESS_SIGNATURE: tf.saved_model.REGRESS_METHOD_NAME}
+
+
+def _set_method_names(saved_model_dir: str) -> None:
+  """TF2's saver marks every signature "predict"; TF Serving's Classify and
+  Regress APIs require their own method names, so set them in the proto."""
+  path = os.path.join(saved_model_dir, "saved_model.pb")
+  proto = saved_model_pb2.SavedModel()
+  with tf.io.gfile.GFile(path, "rb") as f:
+    proto.ParseFromString(f.read())
+  for meta_graph in proto.meta_graphs:
+    for name, method in METHOD_NAMES.items():
+      if name in meta_graph.signature_def:
+        meta_graph.signature_def[name].method_name = method
+  with tf.io.gfile.GFile(path, "wb") as f:
+    f.write(proto.SerializeToString())
+
+
+def write_warmup_requests(path: str, examples: Sequence[bytes], model_name: str) -> int:
+  """PredictionLog records (one request of every example, one of a single one)
+  that TF Serving replays against `serving_default` when it loads the model."""
+  from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+  batches = [list(examples), list(examples[:1])] if len(examples) > 1 else [list(examples)]
+  with tf.io.TFRecordWriter(path) as writer:
+    for batch in batches:
+      request = predict_pb2.PredictRequest()
+      request.model_spec.name = model_name
+      request.model_spec.signature_name = SERVING_DEFAULT
+      request.inputs["examples"].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.string))
+      log = prediction_log_pb2.PredictionLog(
+          predict_log=prediction_log_pb2.PredictLog(request=request))
+      writer.write(log.SerializeToString())
+  return len(batches)
 
 
 def existing_versions(export_dir: str) -> list:
@@ -67,8 +133,17 @@ def next_version(export_dir: str) -> int:
 
 
 def export_saved_model(model: keras.Model, schema: schema_lib.Schema, export_dir: str,
-                       version: Optional[int] = None) -> str:
-  """Writes `<export_dir>/<version>/` atomically and returns its path."""
+                       version: Optional[int] = None, serving_task: Optional[str] = None,
+                       warmup_examples: Optional[Sequence[bytes]] = None,
+                       keep: Optional[int] = None) -> str:
+  """Writes `<export_dir>/<version>/` atomically and returns its path.
+
+  Args:
+    serving_task: the task behind the classify/regress signatures (default: the
+      schema's first task).
+    warmup_examples: serialized serving-layout tf.Examples for the warm-up file.
+    keep: afterwards, delete all but the newest `keep` versions.
+  """
   missing = [t for t in schema.task_names if t not in model.output_names]
   if missing:
     raise ValueError(f"model outputs {model.output_names} lack tasks {missing} of the "
@@ -81,12 +156,34 @@ def export_saved_model(model: keras.Model, schema: schema_lib.Schema, export_dir
                           "overwritten, pick another or let it choose the next one.")
   tmp = os.path.join(export_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
   try:
-    module = ServingModule(model, schema)
+    module = ServingModule(model, schema, serving_task)
     tf.saved_model.save(module, tmp, signatures=module.signatures())
-    tf.io.gfile.makedirs(os.path.dirname(os.path.join(tmp, SCHEMA_ASSET)))
+    _set_method_names(tmp)
+    tf.io.gfile.makedirs(os.path.join(tmp, "assets.extra"))
     schema.save(os.path.join(tmp, SCHEMA_ASSET))
+    if warmup_examples:
+      write_warmup_requests(os.path.join(tmp, WARMUP_ASSET), warmup_examples,
+                            os.path.basename(os.path.normpath(export_dir)))
     os.rename(tmp, final)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  if keep:
+    prune_versions(export_dir, keep)
   return final
+
+
+def prune_versions(export_dir: str, keep: int) -> list:
+  """Deletes all but the newest `keep` versions; returns the deleted ones.
+
+  Each is renamed to a hidden name first, so a server never loads a version
+  that is half deleted.
+  """
+  if keep < 1:
+    raise ValueError(f"keep must be >= 1, got {keep}.")
+  doomed = existing_versions(export_dir)[:-keep]
+  for version in doomed:
+    hidden = os.path.join(export_dir, f".deleting-{version}-{uuid.uuid4().hex[:8]}")
+    os.rename(os.path.join(export_dir, str(version)), hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+  return doomed

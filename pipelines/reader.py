@@ -157,11 +157,14 @@ def count_records(file_pattern: Union[str, Sequence[str]]) -> int:
 
 
 def read_columns(file_pattern: Union[str, Sequence[str]], schema: schema_lib.Schema,
-                 batch_size: int = 8192) -> Dict[str, np.ndarray]:
-  """Reads whole shards back into numpy columns (features and label columns), in
-  file order. For evaluation, tests and small data; not a training path."""
+                 batch_size: int = 8192, limit: Optional[int] = None) -> Dict[str, np.ndarray]:
+  """Reads shards back into numpy columns (features and label columns), in file
+  order, the first `limit` records or all. For evaluation, tests and small data;
+  not a training path."""
   files = list_files(file_pattern)
   ds = tf.data.TFRecordDataset(files, compression_type=detect_compression(files) or "")
+  if limit is not None:
+    ds = ds.take(limit)
   ds = ds.batch(batch_size).map(schema.parse_training_examples)
   parts = {}
   for features, columns in ds:

@@ -469,6 +469,22 @@ class Schema:
     """One record (feature name / label column -> value), serialized for training."""
     return next(self.training_examples({k: [v] for k, v in record.items()}))
 
+  def serving_examples(self, columns: dict) -> List[bytes]:
+    """Columnar features (as `read_columns` gives them: lists padded with -1)
+    -> serialized serving-layout tf.Examples, padding dropped."""
+    n = self.check_columns({k: v for k, v in columns.items() if k in self.feature_names},
+                           need_labels=False)
+    records = []
+    for i in range(n):
+      record = {}
+      for f in self.features:
+        if f.name in columns:
+          value = columns[f.name][i]
+          record[f.name] = ([v for v in value if v != LIST_PADDING_ID]
+                            if f.kind == CATEGORICAL_LIST else value)
+      records.append(self.serving_example(record))
+    return records
+
   def serving_example(self, record: dict) -> bytes:
     """One record, serialized in the serving layout: one named feature each, labels
     and features absent from the record left out."""

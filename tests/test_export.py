@@ -12,6 +12,7 @@ from conftest import REPO
 from mtl_zoo import export
 from pipelines import reader
 from pipelines import schema as schema_lib
+from tensorflow.core.protobuf import saved_model_pb2
 
 RELOAD = """
 import json, sys
@@ -130,3 +131,72 @@ def test_every_architecture_round_trips_through_the_example_signature(
   assert sorted(served) == sorted(schema.task_names)
   for task in schema.task_names:
     np.testing.assert_allclose(served[task], expected[task][:, 0], atol=1e-5)
+
+
+def test_classify_and_regress_have_tf_serving_method_names(exported):
+  _, _, path = exported
+  proto = saved_model_pb2.SavedModel()
+  proto.ParseFromString(open(os.path.join(path, "saved_model.pb"), "rb").read())
+  signatures = proto.meta_graphs[0].signature_def
+  assert signatures["classify"].method_name == "tensorflow/serving/classify"
+  assert signatures["regress"].method_name == "tensorflow/serving/regress"
+  assert signatures["serving_default"].method_name == "tensorflow/serving/predict"
+  assert sorted(signatures["classify"].inputs) == ["inputs"]
+  assert sorted(signatures["classify"].outputs) == ["classes", "scores"]
+  assert sorted(signatures["regress"].outputs) == ["outputs"]
+
+
+def test_classify_and_regress_serve_the_first_task(exported, ads_dir, ads_schema):
+  _, _, path = exported
+  loaded = tf.saved_model.load(path)
+  serialized = tf.constant(ads_schema.serving_examples(
+      reader.read_columns(os.path.join(ads_dir, "eval-*"), ads_schema, limit=20)))
+  p = loaded.signatures["serving_default"](examples=serialized)["ctr"].numpy()
+  classified = loaded.signatures["classify"](inputs=serialized)
+  np.testing.assert_allclose(classified["scores"].numpy(), np.stack([1 - p, p], 1), atol=1e-6)
+  assert classified["classes"].numpy()[0].tolist() == [b"0", b"1"]
+  np.testing.assert_allclose(loaded.signatures["regress"](inputs=serialized)["outputs"], p,
+                             atol=1e-6)
+
+
+def test_warmup_requests_replay_against_the_saved_model(ads_dir, ads_schema, tmp_path):
+  from tensorflow_serving.apis import prediction_log_pb2
+  model = mtl_zoo.build_mmoe(ads_schema)
+  examples = ads_schema.serving_examples(
+      reader.read_columns(os.path.join(ads_dir, "eval-*"), ads_schema, limit=16))
+  path = export.export_saved_model(model, ads_schema, str(tmp_path / "ads_mmoe"),
+                                   warmup_examples=examples)
+  loaded = tf.saved_model.load(path)
+  sizes = []
+  for record in tf.data.TFRecordDataset(os.path.join(path, export.WARMUP_ASSET)):
+    log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+    request = log.predict_log.request
+    assert request.model_spec.name == "ads_mmoe"
+    signature = loaded.signatures[request.model_spec.signature_name]
+    inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+    outputs = signature(**{k: tf.constant(v) for k, v in inputs.items()})
+    sizes.append(len(outputs["ctr"]))
+  assert sizes == [16, 1]
+
+
+def test_keep_prunes_the_oldest_versions(ads_schema, tmp_path):
+  model = mtl_zoo.build_shared_bottom(ads_schema)
+  base = str(tmp_path / "m")
+  paths = [export.export_saved_model(model, ads_schema, base, version=v, keep=2)
+           for v in (10, 11, 12)]
+  assert export.existing_versions(base) == [11, 12]
+  assert sorted(os.listdir(base)) == ["11", "12"]  # nothing half-deleted left behind
+  assert all(os.path.exists(p) for p in paths[1:])
+
+
+def test_saved_model_cli_runs_the_example_signature(exported):
+  _, _, path = exported
+  cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+  example = '[{"user_id": [3], "item_id": [7], "price": [12.5], "item_tags": [1, 2]}]'
+  result = subprocess.run([cli, "run", "--dir", path, "--tag_set", "serve",
+                           "--signature_def", "serving_default",
+                           "--input_examples", f"examples={example}"],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "Result for output key ctr" in result.stdout
+  assert "Result for output key cvr" in result.stdout
