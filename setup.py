@@ -16,10 +16,11 @@ setup(
         "tensorflow-recommenders==0.7.7",
         "tensorboard>=2.16",
         "absl-py>=1.0",
+        "tensorflow-serving-api>=2.16,<2.22",
         "numpy>=1.23",
     ],
     extras_require={
-        "test": ["pytest>=7", "tensorflow-serving-api>=2.16,<2.22"],
+        "test": ["pytest>=7"],
         # Only the experiment scripts in scripts/ draw plots.
         "experiments": ["matplotlib>=3.5"],
     },

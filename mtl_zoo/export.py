@@ -173,6 +173,45 @@ def export_saved_model(model: keras.Model, schema: schema_lib.Schema, export_dir
   return final
 
 
+def write_serving_configs(export_dir: str, base_path: Optional[str] = None,
+                          num_versions: int = 1, max_batch_size: int = 256) -> list:
+  """Writes `models.config` and `batching_parameters.txt` beside the model's base
+  directory (`export_dir`), for `tensorflow_model_server --model_config_file=...
+  --enable_batching --batching_parameters_file=...`.
+
+  `base_path` is the model directory as the server sees it (default
+  `/models/<name>`, the tensorflow/serving Docker image's convention).
+  """
+  name = os.path.basename(os.path.normpath(export_dir))
+  base_path = base_path or f"/models/{name}"
+  parent = os.path.dirname(os.path.abspath(export_dir))
+  models_config = (
+      "model_config_list {\n"
+      "  config {\n"
+      f'    name: "{name}"\n'
+      f'    base_path: "{base_path}"\n'
+      '    model_platform: "tensorflow"\n'
+      f"    model_version_policy {{ latest {{ num_versions: {num_versions} }} }}\n"
+      "  }\n"
+      "}\n")
+  # CPU defaults: batches up to max_batch_size, waiting at most 2 ms to fill one,
+  # one batching thread per core.
+  batching = (f"max_batch_size {{ value: {max_batch_size} }}\n"
+              "batch_timeout_micros { value: 2000 }\n"
+              f"num_batch_threads {{ value: {os.cpu_count() or 2} }}\n"
+              "max_enqueued_batches { value: 100 }\n"
+              "pad_variable_length_inputs: true\n")
+  written = []
+  for filename, text in (("models.config", models_config),
+                         ("batching_parameters.txt", batching)):
+    path = os.path.join(parent, filename)
+    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+      f.write(text)
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    written.append(path)
+  return written
+
+
 def prune_versions(export_dir: str, keep: int) -> list:
   """Deletes all but the newest `keep` versions; returns the deleted ones.
 
@@ -187,3 +226,49 @@ def prune_versions(export_dir: str, keep: int) -> list:
     os.rename(os.path.join(export_dir, str(version)), hidden)
     shutil.rmtree(hidden, ignore_errors=True)
   return doomed
+
+
+def _main(argv):
+  """`python -m mtl_zoo.export`: export a trained model directory again."""
+  import sys
+  from absl import app, flags
+  del argv
+  FLAGS = flags.FLAGS
+  model_dir = FLAGS.model_dir
+  try:
+    model = keras.models.load_model(os.path.join(model_dir, "model.keras"))
+    schema = schema_lib.Schema.load(os.path.join(model_dir, schema_lib.SCHEMA_FILENAME))
+  except (OSError, ValueError) as e:
+    print(f"error: --model_dir={model_dir} does not hold a trained model (model.keras and "
+          f"schema.json, as `python -m mtl_zoo.train` writes them): {e}", file=sys.stderr)
+    sys.exit(1)
+  name = FLAGS.model_name or model.name
+  export_dir = os.path.join(FLAGS.export_base, name)
+  warmup = None
+  if FLAGS.warmup_files:
+    from pipelines import reader
+    warmup = schema.serving_examples(reader.read_columns(FLAGS.warmup_files, schema,
+                                                         limit=FLAGS.warmup_examples))
+  path = export_saved_model(model, schema, export_dir, serving_task=FLAGS.serving_task,
+                            warmup_examples=warmup, keep=FLAGS.keep)
+  configs = write_serving_configs(export_dir, FLAGS.serving_base_path)
+  print(f"SavedModel: {os.path.abspath(path)}")
+  print("Serving configs: " + ", ".join(configs))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  flags.DEFINE_string("model_dir", None, "A training run's --model_dir (model.keras, "
+                      "schema.json).", required=True)
+  flags.DEFINE_string("export_base", None, "Writes <export_base>/<model_name>/<version>/ "
+                      "and, beside it, models.config and batching_parameters.txt.",
+                      required=True)
+  flags.DEFINE_string("model_name", None, "Serving name (default: the Keras model's name).")
+  flags.DEFINE_string("serving_task", None, "Task behind classify/regress (default: first).")
+  flags.DEFINE_string("warmup_files", None, "Training-layout TFRecords to take warm-up "
+                      "examples from (e.g. the eval split).")
+  flags.DEFINE_integer("warmup_examples", 32, "Examples in the warm-up request.")
+  flags.DEFINE_integer("keep", None, "Keep only the newest N versions.", lower_bound=1)
+  flags.DEFINE_string("serving_base_path", None, "The model's base path as the server sees "
+                      "it, for models.config (default /models/<model_name>).")
+  app.run(_main)

@@ -24,7 +24,7 @@ from mtl_zoo import metrics as metrics_lib
 from mtl_zoo import models
 from mtl_zoo import weighting
 from mtl_zoo._keras import keras
-from mtl_zoo.export import export_saved_model
+from mtl_zoo import export
 from pipelines import reader
 from pipelines import schema as schema_lib
 from pipelines.datasets import synthetic_ads
@@ -54,6 +54,9 @@ flags.DEFINE_string("export_dir", None, "SavedModel base directory; each export 
 flags.DEFINE_enum("loss_weighting", "fixed", list(weighting.METHODS),
                   "How task losses are balanced: fixed (schema loss weights), uncertainty, "
                   "dwa, gradnorm or pcgrad (see mtl_zoo/weighting.py).")
+flags.DEFINE_integer("keep", None, "Keep only the newest N exported versions.", lower_bound=1)
+flags.DEFINE_string("serving_task", None, "Task behind the classify/regress signatures "
+                    "(default: the schema's first task).")
 flags.DEFINE_integer("epochs", 5, "Passes over the training data.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 2048, "Examples per training step.", lower_bound=1)
 flags.DEFINE_float("learning_rate", 2e-3, "Adam learning rate.", lower_bound=0.0)
@@ -271,7 +274,6 @@ def train(argv_rest: Optional[list] = None) -> dict:
             "gates": evaluator.gates if evaluator else {}}
   model.save(os.path.join(model_dir, "model.keras"))
   schema.save(os.path.join(model_dir, schema_lib.SCHEMA_FILENAME))
-  write_json_atomically(os.path.join(model_dir, "metrics.json"), result)
   if evaluator:
     print("\nEval metrics (" + eval_pattern + "):")
     print(metrics_lib.format_table(evaluator.latest,
@@ -283,11 +285,18 @@ def train(argv_rest: Optional[list] = None) -> dict:
             f"{summary['normalized_entropy']:.2f}"
             + (f", starved experts {starved}" if starved else ""))
   if export_dir:
-    result["export"] = export_saved_model(model, schema, export_dir)
+    warmup = (schema.serving_examples(reader.read_columns(eval_pattern, schema, limit=32))
+              if eval_pattern else None)
+    result["export"] = export.export_saved_model(model, schema, export_dir,
+                                                 serving_task=FLAGS.serving_task,
+                                                 warmup_examples=warmup, keep=FLAGS.keep)
+    result["serving_configs"] = export.write_serving_configs(export_dir)
+  write_json_atomically(os.path.join(model_dir, "metrics.json"), result)
   print(f"\nModel dir:   {os.path.abspath(model_dir)} (checkpoints/, logs/, metrics.json, "
         "model.keras)")
   if export_dir:
-    print(f"SavedModel:  {os.path.abspath(result['export'])}")
+    print(f"SavedModel:  {os.path.abspath(result['export'])} (serving configs: "
+          f"{', '.join(result['serving_configs'])})")
   print(f"TensorBoard: tensorboard --logdir {os.path.abspath(os.path.join(model_dir, 'logs'))}")
   return result
 

@@ -98,3 +98,31 @@ def test_cli_errors_name_the_problem(make_flags, message, ads_dir, tmp_path):
   assert result.returncode != 0
   assert message in result.stderr, result.stderr[-3000:]
   assert "Traceback" not in result.stderr
+
+
+def test_export_cli_reexports_a_run_with_serving_configs(ads_dir, tmp_path):
+  model_dir = tmp_path / "run"
+  result = _train(f"--train_files={ads_dir}/train-*", f"--eval_files={ads_dir}/eval-*",
+                  "--epochs=1", "--batch_size=256", f"--model_dir={model_dir}",
+                  f"--export_dir={tmp_path}/first/mmoe", "--keep=1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert os.path.exists(tmp_path / "first" / "models.config")
+  versions = os.listdir(tmp_path / "first" / "mmoe")
+  assert os.path.exists(tmp_path / "first" / "mmoe" / versions[0] / "assets.extra" /
+                        "tf_serving_warmup_requests")
+  export = subprocess.run(
+      [sys.executable, "-m", "mtl_zoo.export", f"--model_dir={model_dir}",
+       f"--export_base={tmp_path}/serving", "--model_name=ranker",
+       f"--warmup_files={ads_dir}/eval-*", "--keep=2"],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+  assert export.returncode == 0, export.stderr[-3000:]
+  config = (tmp_path / "serving" / "models.config").read_text()
+  assert 'name: "ranker"' in config and 'base_path: "/models/ranker"' in config
+  assert "max_batch_size" in (tmp_path / "serving" / "batching_parameters.txt").read_text()
+  (version,) = os.listdir(tmp_path / "serving" / "ranker")
+  assert os.path.exists(tmp_path / "serving" / "ranker" / version / "saved_model.pb")
+  missing = subprocess.run([sys.executable, "-m", "mtl_zoo.export",
+                            f"--model_dir={tmp_path}/nothing", f"--export_base={tmp_path}/x"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert missing.returncode != 0 and "does not hold a trained model" in missing.stderr
