@@ -504,9 +504,13 @@ class Schema:
 
 
 def _column(columns, name, n, default, dtype) -> np.ndarray:
+  """A column with missing values (absent column, or None cells) set to `default`."""
   if name not in columns:
     return np.full([n], default, dtype)
-  return np.asarray(columns[name], dtype)
+  values = columns[name]
+  if any(v is None for v in values):
+    values = [default if v is None else v for v in values]
+  return np.asarray(values, dtype)
 
 
 def _pad_ids(ids, max_len) -> List[int]:
