@@ -200,3 +200,31 @@ def test_saved_model_cli_runs_the_example_signature(exported):
   assert result.returncode == 0, result.stderr[-2000:]
   assert "Result for output key ctr" in result.stdout
   assert "Result for output key cvr" in result.stdout
+
+
+def test_predict_scores_files_in_both_layouts(exported, ads_dir, ads_schema, tmp_path):
+  import csv
+  from mtl_zoo import predict
+  model, _, path = exported
+  out = str(tmp_path / "scores.csv")
+  stats = predict.score(path, os.path.join(ads_dir, "eval-*"), out, batch_size=300)
+  rows = list(csv.DictReader(open(out)))
+  assert stats["examples"] == len(rows) == 1000 and stats["examples_per_second"] > 0
+  assert list(rows[0]) == ["index", "request_id", "ctr", "cvr"]
+  cols = reader.read_columns(os.path.join(ads_dir, "eval-*"), ads_schema)
+  expected = model(ads_schema.split_packed(
+      tf.io.parse_example(tf.data.TFRecordDataset(reader.list_files(
+          os.path.join(ads_dir, "eval-*"))).batch(1000).get_single_element(),
+          ads_schema.training_parse_spec()))[0])
+  np.testing.assert_allclose([float(r["ctr"]) for r in rows], expected["ctr"][:, 0], rtol=1e-4)
+  assert [int(r["request_id"]) for r in rows] == cols["request_id"].tolist()
+  serving_file = str(tmp_path / "serving.tfrecord")
+  with tf.io.TFRecordWriter(serving_file) as w:
+    for example in ads_schema.serving_examples(cols):
+      w.write(example)
+  out2 = str(tmp_path / "scores2.csv")
+  predict.score(path, serving_file, out2, layout="serving", batch_size=256)
+  rows2 = list(csv.DictReader(open(out2)))
+  assert list(rows2[0]) == ["index", "ctr", "cvr"]
+  np.testing.assert_allclose([float(r["cvr"]) for r in rows2], [float(r["cvr"]) for r in rows],
+                             rtol=1e-4)
