@@ -12,7 +12,7 @@ neutral defaults, and names the schema does not know are an error.
 """
 
 import base64
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 import tensorflow as tf
 
@@ -26,7 +26,8 @@ def serialize(schema: schema_lib.Schema, records: Iterable[dict]) -> List[bytes]
 
 
 def predict_request(schema: schema_lib.Schema, records: Iterable[dict], model_name: str,
-                    signature_name: str = "serving_default", version: int = None):
+                    signature_name: str = "serving_default",
+                    version: Optional[int] = None):
   """A gRPC `PredictRequest` for the export's tf.Example signature."""
   from tensorflow_serving.apis import predict_pb2
   request = predict_pb2.PredictRequest()

@@ -20,8 +20,7 @@ from absl import app, flags
 
 import tensorflow as tf
 
-from mtl_zoo import _keras  # noqa: F401  (pins Keras 2 before TensorFlow is used)
-from mtl_zoo import export
+from mtl_zoo import export  # importing mtl_zoo pins Keras 2 first
 from pipelines import reader
 from pipelines import schema as schema_lib
 
