@@ -173,27 +173,29 @@ def export_saved_model(model: keras.Model, schema: schema_lib.Schema, export_dir
   return final
 
 
-def write_serving_configs(export_dir: str, base_path: Optional[str] = None,
+def write_serving_configs(export_dir: str, serving_root: str = "/models",
                           num_versions: int = 1, max_batch_size: int = 256) -> list:
   """Writes `models.config` and `batching_parameters.txt` beside the model's base
   directory (`export_dir`), for `tensorflow_model_server --model_config_file=...
   --enable_batching --batching_parameters_file=...`.
 
-  `base_path` is the model directory as the server sees it (default
-  `/models/<name>`, the tensorflow/serving Docker image's convention).
+  The config serves every model found beside `export_dir` (each directory with
+  numbered versions), so exporting a second model does not drop the first.
+  `serving_root` is that parent directory as the server sees it (the
+  tensorflow/serving Docker image mounts models under /models).
   """
-  name = os.path.basename(os.path.normpath(export_dir))
-  base_path = base_path or f"/models/{name}"
   parent = os.path.dirname(os.path.abspath(export_dir))
-  models_config = (
-      "model_config_list {\n"
+  names = sorted({os.path.basename(os.path.normpath(export_dir))} | {
+      d for d in os.listdir(parent)
+      if os.path.isdir(os.path.join(parent, d)) and existing_versions(os.path.join(parent, d))})
+  entries = "".join(
       "  config {\n"
       f'    name: "{name}"\n'
-      f'    base_path: "{base_path}"\n'
+      f'    base_path: "{serving_root.rstrip("/")}/{name}"\n'
       '    model_platform: "tensorflow"\n'
       f"    model_version_policy {{ latest {{ num_versions: {num_versions} }} }}\n"
-      "  }\n"
-      "}\n")
+      "  }\n" for name in names)
+  models_config = "model_config_list {\n" + entries + "}\n"
   # CPU defaults: batches up to max_batch_size, waiting at most 2 ms to fill one,
   # one batching thread per core.
   batching = (f"max_batch_size {{ value: {max_batch_size} }}\n"
@@ -251,7 +253,7 @@ def _main(argv):
                                                          limit=FLAGS.warmup_examples))
   path = export_saved_model(model, schema, export_dir, serving_task=FLAGS.serving_task,
                             warmup_examples=warmup, keep=FLAGS.keep)
-  configs = write_serving_configs(export_dir, FLAGS.serving_base_path)
+  configs = write_serving_configs(export_dir, FLAGS.serving_root)
   print(f"SavedModel: {os.path.abspath(path)}")
   print("Serving configs: " + ", ".join(configs))
 
@@ -269,6 +271,6 @@ if __name__ == "__main__":
                       "examples from (e.g. the eval split).")
   flags.DEFINE_integer("warmup_examples", 32, "Examples in the warm-up request.")
   flags.DEFINE_integer("keep", None, "Keep only the newest N versions.", lower_bound=1)
-  flags.DEFINE_string("serving_base_path", None, "The model's base path as the server sees "
-                      "it, for models.config (default /models/<model_name>).")
+  flags.DEFINE_string("serving_root", "/models", "--export_base as the server sees it, "
+                      "for models.config (the tensorflow/serving image's /models).")
   app.run(_main)

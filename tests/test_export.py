@@ -228,3 +228,19 @@ def test_predict_scores_files_in_both_layouts(exported, ads_dir, ads_schema, tmp
   assert list(rows2[0]) == ["index", "ctr", "cvr"]
   np.testing.assert_allclose([float(r["cvr"]) for r in rows2], [float(r["cvr"]) for r in rows],
                              rtol=1e-4)
+
+
+def test_serving_config_lists_every_exported_model(ads_schema, tmp_path):
+  for name in ("ctr_model", "cvr_model"):
+    export.export_saved_model(mtl_zoo.build_shared_bottom(ads_schema), ads_schema,
+                              str(tmp_path / name))
+    config_path, batching_path = export.write_serving_configs(str(tmp_path / name))
+  from google.protobuf import text_format
+  from tensorflow_serving.config import model_server_config_pb2
+  config = open(config_path).read()
+  parsed = text_format.Parse(config, model_server_config_pb2.ModelServerConfig())
+  assert [c.name for c in parsed.model_config_list.config] == ["ctr_model", "cvr_model"]
+  assert parsed.model_config_list.config[0].model_version_policy.latest.num_versions == 1
+  assert 'base_path: "/models/ctr_model"' in config
+  assert 'base_path: "/models/cvr_model"' in config
+  assert "max_batch_size { value: 256 }" in open(batching_path).read()

@@ -119,6 +119,8 @@ def test_export_cli_reexports_a_run_with_serving_configs(ads_dir, tmp_path):
   assert export.returncode == 0, export.stderr[-3000:]
   config = (tmp_path / "serving" / "models.config").read_text()
   assert 'name: "ranker"' in config and 'base_path: "/models/ranker"' in config
+  first_config = (tmp_path / "first" / "models.config").read_text()
+  assert 'name: "mmoe"' in first_config
   assert "max_batch_size" in (tmp_path / "serving" / "batching_parameters.txt").read_text()
   (version,) = os.listdir(tmp_path / "serving" / "ranker")
   assert os.path.exists(tmp_path / "serving" / "ranker" / version / "saved_model.pb")
