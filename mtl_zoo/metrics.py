@@ -4,7 +4,7 @@ Keras' streaming AUC bins scores into thresholds and is approximate; the
 figures we report (and compare with papers) use the exact rank statistic.
 """
 
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -34,6 +34,48 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
   ranks[order] = np.repeat(average_rank, ends - starts)
   return float((ranks[labels == 1].sum() - positives * (positives + 1) / 2)
                / (positives * negatives))
+
+
+def _groups(group_ids: np.ndarray) -> List[np.ndarray]:
+  """Index arrays of the examples of each group (request or user), in id order."""
+  group_ids = np.asarray(group_ids).ravel()
+  order = np.argsort(group_ids, kind="mergesort")
+  bounds = np.flatnonzero(np.diff(group_ids[order])) + 1
+  return np.split(order, bounds)
+
+
+def gauc(labels: np.ndarray, scores: np.ndarray, group_ids: np.ndarray) -> float:
+  """Group AUC: per-group (request or user) AUC averaged with weights equal to
+  the group's number of examples. Groups with only one label class have no AUC
+  and are skipped. NaN when no group has both classes."""
+  labels, scores = np.asarray(labels).ravel(), np.asarray(scores).ravel()
+  total, weight = 0.0, 0
+  for index in _groups(group_ids):
+    value = auc(labels[index], scores[index])
+    if not np.isnan(value):
+      total += value * index.size
+      weight += index.size
+  return total / weight if weight else float("nan")
+
+
+def ndcg_at_k(relevance: np.ndarray, scores: np.ndarray, group_ids: np.ndarray,
+              k: int = 10) -> float:
+  """Mean NDCG@k over groups, gain 2^rel - 1 and discount 1/log2(rank + 1).
+
+  Groups whose ideal DCG is 0 (nothing relevant) are skipped. Tied scores keep
+  the input order (stable sort), so results are deterministic.
+  """
+  relevance, scores = np.asarray(relevance, np.float64).ravel(), np.asarray(scores).ravel()
+  values = []
+  for index in _groups(group_ids):
+    rel = relevance[index]
+    ranked = rel[np.argsort(-scores[index], kind="mergesort")][:k]
+    ideal = np.sort(rel)[::-1][:k]
+    discounts = 1.0 / np.log2(np.arange(2, ranked.size + 2))
+    ideal_dcg = float(((2.0 ** ideal - 1) * discounts[:ideal.size]).sum())
+    if ideal_dcg > 0:
+      values.append(float(((2.0 ** ranked - 1) * discounts).sum()) / ideal_dcg)
+  return float(np.mean(values)) if values else float("nan")
 
 
 def log_loss(labels: np.ndarray, probabilities: np.ndarray, eps: float = 1e-7) -> float:
