@@ -25,6 +25,16 @@ def serialize(schema: schema_lib.Schema, records: Iterable[dict]) -> List[bytes]
   return [schema.serving_example(r) for r in records]
 
 
+def with_fusion_weights(example: bytes, weights) -> bytes:
+  """A serialized tf.Example plus per-request fusion weights (one per fusion term,
+  in the export's order), which the `rank` signature uses instead of its
+  configured ones."""
+  from mtl_zoo.export import FUSION_WEIGHTS_FEATURE
+  proto = tf.train.Example.FromString(example)
+  proto.features.feature[FUSION_WEIGHTS_FEATURE].float_list.value[:] = [float(w) for w in weights]
+  return proto.SerializeToString()
+
+
 def predict_request(schema: schema_lib.Schema, records: Iterable[dict], model_name: str,
                     signature_name: str = "serving_default",
                     version: Optional[int] = None):

@@ -11,6 +11,10 @@ Every export has:
                    (P(0), P(1)) and classes string [batch, 2] ("0", "1").
   regress          TF Serving's Regress API: inputs -> outputs float32 [batch],
                    the serving task's value (its probability, if binary).
+  rank             (with a fusion) examples -> every task output and `score`, the
+                   fused ranking score (`mtl_zoo.layers.ScoreFusion`). A request
+                   may override the fusion weights per example with the float
+                   feature `__fusion_weights__` (one weight per term, in order).
 The serving task is `serving_task`, by default the schema's first task. Labels
 are never inputs. The schema travels in `assets.extra/schema.json` so clients
 can build requests from it; with warm-up examples, `assets.extra/
@@ -29,6 +33,7 @@ from typing import Dict, Optional, Sequence
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
+from mtl_zoo import layers
 from mtl_zoo._keras import keras
 from pipelines import schema as schema_lib
 
@@ -36,6 +41,8 @@ SERVING_DEFAULT = "serving_default"
 FEATURES_SIGNATURE = "features"
 CLASSIFY_SIGNATURE = "classify"
 REGRESS_SIGNATURE = "regress"
+RANK_SIGNATURE = "rank"
+FUSION_WEIGHTS_FEATURE = "__fusion_weights__"
 SCHEMA_ASSET = os.path.join("assets.extra", schema_lib.SCHEMA_FILENAME)
 WARMUP_ASSET = os.path.join("assets.extra", "tf_serving_warmup_requests")
 
@@ -44,11 +51,20 @@ class ServingModule(tf.Module):
   """Wraps a Keras model with the schema's parse and per-task outputs."""
 
   def __init__(self, model: keras.Model, schema: schema_lib.Schema,
-               serving_task: Optional[str] = None):
+               serving_task: Optional[str] = None, fusion: Optional[dict] = None):
     super().__init__(name="mtl_zoo_serving")
     self.model = model
     self._schema = schema
     self._task = schema.task(serving_task or schema.task_names[0])
+    self._fusion = None
+    if fusion:
+      numeric = [f.name for f in schema.numeric]
+      unknown = [t for t in fusion["terms"] if t not in schema.task_names + numeric]
+      if unknown:
+        raise schema_lib.SchemaError(
+            f"fusion terms {unknown} are neither tasks {schema.task_names} nor numeric "
+            f"features {numeric}.")
+      self._fusion = layers.ScoreFusion(fusion["mode"], fusion["terms"], fusion["weights"])
     examples = tf.TensorSpec([None], tf.string, name="examples")
     inputs = tf.TensorSpec([None], tf.string, name=tf.saved_model.CLASSIFY_INPUTS)
     self.serve_examples = tf.function(self._serve_examples, input_signature=[examples])
@@ -56,6 +72,8 @@ class ServingModule(tf.Module):
         self._predict, input_signature=[schema.feature_signature()])
     self.classify = tf.function(self._classify, input_signature=[inputs])
     self.regress = tf.function(self._regress, input_signature=[inputs])
+    if self._fusion:
+      self.rank = tf.function(self._rank, input_signature=[examples])
 
   def _predict(self, features: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
     outputs = self.model(features, training=False)
@@ -74,12 +92,24 @@ class ServingModule(tf.Module):
   def _regress(self, inputs: tf.Tensor) -> Dict[str, tf.Tensor]:
     return {tf.saved_model.REGRESS_OUTPUTS: self._serve_examples(inputs)[self._task.name]}
 
+  def _rank(self, examples: tf.Tensor) -> Dict[str, tf.Tensor]:
+    weights_spec = {FUSION_WEIGHTS_FEATURE: tf.io.FixedLenFeature(
+        [len(self._fusion.terms)], tf.float32, default_value=self._fusion.weights_config)}
+    parsed = self._schema.parse_serving_examples(examples, weights_spec)
+    weights = parsed.pop(FUSION_WEIGHTS_FEATURE)
+    outputs = self._predict(parsed)
+    # Numeric terms use the raw value the caller sent (e.g. the price).
+    terms = {**{f.name: parsed[f.name] for f in self._schema.numeric}, **outputs}
+    return {**outputs, "score": self._fusion(terms, weights)}
+
   def signatures(self) -> dict:
     signatures = {SERVING_DEFAULT: self.serve_examples.get_concrete_function(),
                   FEATURES_SIGNATURE: self.serve_features.get_concrete_function(),
                   REGRESS_SIGNATURE: self.regress.get_concrete_function()}
     if self._task.type == schema_lib.BINARY:
       signatures[CLASSIFY_SIGNATURE] = self.classify.get_concrete_function()
+    if self._fusion:
+      signatures[RANK_SIGNATURE] = self.rank.get_concrete_function()
     return signatures
 
 
@@ -135,7 +165,7 @@ def next_version(export_dir: str) -> int:
 def export_saved_model(model: keras.Model, schema: schema_lib.Schema, export_dir: str,
                        version: Optional[int] = None, serving_task: Optional[str] = None,
                        warmup_examples: Optional[Sequence[bytes]] = None,
-                       keep: Optional[int] = None) -> str:
+                       keep: Optional[int] = None, fusion: Optional[dict] = None) -> str:
   """Writes `<export_dir>/<version>/` atomically and returns its path.
 
   Args:
@@ -143,6 +173,8 @@ def export_saved_model(model: keras.Model, schema: schema_lib.Schema, export_dir
       schema's first task).
     warmup_examples: serialized serving-layout tf.Examples for the warm-up file.
     keep: afterwards, delete all but the newest `keep` versions.
+    fusion: {"mode": "sum" or "product", "terms": [...], "weights": [...]} adds the
+      `rank` signature (see `mtl_zoo.layers.fusion.parse_fusion`).
   """
   missing = [t for t in schema.task_names if t not in model.output_names]
   if missing:
@@ -156,7 +188,7 @@ def export_saved_model(model: keras.Model, schema: schema_lib.Schema, export_dir
                           "overwritten, pick another or let it choose the next one.")
   tmp = os.path.join(export_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
   try:
-    module = ServingModule(model, schema, serving_task)
+    module = ServingModule(model, schema, serving_task, fusion)
     tf.saved_model.save(module, tmp, signatures=module.signatures())
     _set_method_names(tmp)
     tf.io.gfile.makedirs(os.path.join(tmp, "assets.extra"))
@@ -251,8 +283,9 @@ def _main(argv):
     from pipelines import reader
     warmup = schema.serving_examples(reader.read_columns(FLAGS.warmup_files, schema,
                                                          limit=FLAGS.warmup_examples))
+  fusion = layers.parse_fusion(FLAGS.fusion) if FLAGS.fusion else None
   path = export_saved_model(model, schema, export_dir, serving_task=FLAGS.serving_task,
-                            warmup_examples=warmup, keep=FLAGS.keep)
+                            warmup_examples=warmup, keep=FLAGS.keep, fusion=fusion)
   configs = write_serving_configs(export_dir, FLAGS.serving_root)
   print(f"SavedModel: {os.path.abspath(path)}")
   print("Serving configs: " + ", ".join(configs))
@@ -271,6 +304,8 @@ if __name__ == "__main__":
                       "examples from (e.g. the eval split).")
   flags.DEFINE_integer("warmup_examples", 32, "Examples in the warm-up request.")
   flags.DEFINE_integer("keep", None, "Keep only the newest N versions.", lower_bound=1)
+  flags.DEFINE_string("fusion", None, "Adds the rank signature, e.g. "
+                      "'product:ctr=1,cvr=0.5,price=1' or 'sum:ctr=1,cvr=2'.")
   flags.DEFINE_string("serving_root", "/models", "--export_base as the server sees it, "
                       "for models.config (the tensorflow/serving image's /models).")
   app.run(_main)

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 from absl import app, flags
 
 from mtl_zoo import diagnostics
+from mtl_zoo import layers
 from mtl_zoo import metrics as metrics_lib
 from mtl_zoo import models
 from mtl_zoo import weighting
@@ -54,6 +55,9 @@ flags.DEFINE_string("export_dir", None, "SavedModel base directory; each export 
 flags.DEFINE_enum("loss_weighting", "fixed", list(weighting.METHODS),
                   "How task losses are balanced: fixed (schema loss weights), uncertainty, "
                   "dwa, gradnorm or pcgrad (see mtl_zoo/weighting.py).")
+flags.DEFINE_string("fusion", None, "Adds a `rank` signature to the export that fuses "
+                    "task scores (and numeric features) into one score, e.g. "
+                    "'product:ctr=1,cvr=0.5,price=1' or 'sum:ctr=1,cvr=2'.")
 flags.DEFINE_integer("keep", None, "Keep only the newest N exported versions.", lower_bound=1)
 flags.DEFINE_string("serving_task", None, "Task behind the classify/regress signatures "
                     "(default: the schema's first task).")
@@ -217,6 +221,10 @@ def train(argv_rest: Optional[list] = None) -> dict:
   if argv_rest:
     raise app.UsageError(f"unexpected arguments {argv_rest}; flags look like --name=value.")
   hparams = hyperparameters()
+  try:
+    fusion = layers.parse_fusion(FLAGS.fusion) if FLAGS.fusion else None
+  except ValueError as e:
+    raise app.UsageError(f"--fusion: {e}") from None
   train_pattern, eval_pattern, schema = resolve_data()
   stamp = time.strftime("%Y%m%d-%H%M%S")
   model_dir = FLAGS.model_dir or os.path.join(FLAGS.output_dir, "runs", f"{FLAGS.model}-{stamp}")
@@ -289,7 +297,8 @@ def train(argv_rest: Optional[list] = None) -> dict:
               if eval_pattern else None)
     result["export"] = export.export_saved_model(model, schema, export_dir,
                                                  serving_task=FLAGS.serving_task,
-                                                 warmup_examples=warmup, keep=FLAGS.keep)
+                                                 warmup_examples=warmup, keep=FLAGS.keep,
+                                                 fusion=fusion)
     result["serving_configs"] = export.write_serving_configs(export_dir)
   write_json_atomically(os.path.join(model_dir, "metrics.json"), result)
   print(f"\nModel dir:   {os.path.abspath(model_dir)} (checkpoints/, logs/, metrics.json, "

@@ -357,9 +357,12 @@ class Schema:
             [], tf.float32, default_value=self._missing_numeric_value(f))
     return spec
 
-  def parse_serving_examples(self, serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
-    """Serialized serving-layout tf.Examples [batch] -> model feature tensors."""
-    parsed = tf.io.parse_example(serialized, self.serving_parse_spec())
+  def parse_serving_examples(self, serialized: tf.Tensor,
+                             extra_spec: Optional[dict] = None) -> Dict[str, tf.Tensor]:
+    """Serialized serving-layout tf.Examples [batch] -> model feature tensors
+    (plus the keys of `extra_spec`, parsed in the same pass)."""
+    parsed = tf.io.parse_example(serialized, {**self.serving_parse_spec(),
+                                              **(extra_spec or {})})
     for f in self.categorical_lists:
       dense = tf.sparse.to_dense(parsed[f.name], default_value=LIST_PADDING_ID)
       dense = dense[:, :f.max_len]

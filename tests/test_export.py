@@ -244,3 +244,28 @@ def test_serving_config_lists_every_exported_model(ads_schema, tmp_path):
   assert 'base_path: "/models/ctr_model"' in config
   assert 'base_path: "/models/cvr_model"' in config
   assert "max_batch_size { value: 256 }" in open(batching_path).read()
+
+
+def test_rank_signature_fuses_scores_and_takes_per_request_weights(ads_dir, ads_schema,
+                                                                   tmp_path):
+  from mtl_zoo import client, layers
+  model = mtl_zoo.build_mmoe(ads_schema)
+  fusion = layers.parse_fusion("product:ctr=1,cvr=0.5,price=1")
+  path = export.export_saved_model(model, ads_schema, str(tmp_path / "e"), fusion=fusion)
+  loaded = tf.saved_model.load(path)
+  records = _serving_records(ads_dir, ads_schema, 20)  # record 0 has no price
+  examples = client.serialize(ads_schema, records)
+  ranked = loaded.signatures["rank"](examples=tf.constant(examples))
+  plain = loaded.signatures["serving_default"](examples=tf.constant(examples))
+  price = np.array([r.get("price", ads_schema.feature("price").mean) for r in records])
+  ctr, cvr = plain["ctr"].numpy(), plain["cvr"].numpy()
+  np.testing.assert_allclose(ranked["ctr"], ctr, atol=1e-6)
+  np.testing.assert_allclose(ranked["score"], ctr * cvr ** 0.5 * price, rtol=1e-4)
+  overridden = [client.with_fusion_weights(e, [0.0, 1.0, 0.0]) for e in examples]
+  reranked = loaded.signatures["rank"](examples=tf.constant(overridden))
+  np.testing.assert_allclose(reranked["score"], cvr, rtol=1e-5)
+  np.testing.assert_allclose(reranked["ctr"], ctr, atol=1e-6)  # task scores unchanged
+  np.testing.assert_allclose(reranked["cvr"], cvr, atol=1e-6)
+  with pytest.raises(ValueError, match="neither tasks"):
+    export.export_saved_model(model, ads_schema, str(tmp_path / "bad"),
+                              fusion=layers.parse_fusion("sum:ctr=1,dwell=2"))

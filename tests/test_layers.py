@@ -120,3 +120,21 @@ def test_sharing_layers_round_trip_through_config(make):
   layer = make()
   config = layer.get_config()
   assert type(layer).from_config(config).get_config() == config
+
+
+def test_score_fusion_sum_and_product_follow_their_formulas():
+  scores = {"ctr": tf.constant([0.1, 0.5]), "cvr": tf.constant([[0.2], [0.04]]),
+            "price": tf.constant([10.0, 3.0])}
+  summed = layers.ScoreFusion("sum", ["ctr", "cvr"], [1.0, 2.0])(scores)
+  np.testing.assert_allclose(summed, [0.1 + 2 * 0.2, 0.5 + 2 * 0.04], rtol=1e-6)
+  product = layers.ScoreFusion("product", ["ctr", "cvr", "price"], [1.0, 0.5, 1.0])
+  np.testing.assert_allclose(product(scores), [0.1 * 0.2 ** 0.5 * 10, 0.5 * 0.04 ** 0.5 * 3],
+                             rtol=1e-5)
+  override = tf.constant([[2.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+  np.testing.assert_allclose(product(scores, override), [0.1 ** 2 * 10, 0.5 * 0.04], rtol=1e-5)
+  assert layers.parse_fusion("product:ctr=1,cvr=0.5,price=1") == {
+      "mode": "product", "terms": ["ctr", "cvr", "price"], "weights": [1.0, 0.5, 1.0]}
+  with pytest.raises(ValueError, match="should look like"):
+    layers.parse_fusion("ctr=1")
+  with pytest.raises(ValueError, match="name=weight"):
+    layers.parse_fusion("sum:ctr=high")

@@ -91,6 +91,7 @@ def _bad_label(tmp_path):
     (lambda d, t: [_bad_label(t)],
      "label column conversion of binary task cvr must be 0 or 1"),
     (lambda d, t: ["--tower_units=8,big"], "--tower_units takes comma-separated integers"),
+    (lambda d, t: ["--fusion=ctr"], "--fusion: fusion spec 'ctr' should look like"),
 ])
 def test_cli_errors_name_the_problem(make_flags, message, ads_dir, tmp_path):
   result = _train(*make_flags(ads_dir, tmp_path), "--epochs=1", "--batch_size=256",
@@ -104,8 +105,12 @@ def test_export_cli_reexports_a_run_with_serving_configs(ads_dir, tmp_path):
   model_dir = tmp_path / "run"
   result = _train(f"--train_files={ads_dir}/train-*", f"--eval_files={ads_dir}/eval-*",
                   "--epochs=1", "--batch_size=256", f"--model_dir={model_dir}",
-                  f"--export_dir={tmp_path}/first/mmoe", "--keep=1")
+                  f"--export_dir={tmp_path}/first/mmoe", "--keep=1",
+                  "--fusion=sum:ctr=1,cvr=2")
   assert result.returncode == 0, result.stderr[-3000:]
+  import tensorflow as tf
+  (first,) = os.listdir(tmp_path / "first" / "mmoe")
+  assert "rank" in tf.saved_model.load(str(tmp_path / "first" / "mmoe" / first)).signatures
   assert os.path.exists(tmp_path / "first" / "models.config")
   versions = os.listdir(tmp_path / "first" / "mmoe")
   assert os.path.exists(tmp_path / "first" / "mmoe" / versions[0] / "assets.extra" /
