@@ -117,6 +117,26 @@ METHOD_NAMES = {CLASSIFY_SIGNATURE: tf.saved_model.CLASSIFY_METHOD_NAME,
                 REGRESS_SIGNATURE: tf.saved_model.REGRESS_METHOD_NAME}
 
 
+def combine_models(models: Sequence[keras.Model], schema: schema_lib.Schema,
+                   name: str = "combined") -> keras.Model:
+  """One functional model over `schema`'s features whose outputs are all the given
+  models' outputs (e.g. one single-objective model per task), so several models
+  export, fuse and serve as one SavedModel. Task names must not repeat."""
+  inputs = layers.schema_inputs(schema)
+  outputs = {}
+  for model in models:
+    produced = model({n: inputs[n] for n in model.input_names})
+    clash = set(produced) & set(outputs)
+    if clash:
+      raise ValueError(f"models {[m.name for m in models]} both output {sorted(clash)}; "
+                       "combined models need distinct task names.")
+    # A named pass-through per output: nested models would otherwise name the
+    # combined outputs after themselves instead of their tasks.
+    outputs.update({task: keras.layers.Activation("linear", name=task)(tensor)
+                    for task, tensor in produced.items()})
+  return keras.Model(inputs, outputs, name=name)
+
+
 def _set_method_names(saved_model_dir: str) -> None:
   """TF2's saver marks every signature "predict"; TF Serving's Classify and
   Regress APIs require their own method names, so set them in the proto."""

@@ -269,3 +269,23 @@ def test_rank_signature_fuses_scores_and_takes_per_request_weights(ads_dir, ads_
   with pytest.raises(ValueError, match="neither tasks"):
     export.export_saved_model(model, ads_schema, str(tmp_path / "bad"),
                               fusion=layers.parse_fusion("sum:ctr=1,dwell=2"))
+
+
+def test_combined_export_serves_several_models_as_one(ads_dir, ads_schema, tmp_path):
+  from mtl_zoo import layers
+  mtl_zoo.keras.utils.set_random_seed(0)
+  ctr_model = mtl_zoo.build_single_task(ads_schema.with_tasks(["ctr"]), name="ctr_model")
+  cvr_model = mtl_zoo.build_shared_bottom(ads_schema.with_tasks(["cvr"]), name="cvr_model")
+  combined = export.combine_models([ctr_model, cvr_model], ads_schema)
+  path = export.export_saved_model(combined, ads_schema, str(tmp_path / "fused"),
+                                   fusion=layers.parse_fusion("product:ctr=1,cvr=1"))
+  serialized = tf.constant([ads_schema.serving_example(r)
+                            for r in _serving_records(ads_dir, ads_schema, 30)])
+  features = ads_schema.parse_serving_examples(serialized)
+  ranked = tf.saved_model.load(path).signatures["rank"](examples=serialized)
+  ctr, cvr = ctr_model(features)["ctr"][:, 0], cvr_model(features)["cvr"][:, 0]
+  np.testing.assert_allclose(ranked["ctr"], ctr, atol=1e-6)
+  np.testing.assert_allclose(ranked["cvr"], cvr, atol=1e-6)
+  np.testing.assert_allclose(ranked["score"], ctr * cvr, rtol=1e-5)
+  with pytest.raises(ValueError, match="distinct task names"):
+    export.combine_models([ctr_model, ctr_model], ads_schema)
