@@ -48,6 +48,9 @@ def split_for_tasks(schema: schema_lib.Schema, columns: Dict[str, tf.Tensor],
   """
   labels, weights = {}, {}
   for task in schema.tasks:
+    if task.events:
+      labels[task.name], weights[task.name] = event_target_and_weight(task, columns)
+      continue
     label = columns[task.label]
     if check_labels and task.type == schema_lib.BINARY:
       label = _checked_binary(label, f"label column {task.label} of binary task {task.name}")
@@ -60,6 +63,32 @@ def split_for_tasks(schema: schema_lib.Schema, columns: Dict[str, tf.Tensor],
     else:
       weights[task.name] = tf.ones_like(label)
   return labels, weights
+
+
+def event_target_and_weight(task: schema_lib.Task, columns: Dict[str, tf.Tensor]
+                            ) -> Tuple[tf.Tensor, tf.Tensor]:
+  """Sample weighting: target 1 when any event happened ([batch, 1]); weight of
+  the deepest (highest-weight) event present, else the task's base weight."""
+  events = list(task.events)
+  present = tf.stack([columns[c] for c in events], axis=1) > 0.5
+  event_weights = tf.constant([task.events[c] for c in events], tf.float32)
+  deepest = tf.reduce_max(tf.where(present, event_weights, 0.0), axis=1)
+  happened = tf.reduce_any(present, axis=1)
+  return (tf.cast(happened, tf.float32)[:, None],
+          tf.where(happened, deepest, task.base_weight))
+
+
+def default_event_weights(columns: Dict[str, np.ndarray], events: Sequence[str]
+                          ) -> Dict[str, float]:
+  """Event weights from the data: the deepest event (the rarest) weighs 1 and
+  every other event the ratio of their counts, e.g. conversions / clicks, so
+  each event type adds up to the same total weight."""
+  counts = {e: float(np.sum(np.asarray(columns[e]) > 0.5)) for e in events}
+  rarest = min(counts.values())
+  if rarest == 0:
+    raise ValueError(f"event columns {[e for e, n in counts.items() if n == 0]} are never 1; "
+                     "they cannot weigh examples.")
+  return {e: rarest / n for e, n in counts.items()}
 
 
 def _checked_binary(values: tf.Tensor, what: str) -> tf.Tensor:
@@ -82,7 +111,8 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
                  compression: Optional[str] = "auto",
                  drop_remainder: bool = False,
                  with_labels: bool = True,
-                 check_labels: bool = True) -> tf.data.Dataset:
+                 check_labels: bool = True,
+                 duplicate_task: Optional[str] = None) -> tf.data.Dataset:
   """A dataset of `(features, labels, sample_weights)` batches for Keras `fit`.
 
   Records are read and parsed in blocks of `shuffle_block` examples (one batched
@@ -106,6 +136,9 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
     compression: "auto" (from the file suffix), None or "GZIP".
     with_labels: False yields only the features (for prediction).
     check_labels: fail if a binary label or a mask is not 0 or 1 (cheap, per batch).
+    duplicate_task: a sample-weighted task (with `events`) whose weights become
+      copies instead: each example is repeated round(weight / smallest weight)
+      times and weighs 1.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -124,6 +157,9 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
       deterministic=not shuffle)
   ds = ds.map(lambda s: tf.io.parse_example(s, schema.training_parse_spec()),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+  if duplicate_task:
+    ds = ds.map(_duplicator(schema, duplicate_task), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=not shuffle)
   if cache:
     ds = ds.cache(cache if isinstance(cache, str) else "")
   if shuffle:
@@ -136,10 +172,28 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
     if not with_labels:
       return features
     labels, weights = split_for_tasks(schema, columns, check_labels)
+    if duplicate_task:
+      weights[duplicate_task] = tf.ones_like(weights[duplicate_task])
     return features, labels, weights
 
   ds = ds.map(split, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _duplicator(schema: schema_lib.Schema, task_name: str):
+  """A block map repeating each example by its sample-weighting copies."""
+  task = schema.task(task_name)
+  if not task.events:
+    raise ValueError(f"duplicate_task {task_name!r} has no 'events' weights to turn into "
+                     "copies; declare them in the schema.")
+  unit = min(list(task.events.values()) + [task.base_weight])
+
+  def duplicate(block):
+    _, weight = event_target_and_weight(task, schema.split_packed(block)[1])
+    copies = tf.cast(tf.round(weight / unit), tf.int32)
+    return {k: tf.repeat(v, copies, axis=0) for k, v in block.items()}
+
+  return duplicate
 
 
 def _permute_block(block: Dict[str, tf.Tensor], seed: Optional[int]) -> Dict[str, tf.Tensor]:

@@ -128,6 +128,12 @@ class Task:
     loss_weight: fixed weight of this task's loss in the total.
     mask: optional label column; the loss counts only examples where it is 1
       (e.g. CVR learned on clicked impressions only).
+    events: sample weighting (binary tasks): label column -> weight, e.g.
+      {"conversion": 1.0, "click": 0.2}. The target is 1 when any of these
+      columns is 1, and the example weighs as its deepest (highest-weight)
+      event; `label` must be one of them.
+    negative_weight: with `events`, the weight of examples with no event
+      (default: the smallest event weight).
   """
 
   name: str
@@ -135,12 +141,25 @@ class Task:
   type: str = BINARY
   loss_weight: float = 1.0
   mask: Optional[str] = None
+  events: Optional[Dict[str, float]] = None
+  negative_weight: Optional[float] = None
+
+  @property
+  def base_weight(self) -> float:
+    """Weight of an example without any event (sample-weighted tasks)."""
+    if self.negative_weight is not None:
+      return float(self.negative_weight)
+    return float(min(self.events.values()))
 
   def to_dict(self) -> dict:
     out = {"name": self.name, "label": self.label, "type": self.type,
            "loss_weight": self.loss_weight}
     if self.mask:
       out["mask"] = self.mask
+    if self.events:
+      out["events"] = dict(self.events)
+      if self.negative_weight is not None:
+        out["negative_weight"] = self.negative_weight
     return out
 
 
@@ -255,6 +274,16 @@ class Schema:
                             f"label columns are {self.labels}.")
       if not (t.loss_weight >= 0 and math.isfinite(t.loss_weight)):
         raise SchemaError(f"{where}: loss_weight must be a finite number >= 0.")
+      if t.events is not None:
+        unknown = [c for c in t.events if c not in self.labels]
+        if t.type != BINARY or t.label not in t.events or unknown or not all(
+            w > 0 and math.isfinite(w) for w in t.events.values()):
+          raise SchemaError(
+              f"{where}: events must map label columns to positive weights, include the "
+              f"task's label, and belong to a binary task; got {t.events} "
+              f"(label columns: {self.labels}).")
+        if t.negative_weight is not None and not t.negative_weight > 0:
+          raise SchemaError(f"{where}: negative_weight must be > 0.")
 
   def require_statistics(self) -> None:
     """Models need numeric mean/std; converters fill them when writing data."""

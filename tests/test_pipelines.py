@@ -187,3 +187,54 @@ def test_csv_conversion_builds_vocabularies_and_statistics(tmp_path):
   (tmp_path / "bad.csv").write_text("city,tags,price,click,req\nparis,a,cheap,1,1\n")
   with pytest.raises(ValueError, match="row 2: column 'price' must be a number"):
     csv_source.convert(template, [("train", str(tmp_path / "bad.csv"))], str(tmp_path / "o2"))
+
+
+def _engagement_schema(**task_options):
+  base = mixed_schema()
+  task = schema_lib.Task("engagement", "click", events={"conversion": 1.0, "click": 0.2},
+                         **task_options)
+  return schema_lib.Schema(base.features, base.labels, [task], name="weighted")
+
+
+def test_sample_weighting_weighs_each_example_by_its_deepest_event(tmp_path):
+  schema = _engagement_schema()
+  columns = mixed_columns(3)
+  columns["click"] = np.array([0.0, 1.0, 1.0], np.float32)
+  columns["conversion"] = np.array([0.0, 0.0, 1.0], np.float32)
+  out = str(tmp_path / "d")
+  with writer_lib.DatasetWriter(out, schema) as w:
+    w.write_split("train", columns)
+  _, labels, weights = next(iter(reader.make_dataset(os.path.join(out, "train-*"), schema, 8,
+                                                     shuffle=False)))
+  assert labels["engagement"][:, 0].numpy().tolist() == [0.0, 1.0, 1.0]
+  np.testing.assert_allclose(weights["engagement"], [0.2, 0.2, 1.0])
+  # Duplication: the same effective weights as copies of weight 1.
+  ds = reader.make_dataset(os.path.join(out, "train-*"), schema, 8, shuffle=False,
+                           duplicate_task="engagement")
+  _, labels, weights = next(iter(ds))
+  assert labels["engagement"][:, 0].numpy().tolist() == [0.0, 1.0] + [1.0] * 5
+  np.testing.assert_allclose(weights["engagement"], np.ones(7))
+  with pytest.raises(ValueError, match="no 'events' weights"):
+    reader.make_dataset(os.path.join(out, "train-*"), mixed_schema(), 8,
+                        duplicate_task="ctr")
+  # An explicit weight for examples without any event.
+  heavy = _engagement_schema(negative_weight=0.5)
+  _, _, weights = next(iter(reader.make_dataset(os.path.join(out, "train-*"), heavy, 8,
+                                                shuffle=False)))
+  np.testing.assert_allclose(weights["engagement"], [0.5, 0.2, 1.0])
+
+
+def test_default_event_weights_come_from_event_counts():
+  columns = {"click": np.array([1] * 10 + [0] * 5), "conversion": np.array([1] * 2 + [0] * 13)}
+  assert reader.default_event_weights(columns, ["click", "conversion"]) == {
+      "click": pytest.approx(0.2), "conversion": 1.0}
+  with pytest.raises(ValueError, match="never 1"):
+    reader.default_event_weights({"click": np.zeros(3)}, ["click"])
+
+
+def test_event_weights_are_validated():
+  with pytest.raises(schema_lib.SchemaError, match="events must map label columns"):
+    _engagement_schema().from_dict({**_engagement_schema().to_dict(), "tasks": [
+        {"name": "e", "label": "click", "events": {"purchase": 1.0}}]})
+  assert schema_lib.Schema.from_dict(_engagement_schema().to_dict()).task(
+      "engagement").events == {"conversion": 1.0, "click": 0.2}
