@@ -45,6 +45,13 @@ flags.DEFINE_string("eval_files", None,
 flags.DEFINE_string("schema", None, "schema.json of the data. Default: the schema.json "
                     "next to the first training shard.")
 flags.DEFINE_list("tasks", None, "Train only these schema tasks (default: all).")
+flags.DEFINE_string("event_weights", None,
+                    "Sample weighting: replace the tasks by one 'engagement' task that "
+                    "learns 'any event', weighting each example by its deepest event, e.g. "
+                    "'conversion=1,click=0.2', or 'auto:conversion,click' for weights from "
+                    "the training data's event counts.")
+flags.DEFINE_boolean("duplicate", False, "With --event_weights: repeat examples in "
+                     "proportion to their weights instead of weighting them.")
 flags.DEFINE_string("output_dir", "mtl_zoo_output",
                     "Base for the defaults of --model_dir, --export_dir and the synthetic data.")
 flags.DEFINE_string("model_dir", None, "Checkpoints, TensorBoard logs, metrics.json and the "
@@ -151,11 +158,41 @@ def resolve_data() -> tuple:
     schema = schema_lib.Schema.load(schema_path)
     if FLAGS.tasks:
       schema = schema.with_tasks(FLAGS.tasks)
+    if FLAGS.event_weights:
+      schema = sample_weighting_schema(schema, FLAGS.event_weights, train)
     schema = models.training_schema(FLAGS.model, schema)
     schema.require_statistics()
   except (FileNotFoundError, schema_lib.SchemaError) as e:
     raise DataError(str(e)) from None
   return train, evaluation, schema
+
+
+def sample_weighting_schema(schema: schema_lib.Schema, spec: str,
+                            train_pattern: str) -> schema_lib.Schema:
+  """The schema with one 'engagement' task weighted by events (--event_weights)."""
+  if spec.startswith("auto:"):
+    events = [e.strip() for e in spec[len("auto:"):].split(",") if e.strip()]
+    missing = [e for e in events if e not in schema.labels]
+    if missing:
+      raise schema_lib.SchemaError(f"--event_weights: {missing} are not label columns "
+                                   f"{schema.labels}.")
+    try:
+      weights = reader.default_event_weights(reader.read_columns(train_pattern, schema),
+                                             events)
+    except ValueError as e:
+      raise schema_lib.SchemaError(f"--event_weights: {e}") from None
+  else:
+    weights = {}
+    for item in spec.split(","):
+      name, eq, value = item.partition("=")
+      try:
+        weights[name.strip()] = float(value)
+      except ValueError:
+        raise schema_lib.SchemaError(f"--event_weights entries look like click=0.2, got "
+                                     f"{item!r}.") from None
+  task = schema_lib.Task("engagement", next(iter(weights)), events=weights)
+  return schema_lib.Schema(schema.features, schema.labels, [task], schema.request_id,
+                           schema.name)
 
 
 class EvalMetrics(keras.callbacks.Callback):
@@ -238,8 +275,11 @@ def train(argv_rest: Optional[list] = None) -> dict:
     raise app.UsageError(f"--model_dir/--export_dir cannot be created: {e}") from None
   keras.utils.set_random_seed(FLAGS.seed)
 
+  if FLAGS.duplicate and not FLAGS.event_weights:
+    raise app.UsageError("--duplicate needs --event_weights.")
   train_ds = reader.make_dataset(train_pattern, schema, FLAGS.batch_size, seed=FLAGS.seed,
-                                 cache=FLAGS.cache, shuffle_block=FLAGS.shuffle_block)
+                                 cache=FLAGS.cache, shuffle_block=FLAGS.shuffle_block,
+                                 duplicate_task="engagement" if FLAGS.duplicate else None)
   eval_ds = (reader.make_dataset(eval_pattern, schema, 8192, shuffle=False, cache=True)
              if eval_pattern else None)
   model = models.build(FLAGS.model, schema, **hparams)
@@ -268,6 +308,7 @@ def train(argv_rest: Optional[list] = None) -> dict:
   seconds = time.perf_counter() - start
 
   result = {"model": FLAGS.model, "loss_weighting": FLAGS.loss_weighting,
+            "event_weights": {t.name: t.events for t in schema.tasks if t.events},
             "hyperparameters": models.hyperparameters_of(FLAGS.model, hparams),
             "tasks": schema.task_names,
             "train_files": train_pattern, "eval_files": eval_pattern,

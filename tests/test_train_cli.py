@@ -133,3 +133,17 @@ def test_export_cli_reexports_a_run_with_serving_configs(ads_dir, tmp_path):
                             f"--model_dir={tmp_path}/nothing", f"--export_base={tmp_path}/x"],
                            cwd=REPO, capture_output=True, text=True, timeout=300)
   assert missing.returncode != 0 and "does not hold a trained model" in missing.stderr
+
+
+@pytest.mark.parametrize("weights", ["conversion=1,click=0.2", "auto:conversion,click"])
+def test_cli_sample_weighting_trains_one_engagement_task(weights, ads_dir, tmp_path):
+  result = _train(f"--train_files={ads_dir}/train-*", f"--eval_files={ads_dir}/eval-*",
+                  f"--event_weights={weights}", "--duplicate", "--model=shared_bottom",
+                  "--epochs=1", "--batch_size=256", f"--model_dir={tmp_path}/run",
+                  "--export_dir=")
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = json.load(open(tmp_path / "run" / "metrics.json"))
+  assert metrics["tasks"] == ["engagement"]
+  events = metrics["event_weights"]["engagement"]
+  assert events["conversion"] == 1.0 and 0 < events["click"] < 1
+  assert "| engagement |" in result.stdout
