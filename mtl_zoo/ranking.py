@@ -1,0 +1,74 @@
+"""Learning-to-rank pieces: graded relevance from objective priority, and
+pairwise / listwise losses over padded lists of examples (one list per request).
+
+Lists are dense [batch, list_size] tensors; `mask` is 1 for real examples and 0
+for padding, and padding never contributes to a loss.
+"""
+
+from typing import Dict, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from mtl_zoo._keras import keras
+
+
+def graded_relevance(columns: Dict[str, np.ndarray], grades: Dict[str, float]) -> np.ndarray:
+  """Relevance of each example: the grade of its highest-priority event, e.g.
+  grades {"purchase": 3, "cart": 2, "click": 1} (no event: 0)."""
+  n = len(next(iter(columns.values())))
+  relevance = np.zeros(n, np.float32)
+  for column, grade in grades.items():
+    relevance = np.maximum(relevance, np.where(np.asarray(columns[column]) > 0.5, grade, 0))
+  return relevance
+
+
+def _mask_or_ones(labels: tf.Tensor, mask: Optional[tf.Tensor]) -> tf.Tensor:
+  return tf.ones_like(labels) if mask is None else tf.cast(mask, labels.dtype)
+
+
+def pairwise_logistic_loss(labels: tf.Tensor, scores: tf.Tensor,
+                           mask: Optional[tf.Tensor] = None) -> tf.Tensor:
+  """RankNet: mean over pairs (i, j) of one list with label_i > label_j of
+  log(1 + exp(-(score_i - score_j))). 0 when no list has such a pair."""
+  labels, scores = tf.cast(labels, tf.float32), tf.cast(scores, tf.float32)
+  mask = _mask_or_ones(labels, mask)
+  valid = mask[:, :, None] * mask[:, None, :]
+  pairs = tf.cast(labels[:, :, None] > labels[:, None, :], tf.float32) * valid
+  margins = scores[:, :, None] - scores[:, None, :]
+  losses = tf.math.softplus(-margins) * pairs
+  return tf.math.divide_no_nan(tf.reduce_sum(losses), tf.reduce_sum(pairs))
+
+
+def listwise_softmax_loss(labels: tf.Tensor, scores: tf.Tensor,
+                          mask: Optional[tf.Tensor] = None) -> tf.Tensor:
+  """Softmax cross-entropy between each list's relevance distribution
+  (labels / sum) and the softmax of its scores over real examples; mean over
+  lists with any relevance (lists without are skipped)."""
+  labels, scores = tf.cast(labels, tf.float32), tf.cast(scores, tf.float32)
+  mask = _mask_or_ones(labels, mask)
+  labels = labels * mask
+  totals = tf.reduce_sum(labels, axis=1, keepdims=True)
+  targets = tf.math.divide_no_nan(labels, totals)
+  masked_scores = tf.where(mask > 0, scores, tf.float32.min)
+  log_probs = tf.nn.log_softmax(masked_scores, axis=1)
+  per_list = -tf.reduce_sum(tf.where(mask > 0, targets * log_probs, 0.0), axis=1)
+  has_relevance = tf.cast(totals[:, 0] > 0, tf.float32)
+  return tf.math.divide_no_nan(tf.reduce_sum(per_list * has_relevance),
+                               tf.reduce_sum(has_relevance))
+
+
+@keras.utils.register_keras_serializable(package="mtl_zoo")
+class PairwiseLogisticLoss(keras.losses.Loss):
+  """`pairwise_logistic_loss` as a Keras loss; the sample weight is the list mask."""
+
+  def __call__(self, y_true, y_pred, sample_weight=None):
+    return pairwise_logistic_loss(y_true, y_pred, sample_weight)
+
+
+@keras.utils.register_keras_serializable(package="mtl_zoo")
+class ListwiseSoftmaxLoss(keras.losses.Loss):
+  """`listwise_softmax_loss` as a Keras loss; the sample weight is the list mask."""
+
+  def __call__(self, y_true, y_pred, sample_weight=None):
+    return listwise_softmax_loss(y_true, y_pred, sample_weight)
