@@ -33,35 +33,25 @@ def summarize(mean_weights: np.ndarray) -> Dict[str, object]:
               mean_weights < STARVED_FRACTION / n)]}
 
 
-class GateProbe:
-  """Reads every gate of a model; build once, `report` after each epoch."""
-
-  def __init__(self, model: keras.Model):
-    self.gates = gate_layers(model)
-    if self.gates:
-      probe = keras.Model(model.inputs, {g.name: g.output for g in self.gates})
-      self._predict = tf.function(lambda features: probe(features, training=False),
-                                  reduce_retracing=True)
-
-  def report(self, dataset: tf.data.Dataset) -> Dict[str, dict]:
-    """Mean gate weights over a (features, ...) dataset, per gate layer ({} without
-    gates). `normalized_entropy` is 1 for a gate that weighs all experts equally
-    and 0 for one collapsed onto a single expert."""
-    if not self.gates:
-      return {}
-    sums = {g.name: 0.0 for g in self.gates}
-    count = 0
-    for batch in dataset:
-      features = batch[0] if isinstance(batch, tuple) else batch
-      for name, weights in self._predict(features).items():
-        sums[name] = sums[name] + tf.reduce_sum(weights, axis=0).numpy()
-      count += int(tf.shape(next(iter(features.values())))[0])
-    return {name: summarize(total / max(count, 1)) for name, total in sums.items()}
+GATE_PREFIX = "gate:"
 
 
-def gate_report(model: keras.Model, dataset: tf.data.Dataset) -> Dict[str, dict]:
-  """One-off `GateProbe(model).report(dataset)`."""
-  return GateProbe(model).report(dataset)
+def with_gate_outputs(model: keras.Model) -> keras.Model:
+  """`model` with every gate's weights as extra outputs (`gate:<layer name>`), so
+  one pass over eval data yields task predictions and gate weights together."""
+  gates = gate_layers(model)
+  if not gates:
+    return model
+  return keras.Model(model.inputs, {**dict(zip(model.output_names, model.outputs)),
+                                    **{GATE_PREFIX + g.name: g.output for g in gates}})
+
+
+def gate_report(collected: Dict[str, Dict[str, np.ndarray]]) -> Dict[str, dict]:
+  """Per gate, from `metrics.collect` over a `with_gate_outputs` model: mean
+  expert weights, `normalized_entropy` (1 = uniform, 0 = collapsed onto one
+  expert) and starved experts. {} for models without gates."""
+  return {name[len(GATE_PREFIX):]: summarize(part["prediction"].mean(axis=0))
+          for name, part in collected.items() if name.startswith(GATE_PREFIX)}
 
 
 def write_summaries(report: Dict[str, dict], writer, step: int) -> None:

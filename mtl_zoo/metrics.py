@@ -97,20 +97,24 @@ def predict_function(model):
 
 def collect(model, dataset: tf.data.Dataset, predict=None
             ) -> Dict[str, Dict[str, np.ndarray]]:
-  """Runs `model` over a (features, labels, weights) dataset and gathers, per task,
-  predictions, labels and weights (the task's mask). Pass `predict` (from
-  `predict_function`) when calling repeatedly, to trace once."""
+  """Runs `model` over a (features, labels, weights) dataset and gathers, per
+  output, its predictions and, for task outputs, labels and weights (the task's
+  mask). Outputs without labels (e.g. gate weights) keep their shape
+  [examples, ...]. Pass `predict` (from `predict_function`) when calling
+  repeatedly, to trace once."""
   predict = predict or predict_function(model)
   parts: Dict[str, Dict[str, list]] = {}
   for features, labels, weights in dataset:
-    outputs = predict(features)
-    for task, label in labels.items():
-      part = parts.setdefault(task, {"prediction": [], "label": [], "weight": []})
-      part["prediction"].append(outputs[task].numpy().ravel())
-      part["label"].append(label.numpy().ravel())
-      part["weight"].append(weights[task].numpy().ravel())
-  return {task: {k: np.concatenate(v) for k, v in part.items()}
-          for task, part in parts.items()}
+    for name, output in predict(features).items():
+      part = parts.setdefault(name, {"prediction": []})
+      if name in labels:
+        part["prediction"].append(output.numpy().ravel())
+        part.setdefault("label", []).append(labels[name].numpy().ravel())
+        part.setdefault("weight", []).append(weights[name].numpy().ravel())
+      else:
+        part["prediction"].append(output.numpy())
+  return {name: {k: np.concatenate(v) for k, v in part.items()}
+          for name, part in parts.items()}
 
 
 def task_metrics(schema: schema_lib.Schema, collected: Dict[str, Dict[str, np.ndarray]]

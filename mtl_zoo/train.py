@@ -203,20 +203,20 @@ class EvalMetrics(keras.callbacks.Callback):
   def __init__(self, model: keras.Model, schema: schema_lib.Schema,
                dataset: tf.data.Dataset, log_dir: str):
     super().__init__()
-    # The functional model, not what `fit` trains (a loss-weighting wrapper, maybe).
-    self.task_model = model
+    # `model` is the functional model, not what `fit` trains (maybe a
+    # loss-weighting wrapper).
     self.schema, self.dataset = schema, dataset
     self.latest: Dict[str, Dict[str, float]] = {}
     self.gates: Dict[str, dict] = {}
-    self._predict = None
-    self._gates = diagnostics.GateProbe(model)
+    # One pass per epoch gives both the task predictions and the gate weights.
+    self._probe = diagnostics.with_gate_outputs(model)
+    self._predict = metrics_lib.predict_function(self._probe)
     self._writer = tf.summary.create_file_writer(log_dir)
 
   def on_epoch_end(self, epoch, logs=None):
-    self._predict = self._predict or metrics_lib.predict_function(self.task_model)
-    self.latest = metrics_lib.evaluate(self.task_model, self.schema, self.dataset,
-                                       self._predict)
-    self.gates = self._gates.report(self.dataset)
+    collected = metrics_lib.collect(self._probe, self.dataset, self._predict)
+    self.latest = metrics_lib.task_metrics(self.schema, collected)
+    self.gates = diagnostics.gate_report(collected)
     diagnostics.write_summaries(self.gates, self._writer, epoch + 1)
     summary = []
     for task, values in self.latest.items():

@@ -108,9 +108,6 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
                  shuffle_block: int = 8192,
                  seed: Optional[int] = None,
                  cache: Union[bool, str] = True,
-                 compression: Optional[str] = "auto",
-                 drop_remainder: bool = False,
-                 with_labels: bool = True,
                  check_labels: bool = True,
                  duplicate_task: Optional[str] = None) -> tf.data.Dataset:
   """A dataset of `(features, labels, sample_weights)` batches for Keras `fit`.
@@ -133,8 +130,6 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
     seed: seed for every shuffle (None: fresh each run).
     cache: True caches parsed blocks in memory during the first epoch; a string
       caches to that file prefix; False reads and parses every epoch.
-    compression: "auto" (from the file suffix), None or "GZIP".
-    with_labels: False yields only the features (for prediction).
     check_labels: fail if a binary label or a mask is not 0 or 1 (cheap, per batch).
     duplicate_task: a sample-weighted task (with `events`) whose weights become
       copies instead: each example is repeated round(weight / smallest weight)
@@ -143,8 +138,7 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
   files = list_files(file_pattern)
-  if compression == "auto":
-    compression = detect_compression(files)
+  compression = detect_compression(files)  # GZIP shards end in .gz
   ds = tf.data.Dataset.from_tensor_slices(files)
   if shuffle:
     ds = ds.shuffle(len(files), seed=seed)
@@ -165,12 +159,10 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
   if shuffle:
     ds = ds.shuffle(BLOCK_SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
     ds = ds.map(lambda block: _permute_block(block, seed))
-  ds = ds.rebatch(batch_size, drop_remainder=drop_remainder)
+  ds = ds.rebatch(batch_size)
 
   def split(packed):
     features, columns = schema.split_packed(packed)
-    if not with_labels:
-      return features
     labels, weights = split_for_tasks(schema, columns, check_labels)
     if duplicate_task:
       weights[duplicate_task] = tf.ones_like(weights[duplicate_task])

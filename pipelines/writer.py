@@ -21,11 +21,6 @@ from pipelines import schema as schema_lib
 COMPRESSION_SUFFIX = {None: ".tfrecord", "": ".tfrecord", "GZIP": ".tfrecord.gz"}
 
 
-def shard_pattern(directory: str, split: str, compression: Optional[str] = None) -> str:
-  """The glob that matches one split's shards."""
-  return os.path.join(directory, f"{split}-*-of-*{COMPRESSION_SUFFIX[compression]}")
-
-
 def encode_vocabulary(values: Sequence[str],
                       vocabulary: Optional[List[str]] = None,
                       min_count: int = 1) -> Tuple[np.ndarray, List[str]]:

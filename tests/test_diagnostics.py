@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 import mtl_zoo
-from mtl_zoo import diagnostics
+from mtl_zoo import diagnostics, metrics
 from pipelines import reader
 
 
@@ -25,9 +25,15 @@ def test_gate_report_averages_gate_weights_over_the_data(ads_dir, ads_schema):
   # Force the ctr gate onto expert 2 whatever the input.
   gate._logits.kernel.assign(tf.zeros_like(gate._logits.kernel))
   gate._logits.bias.assign([0.0, 0.0, 20.0])
-  report = diagnostics.gate_report(model, ds)
+  probe = diagnostics.with_gate_outputs(model)
+  collected = metrics.collect(probe, ds)
+  report = diagnostics.gate_report(collected)
+  # The same pass also serves the task metrics.
+  assert collected["ctr"]["prediction"].shape == (1000,)
   assert sorted(report) == ["gate_ctr", "gate_cvr"]
   np.testing.assert_allclose(report["gate_ctr"]["mean_weights"], [0, 0, 1], atol=1e-5)
   assert report["gate_ctr"]["starved_experts"] == [0, 1]
   assert sum(report["gate_cvr"]["mean_weights"]) == pytest.approx(1.0, abs=1e-5)
-  assert diagnostics.gate_report(mtl_zoo.build_shared_bottom(ads_schema), ds) == {}
+  plain = mtl_zoo.build_shared_bottom(ads_schema)
+  assert diagnostics.with_gate_outputs(plain) is plain
+  assert diagnostics.gate_report(metrics.collect(plain, ds)) == {}
