@@ -20,7 +20,7 @@ setup(
         "numpy>=1.23",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "hypothesis>=6"],
         # Only the experiment scripts in scripts/ draw plots.
         "experiments": ["matplotlib>=3.5"],
     },

@@ -98,8 +98,11 @@ class ServingModule(tf.Module):
     parsed = self._schema.parse_serving_examples(examples, weights_spec)
     weights = parsed.pop(FUSION_WEIGHTS_FEATURE)
     outputs = self._predict(parsed)
-    # Numeric terms use the raw value the caller sent (e.g. the price).
-    terms = {**{f.name: parsed[f.name] for f in self._schema.numeric}, **outputs}
+    # Numeric terms use the raw value the caller sent (e.g. the price); a
+    # non-finite one counts as missing, as in the model, not as a NaN score.
+    terms = {**{f.name: tf.where(tf.math.is_finite(parsed[f.name]), parsed[f.name],
+                                 self._schema.missing_numeric_value(f))
+                for f in self._schema.numeric}, **outputs}
     return {**outputs, "score": self._fusion(terms, weights)}
 
   def signatures(self) -> dict:

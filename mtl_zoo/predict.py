@@ -89,6 +89,12 @@ def main(argv):
     print(f"error: scoring {FLAGS.input} failed ({e.message.splitlines()[0]}); are the "
           f"records in the {FLAGS.input_layout} layout?", file=sys.stderr)
     sys.exit(1)
+  except UnicodeDecodeError:
+    # TensorFlow's error for bytes that are not a tf.Example quotes them; when they
+    # are not text, its Python binding raises this instead.
+    print(f"error: a record in {FLAGS.input} is not a serialized tf.Example; are the "
+          f"records in the {FLAGS.input_layout} layout?", file=sys.stderr)
+    sys.exit(1)
   print(f"Wrote {FLAGS.output}: {stats['examples']:,} records in {stats['seconds']:.1f}s "
         f"({stats['examples_per_second']:,.0f} examples/s)", file=sys.stderr)
 

@@ -97,6 +97,12 @@ flags.DEFINE_integer("seed", 0, "Seed for weights, shuffling and the synthetic d
 flags.DEFINE_boolean("cache", True, "Keep parsed training data in memory after epoch 1.")
 flags.DEFINE_integer("shuffle_block", 8192, "Examples shuffled together (see "
                      "pipelines.reader.make_dataset).", lower_bound=1)
+flags.DEFINE_enum("bad_records", reader.FAIL, list(reader.BAD_RECORD_POLICIES),
+                  "Records that are corrupt, do not parse as the schema's training layout, "
+                  "or hold values the schema forbids (a binary label other than 0/1, an "
+                  "infinite numeric): 'fail' stops with an error naming the file and "
+                  "record; 'skip' leaves each one out, never the good records around it, "
+                  "and reports how many at the end and in metrics.json.")
 flags.DEFINE_integer("synthetic_requests", 12_000, "Training requests (10 impressions "
                      "each) of the default synthetic log.", lower_bound=1)
 
@@ -128,14 +134,47 @@ def hyperparameters() -> dict:
           "cross_stitch_self_weight": FLAGS.cross_stitch_self_weight}
 
 
+def check_flags() -> None:
+  """Flags that contradict each other, before anything is read or written."""
+  if FLAGS.eval_files and not FLAGS.train_files:
+    raise app.UsageError("--eval_files needs --train_files (without both, the built-in "
+                         "synthetic data is used).")
+  if FLAGS.duplicate and not FLAGS.event_weights:
+    raise app.UsageError("--duplicate needs --event_weights.")
+  if FLAGS.tasks and FLAGS.event_weights:
+    raise app.UsageError("--tasks and --event_weights conflict: --event_weights replaces "
+                         "the schema's tasks by one 'engagement' task; drop one of them.")
+  if FLAGS.export_dir == "":
+    for flag in ("keep", "fusion", "serving_task"):
+      if FLAGS[flag].present:
+        raise app.UsageError(f"--{flag} configures the export, but --export_dir='' skips "
+                             f"it; drop --{flag} or set --export_dir.")
+
+
+def writable_dir(path: str, flag: str) -> None:
+  """Fails now, rather than after training, if `path` cannot be created or
+  written (its nearest existing ancestor decides); creates nothing."""
+  existing = path
+  while not tf.io.gfile.exists(existing):
+    parent = os.path.dirname(existing.rstrip("/")) or "."
+    if parent == existing:
+      break
+    existing = parent
+  problem = None
+  if not tf.io.gfile.isdir(existing):
+    problem = f"{existing} is not a directory"
+  elif "://" not in existing and not os.access(existing, os.W_OK | os.X_OK):
+    problem = f"{existing} is not writable"
+  if problem:
+    raise app.UsageError(f"--{flag}={path} cannot be written ({problem}); choose another "
+                         f"--{flag}.")
+
+
 def resolve_data() -> tuple:
   """(train pattern, eval pattern or None, schema) from the flags."""
   if FLAGS.train_files:
     train, evaluation = FLAGS.train_files, FLAGS.eval_files
   else:
-    if FLAGS.eval_files:
-      raise app.UsageError("--eval_files needs --train_files (without both, the built-in "
-                           "synthetic data is used).")
     data_dir = os.path.join(FLAGS.output_dir, "data",
                             f"synthetic_ads-{FLAGS.synthetic_requests}-seed{FLAGS.seed}")
     if not tf.io.gfile.exists(os.path.join(data_dir, schema_lib.SCHEMA_FILENAME)):
@@ -164,6 +203,11 @@ def resolve_data() -> tuple:
     schema.require_statistics()
   except (FileNotFoundError, schema_lib.SchemaError) as e:
     raise DataError(str(e)) from None
+  except (tf.errors.OpError, UnicodeDecodeError) as e:  # reading for --event_weights=auto
+    raise DataError(explain_data_error(e, train, schema)) from None
+  if FLAGS.serving_task and FLAGS.serving_task not in schema.task_names:
+    raise app.UsageError(f"--serving_task={FLAGS.serving_task} is not a task of the model; "
+                         f"its tasks are {schema.task_names}.")
   return train, evaluation, schema
 
 
@@ -177,8 +221,8 @@ def sample_weighting_schema(schema: schema_lib.Schema, spec: str,
       raise schema_lib.SchemaError(f"--event_weights: {missing} are not label columns "
                                    f"{schema.labels}.")
     try:
-      weights = reader.default_event_weights(reader.read_columns(train_pattern, schema),
-                                             events)
+      weights = reader.default_event_weights(
+          reader.read_columns(train_pattern, schema, bad_records=FLAGS.bad_records), events)
     except ValueError as e:
       raise schema_lib.SchemaError(f"--event_weights: {e}") from None
   else:
@@ -235,22 +279,42 @@ def write_json_atomically(path: str, data: dict) -> None:
   tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
-def explain_data_error(e: tf.errors.OpError, files: str) -> str:
-  lines = [l.strip() for l in e.message.splitlines() if l.strip()]
-  keys = ("corrupted record", "Feature:", "Key:", "must be 0 or 1", "Number of")
-  detail = next((l for l in lines if any(k in l for k in keys)), lines[-1] if lines else "")
-  if isinstance(e, tf.errors.DataLossError) or "corrupted record" in detail:
-    return (f"a record in {files} is corrupt or not a TFRecord ({detail}). Rewrite the "
+def explain_data_error(e: Exception, files: str, schema: schema_lib.Schema) -> str:
+  """A reading error (an OpError, or TensorFlow failing to decode one) as the fix
+  it needs; `files` are the flag's globs."""
+  text = " ".join(l.strip() for l in getattr(e, "message", "").splitlines() if l.strip())
+  bad_record = re.search(r"assertion failed: \[(bad record in .*?)\](?: \[\[| \[Op:|$)", text)
+  if bad_record:  # pipelines.reader names file, record, problem and fix
+    return bad_record.group(1)
+  if isinstance(e, (tf.errors.InvalidArgumentError, UnicodeDecodeError)):
+    try:
+      found = reader.first_unparsable(files, schema)
+    except reader.BadRecordError as damaged:  # a shard changed after it was checked
+      return str(damaged)
+    if found:
+      path, index, why = found
+      return (f"records do not match the schema's training layout: {path}, record {index}: "
+              f"{why}. Were the files written with this schema by `python -m "
+              "pipelines.convert`? Pass the matching --schema, or skip such records with "
+              "--bad_records=skip.")
+  if isinstance(e, tf.errors.DataLossError):  # e.g. a shard changed after it was checked
+    return (f"a record in {files} is corrupt or not a TFRecord ({text[-300:]}). Rewrite the "
             "shards with `python -m pipelines.convert`; GZIP files must end in .gz.")
-  bad_label = re.search(r"assertion failed: \[(.*?)\] \[(.*?)\] \[(.*?)\]", detail)
-  if bad_label:
-    what, low, high = bad_label.groups()
-    return f"bad values in {files}: {what} {low}, {high}."
-  if "Feature:" in detail or "Key:" in detail or "Number of" in detail:
-    return (f"records in {files} do not match the schema's training layout ({detail}). "
-            "Were they written with this schema by `python -m pipelines.convert`? "
-            "Pass the matching --schema.")
-  return f"reading {files} failed: {detail}"
+  return f"reading {files} failed: {text[-500:] or e}"
+
+
+class FirstPassCounts(keras.callbacks.Callback):
+  """The skipped-record counts after the first epoch, i.e. after one whole pass
+  over the training and eval data (later uncached passes count them again)."""
+
+  def __init__(self, skipped: Dict[str, reader.SkippedRecords]):
+    super().__init__()
+    self.skipped = skipped
+    self.counts: Dict[str, dict] = {}
+
+  def on_epoch_end(self, epoch, logs=None):
+    if epoch == 0:
+      self.counts = {name: s.counts() for name, s in self.skipped.items()}
 
 
 def train(argv_rest: Optional[list] = None) -> dict:
@@ -262,26 +326,34 @@ def train(argv_rest: Optional[list] = None) -> dict:
     fusion = layers.parse_fusion(FLAGS.fusion) if FLAGS.fusion else None
   except ValueError as e:
     raise app.UsageError(f"--fusion: {e}") from None
-  train_pattern, eval_pattern, schema = resolve_data()
+  check_flags()
   stamp = time.strftime("%Y%m%d-%H%M%S")
   model_dir = FLAGS.model_dir or os.path.join(FLAGS.output_dir, "runs", f"{FLAGS.model}-{stamp}")
   export_dir = (FLAGS.export_dir if FLAGS.export_dir is not None
                 else os.path.join(FLAGS.output_dir, "export", FLAGS.model))
-  try:
-    tf.io.gfile.makedirs(model_dir)
-    if export_dir:
-      tf.io.gfile.makedirs(export_dir)
-  except (tf.errors.OpError, OSError) as e:
-    raise app.UsageError(f"--model_dir/--export_dir cannot be created: {e}") from None
+  writable_dir(model_dir, "model_dir")
+  if export_dir:
+    writable_dir(export_dir, "export_dir")
+  train_pattern, eval_pattern, schema = resolve_data()
+  tf.io.gfile.makedirs(model_dir)
   keras.utils.set_random_seed(FLAGS.seed)
 
-  if FLAGS.duplicate and not FLAGS.event_weights:
-    raise app.UsageError("--duplicate needs --event_weights.")
-  train_ds = reader.make_dataset(train_pattern, schema, FLAGS.batch_size, seed=FLAGS.seed,
-                                 cache=FLAGS.cache, shuffle_block=FLAGS.shuffle_block,
-                                 duplicate_task="engagement" if FLAGS.duplicate else None)
-  eval_ds = (reader.make_dataset(eval_pattern, schema, 8192, shuffle=False, cache=True)
-             if eval_pattern else None)
+  skipped = {"train": reader.SkippedRecords()}
+  try:
+    train_ds = reader.make_dataset(train_pattern, schema, FLAGS.batch_size, seed=FLAGS.seed,
+                                   cache=FLAGS.cache, shuffle_block=FLAGS.shuffle_block,
+                                   duplicate_task="engagement" if FLAGS.duplicate else None,
+                                   bad_records=FLAGS.bad_records, skipped=skipped["train"])
+  except reader.BadRecordError as e:
+    raise DataError(f"--train_files: {e}") from None
+  eval_ds = None
+  if eval_pattern:
+    skipped["eval"] = reader.SkippedRecords()
+    try:
+      eval_ds = reader.make_dataset(eval_pattern, schema, 8192, shuffle=False, cache=True,
+                                    bad_records=FLAGS.bad_records, skipped=skipped["eval"])
+    except reader.BadRecordError as e:
+      raise DataError(f"--eval_files: {e}") from None
   model = models.build(FLAGS.model, schema, **hparams)
   trainable = models.compile_model(model, schema, learning_rate=FLAGS.learning_rate,
                                    weighting=FLAGS.loss_weighting)
@@ -298,13 +370,22 @@ def train(argv_rest: Optional[list] = None) -> dict:
                if eval_ds is not None else None)
   if evaluator:
     callbacks.insert(0, evaluator)  # first, so later callbacks log its metrics
+  first_pass = FirstPassCounts(skipped)
+  callbacks.append(first_pass)  # last: after the evaluator's pass over the eval data
   start = time.perf_counter()
+  data_files = ",".join(p for p in (train_pattern, eval_pattern) if p)
   try:
     history = trainable.fit(train_ds, epochs=FLAGS.epochs, callbacks=callbacks,
-                        verbose=1 if sys.stdout.isatty() else 2)
-  except tf.errors.OpError as e:
-    raise DataError(explain_data_error(
-        e, " or ".join(p for p in (train_pattern, eval_pattern) if p))) from None
+                            verbose=1 if sys.stdout.isatty() else 2)
+  except (tf.errors.OpError, UnicodeDecodeError) as e:
+    raise DataError(explain_data_error(e, data_files, schema)) from None
+  except ValueError as e:
+    if "Empty logs" not in str(e):
+      raise
+    left_out = skipped["train"].counts()["total"]
+    raise DataError(f"--train_files={train_pattern} yielded no training examples"
+                    + (f" ({left_out} bad records were skipped)" if left_out else
+                       ": the files hold no records") + ".") from None
   seconds = time.perf_counter() - start
 
   result = {"model": FLAGS.model, "loss_weighting": FLAGS.loss_weighting,
@@ -320,7 +401,9 @@ def train(argv_rest: Optional[list] = None) -> dict:
             "task_weights": {k[len("weight_"):]: float(v[-1])
                              for k, v in history.history.items() if k.startswith("weight_")},
             "eval": evaluator.latest if evaluator else {},
-            "gates": evaluator.gates if evaluator else {}}
+            "gates": evaluator.gates if evaluator else {},
+            "bad_records": {"policy": FLAGS.bad_records, "skipped": first_pass.counts,
+                            "damage": [str(d) for s in skipped.values() for d in s.damage]}}
   model.save(os.path.join(model_dir, "model.keras"))
   schema.save(os.path.join(model_dir, schema_lib.SCHEMA_FILENAME))
   if evaluator:
@@ -333,9 +416,15 @@ def train(argv_rest: Optional[list] = None) -> dict:
       print(f"gate {gate}: mean expert weights [{weights}], normalized entropy "
             f"{summary['normalized_entropy']:.2f}"
             + (f", starved experts {starved}" if starved else ""))
+  if FLAGS.bad_records == reader.SKIP:
+    print("\nBad records (--bad_records=skip), first pass over the data:")
+    for name, counts in first_pass.counts.items():
+      print(f"  {name}: {skipped[name].summary(counts)}")
   if export_dir:
-    warmup = (schema.serving_examples(reader.read_columns(eval_pattern, schema, limit=32))
-              if eval_pattern else None)
+    warmup = None
+    for features, _, _ in eval_ds.take(1) if eval_ds is not None else []:
+      # The eval data as read, with bad records left out.
+      warmup = schema.serving_examples({k: v.numpy()[:32] for k, v in features.items()})
     result["export"] = export.export_saved_model(model, schema, export_dir,
                                                  serving_task=FLAGS.serving_task,
                                                  warmup_examples=warmup, keep=FLAGS.keep,

@@ -1,14 +1,30 @@
-"""TFRecords (training layout) -> tf.data of (features, labels, sample weights)."""
+"""TFRecords (training layout) -> tf.data of (features, labels, sample weights).
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+Hostile input: every shard's framing is checked before it is read (one fast
+pass, no parsing, `integrity.scan_shards`). Damaged records, records that do not
+parse as the schema's training layout and records with values the schema
+forbids (`ValueRules`) stop reading with an error that names the file and the
+record (`first_unparsable` for the one record TensorFlow's batched parse does
+not name), or with `bad_records="skip"` are left out one by one and counted
+(`SkippedRecords`).
+"""
+
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
+from google.protobuf import message
 
+from pipelines import integrity
 from pipelines import schema as schema_lib
+from pipelines.integrity import BadRecordError  # noqa: F401  (part of this module's API)
 
 # Parsed blocks held for shuffling: all of them for datasets up to ~500k examples.
 BLOCK_SHUFFLE_BUFFER = 64
+
+FAIL = "fail"
+SKIP = "skip"
+BAD_RECORD_POLICIES = (FAIL, SKIP)
 
 
 def list_files(file_pattern: Union[str, Sequence[str]]) -> list:
@@ -32,19 +48,22 @@ def detect_compression(files: Sequence[str]) -> Optional[str]:
   if all(gz):
     return "GZIP"
   if any(gz):
-    raise ValueError("some input files end in .gz and some do not; pass one kind at a "
-                     "time or set the compression explicitly.")
+    plain = next(f for f, z in zip(files, gz) if not z)
+    compressed = next(f for f, z in zip(files, gz) if z)
+    raise ValueError(f"input files mix GZIP ({compressed}) and uncompressed ({plain}) "
+                     "TFRecords; compression follows the .gz suffix and one dataset reads "
+                     "one kind, so convert or select the files of one kind.")
   return None
 
 
-def split_for_tasks(schema: schema_lib.Schema, columns: Dict[str, tf.Tensor],
-                    check_labels: bool = True) -> Tuple[Dict[str, tf.Tensor],
-                                                        Dict[str, tf.Tensor]]:
+def split_for_tasks(schema: schema_lib.Schema, columns: Dict[str, tf.Tensor]
+                    ) -> Tuple[Dict[str, tf.Tensor], Dict[str, tf.Tensor]]:
   """Label columns -> per-task labels [batch, 1] and sample weights [batch].
 
   A task's sample weight is its mask column (1 where the loss counts), or ones.
-  With `check_labels`, binary labels and masks outside {0, 1} fail the step with
-  a message naming the column.
+  Where the mask is 0 the label is set to 0: it may be missing there (NaN, e.g.
+  no conversion label without a click), and a NaN times a zero weight would
+  still make the loss NaN.
   """
   labels, weights = {}, {}
   for task in schema.tasks:
@@ -52,16 +71,12 @@ def split_for_tasks(schema: schema_lib.Schema, columns: Dict[str, tf.Tensor],
       labels[task.name], weights[task.name] = event_target_and_weight(task, columns)
       continue
     label = columns[task.label]
-    if check_labels and task.type == schema_lib.BINARY:
-      label = _checked_binary(label, f"label column {task.label} of binary task {task.name}")
-    labels[task.name] = label[:, None]
     if task.mask:
-      mask = columns[task.mask]
-      if check_labels:
-        mask = _checked_binary(mask, f"mask column {task.mask} of task {task.name}")
-      weights[task.name] = mask
+      weights[task.name] = columns[task.mask]
+      label = tf.where(weights[task.name] > 0, label, tf.zeros_like(label))
     else:
       weights[task.name] = tf.ones_like(label)
+    labels[task.name] = label[:, None]
   return labels, weights
 
 
@@ -91,14 +106,106 @@ def default_event_weights(columns: Dict[str, np.ndarray], events: Sequence[str]
   return {e: rarest / n for e, n in counts.items()}
 
 
-def _checked_binary(values: tf.Tensor, what: str) -> tf.Tensor:
-  ok = tf.reduce_all(tf.logical_or(tf.equal(values, 0.0), tf.equal(values, 1.0)))
-  check = tf.debugging.Assert(
-      ok, [f"{what} must be 0 or 1; fix the data, or declare the task as a "
-           "regression in the schema. Offending batch min and max:",
-           tf.reduce_min(values), tf.reduce_max(values)])
-  with tf.control_dependencies([check]):
-    return tf.identity(values)
+class SkippedRecords:
+  """What `make_dataset(..., bad_records="skip")` left out, by reason.
+
+  corrupt: records whose bytes are damaged (found by the framing scan before
+    reading; `damage` says where).
+  unparsable: records that are not training-layout tf.Examples of the schema
+    (missing or extra-long packed features, wrong types, not a tf.Example).
+  invalid: records with values the schema forbids (see `ValueRules`).
+  Unparsable and invalid records are counted as they are read, so once per
+  pass over the data that is not cached (with the default cache: the first).
+  """
+
+  def __init__(self):
+    self.damage: List[integrity.Damage] = []
+    with tf.init_scope():  # a plain CPU variable, also when built inside a function
+      self._counts = tf.Variable(tf.zeros([2], tf.int64), trainable=False,
+                                 name="skipped_records")
+
+  def add(self, unparsable: tf.Tensor, invalid: tf.Tensor) -> tf.Operation:
+    return self._counts.assign_add(tf.stack([tf.cast(unparsable, tf.int64),
+                                             tf.cast(invalid, tf.int64)]))
+
+  def counts(self) -> Dict[str, int]:
+    """Records left out by reason, their total, and `unreadable_tails`: shards
+    whose rest could not be read at all (records uncounted; see `damage`)."""
+    unparsable, invalid = (int(c) for c in self._counts.numpy())
+    corrupt = sum(d.records_lost or 0 for d in self.damage)
+    return {"corrupt": corrupt, "unparsable": unparsable, "invalid": invalid,
+            "total": corrupt + unparsable + invalid,
+            "unreadable_tails": sum(d.records_lost is None for d in self.damage)}
+
+  def summary(self, counts: Optional[Dict[str, int]] = None) -> str:
+    """One line of counts (`counts()`, or a snapshot of it), then the damage."""
+    counts = counts or self.counts()
+    lines = [f"skipped {counts['total']} bad records ({counts['corrupt']} corrupt, "
+             f"{counts['unparsable']} unparsable, {counts['invalid']} with invalid values)"
+             + (f"; the rest of {counts['unreadable_tails']} shard(s) was unreadable"
+                if counts["unreadable_tails"] else "")]
+    lines += [f"  {d}" for d in self.damage]
+    return "\n".join(lines)
+
+
+_BINARY, _FINITE, _NOT_INFINITE = 0, 1, 2
+
+
+class ValueRules:
+  """The schema's rules for values, checked with a few vectorized ops per block.
+
+  Binary labels are 0 or 1 and regression labels finite, except that a label
+  may be missing (NaN) where the task's mask is 0; masks are 0 or 1; event
+  columns are finite; numeric features are not infinite. NaN in a numeric
+  feature means "missing" (CSV converters write empty cells so): models treat
+  it as the training mean. Out-of-vocabulary ids are valid; models send them to
+  the OOV row (or hash them).
+  """
+
+  def __init__(self, schema: schema_lib.Schema):
+    label = {c: i for i, c in enumerate(schema.labels)}
+    # (what must hold, packed key, column, kind, mask column or -1); numerics first.
+    rules = [(f"numeric feature {f.name} must not be infinite", schema_lib.PACKED_NUMERIC,
+              i, _NOT_INFINITE, -1) for i, f in enumerate(schema.numeric)]
+    for task in schema.tasks:
+      if task.events:
+        rules += [(f"event column {c} of task {task.name} must be a finite number",
+                   schema_lib.PACKED_LABELS, label[c], _FINITE, -1) for c in task.events]
+        continue
+      mask, where = -1, ""
+      if task.mask:
+        mask, where = label[task.mask], f" (or NaN, missing, where its mask {task.mask} is 0)"
+        rules.append((f"mask column {task.mask} of task {task.name} must be 0 or 1",
+                      schema_lib.PACKED_LABELS, mask, _BINARY, -1))
+      if task.type == schema_lib.BINARY:
+        rules.append((f"label column {task.label} of binary task {task.name} must be 0 or "
+                      f"1{where} (or declare the task a regression)",
+                      schema_lib.PACKED_LABELS, label[task.label], _BINARY, mask))
+      else:
+        rules.append((f"label column {task.label} of regression task {task.name} must be "
+                      f"a finite number{where}", schema_lib.PACKED_LABELS, label[task.label],
+                      _FINITE, mask))
+    self.descriptions = [r[0] for r in rules]
+    self._numeric = [r[2] for r in rules if r[1] == schema_lib.PACKED_NUMERIC]
+    self._labels = [r[2] for r in rules if r[1] == schema_lib.PACKED_LABELS]
+    self._kinds = [r[3] for r in rules]
+    self._masks = [r[4] for r in rules]
+
+  def evaluate(self, packed: Dict[str, tf.Tensor]) -> Tuple[tf.Tensor, tf.Tensor]:
+    """(values [n, rules], ok [n, rules]) of a parsed block."""
+    labels = packed[schema_lib.PACKED_LABELS]
+    parts = [tf.gather(labels, self._labels, axis=1)]
+    if self._numeric:
+      parts.insert(0, tf.gather(packed[schema_lib.PACKED_NUMERIC], self._numeric, axis=1))
+    values = tf.concat(parts, axis=1)
+    kinds = tf.constant(self._kinds)[None, :]
+    ok = tf.where(kinds == _BINARY, tf.logical_or(values == 0.0, values == 1.0),
+                  tf.where(kinds == _FINITE, tf.math.is_finite(values),
+                           tf.logical_not(tf.math.is_inf(values))))
+    masks = tf.constant(self._masks)
+    masked_out = tf.logical_and(masks[None, :] >= 0,
+                                tf.gather(labels, tf.maximum(masks, 0), axis=1) == 0.0)
+    return values, tf.logical_or(ok, tf.logical_and(masked_out, tf.math.is_nan(values)))
 
 
 def make_dataset(file_pattern: Union[str, Sequence[str]],
@@ -108,8 +215,10 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
                  shuffle_block: int = 8192,
                  seed: Optional[int] = None,
                  cache: Union[bool, str] = True,
-                 check_labels: bool = True,
-                 duplicate_task: Optional[str] = None) -> tf.data.Dataset:
+                 check_values: bool = True,
+                 duplicate_task: Optional[str] = None,
+                 bad_records: str = FAIL,
+                 skipped: Optional[SkippedRecords] = None) -> tf.data.Dataset:
   """A dataset of `(features, labels, sample_weights)` batches for Keras `fit`.
 
   Records are read and parsed in blocks of `shuffle_block` examples (one batched
@@ -121,6 +230,10 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
   never share a batch, so data whose on-disk order is meaningful (sorted by
   time or label) should be shuffled when it is written.
 
+  Before anything is read, every shard's framing is scanned (one fast pass
+  without parsing, `integrity.scan_shards`): a file that is not a TFRecord file,
+  or is compressed other than its name says, raises BadRecordError at once.
+
   Args:
     file_pattern: glob(s) of training-layout TFRecord shards.
     schema: the schema the shards were written with.
@@ -130,27 +243,33 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
     seed: seed for every shuffle (None: fresh each run).
     cache: True caches parsed blocks in memory during the first epoch; a string
       caches to that file prefix; False reads and parses every epoch.
-    check_labels: fail if a binary label or a mask is not 0 or 1 (cheap, per batch).
+    check_values: check every record against `ValueRules` (labels, masks,
+      numeric values; once per block, before the cache).
     duplicate_task: a sample-weighted task (with `events`) whose weights become
       copies instead: each example is repeated round(weight / smallest weight)
       times and weighs 1.
+    bad_records: "fail": a damaged shard raises BadRecordError here, naming file,
+      record and damage; a record with a value the schema forbids stops reading
+      with an InvalidArgumentError naming file, record, column and value; one
+      that does not parse, with TensorFlow's error naming the file and the
+      block ("from record <first>"), and `first_unparsable` names the record.
+      "skip": such records are left out one by one, never the good records
+      around them, and counted into `skipped`; the first pass over the data
+      then costs ~25% more (blocks are parsed in nested datasets that can fall
+      back to parsing record by record).
+    skipped: with "skip", receives what was left out.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+  if bad_records not in BAD_RECORD_POLICIES:
+    raise ValueError(f"bad_records must be one of {BAD_RECORD_POLICIES}, got "
+                     f"{bad_records!r}.")
+  skipped = skipped if skipped is not None else SkippedRecords()
   files = list_files(file_pattern)
-  compression = detect_compression(files)  # GZIP shards end in .gz
-  ds = tf.data.Dataset.from_tensor_slices(files)
-  if shuffle:
-    ds = ds.shuffle(len(files), seed=seed)
-  # Blocks are cut inside each shard, then shards are interleaved block by block:
-  # interleaving single records costs ~5x more than parsing them.
+  detect_compression(files)  # one kind per dataset
   block = max(shuffle_block, batch_size)
-  ds = ds.interleave(
-      lambda f: tf.data.TFRecordDataset(f, compression_type=compression or "").batch(block),
-      cycle_length=min(len(files), 8), num_parallel_calls=tf.data.AUTOTUNE,
-      deterministic=not shuffle)
-  ds = ds.map(lambda s: tf.io.parse_example(s, schema.training_parse_spec()),
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+  ds = _parsed_blocks(files, schema, block, bad_records, skipped, check_values,
+                      shuffle=shuffle, seed=seed)
   if duplicate_task:
     ds = ds.map(_duplicator(schema, duplicate_task), num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=not shuffle)
@@ -163,13 +282,142 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
 
   def split(packed):
     features, columns = schema.split_packed(packed)
-    labels, weights = split_for_tasks(schema, columns, check_labels)
+    labels, weights = split_for_tasks(schema, columns)
     if duplicate_task:
       weights[duplicate_task] = tf.ones_like(weights[duplicate_task])
     return features, labels, weights
 
   ds = ds.map(split, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _parsed_blocks(files: Sequence[str], schema: schema_lib.Schema, block: int,
+                   bad_records: str, skipped: SkippedRecords, check_values: bool,
+                   shuffle: bool, seed: Optional[int] = None,
+                   cycle_length: Optional[int] = None) -> tf.data.Dataset:
+  """Blocks of up to `block` parsed training-layout records, checked per
+  `bad_records`.
+
+  Each shard is cut into blocks, the shards are interleaved block by block
+  (interleaving single records costs ~5x more than parsing them), and each
+  block is parsed with one `parse_example` call in parallel.
+  """
+  scans = integrity.scan_shards(files)
+  damage = [d for scan in scans for d in scan.damage]
+  if damage and bad_records == FAIL:
+    listed = "\n  ".join(str(d) for d in damage[:5])
+    more = f"\n  ... and {len(damage) - 5} more" if len(damage) > 5 else ""
+    raise integrity.BadRecordError(
+        f"damaged TFRecords:\n  {listed}{more}\nRewrite these shards (python -m "
+        "pipelines.convert), or skip damaged records with bad_records='skip' "
+        "(--bad_records=skip).")
+  skipped.damage.extend(damage)
+  spec = schema.training_parse_spec()
+
+  def blocks_of(path, compression, offset, count, first):
+    # Shards that are whole are read with the ordinary reader; a damaged one as
+    # its runs of good records, each from its byte offset.
+    records = (integrity.record_dataset(path, compression, offset, count) if damage
+               else tf.data.TFRecordDataset(path, compression))
+    return records.batch(block).enumerate().map(
+        lambda i, serialized: (path, first + i * block, serialized))
+
+  if damage:
+    runs = [(s.path, s.compression or "", offset, count, first)
+            for s in scans for offset, count, first in s.segments]
+  else:
+    runs = [(s.path, s.compression or "", 0, -1, 0) for s in scans]
+  columns = list(zip(*runs)) or [()] * 5
+  sources = tf.data.Dataset.from_tensor_slices(tuple(
+      tf.constant(list(c), dtype) for c, dtype in zip(
+          columns, (tf.string, tf.string, tf.int64, tf.int64, tf.int64))))
+  if shuffle:
+    sources = sources.shuffle(max(len(runs), 1), seed=seed)
+  ds = sources.interleave(blocks_of, cycle_length=cycle_length or min(max(len(runs), 1), 8),
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+
+  if bad_records == FAIL:
+    # A parse error names the block ("Name: <file> from record <first>"; its
+    # "Index" is the record's place in it). Naming each record costs as much as
+    # the parse; first_unparsable() finds the exact one after a failure.
+    def parse(path, first, serialized):
+      name = tf.strings.join([path, " from record ", tf.strings.as_string(first)])
+      return path, first, tf.io.parse_example(
+          serialized, spec, example_names=tf.fill(tf.shape(serialized), name))
+
+    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+  else:
+    ds = ds.interleave(_salvaging_parser(spec, skipped), cycle_length=8,
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+  if not check_values:
+    return ds.map(lambda path, first, packed: packed)
+  checker = (_failing_checker(schema) if bad_records == FAIL
+             else _filtering_checker(schema, skipped))
+  return ds.map(checker, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+
+
+def _salvaging_parser(spec: dict, skipped: SkippedRecords):
+  """Block -> a dataset of one parsed block without the records that do not
+  parse, counting them: the block is parsed at once as usual, and only if that
+  fails record by record."""
+  empty = {key: tf.zeros([0] + list(feature.shape), feature.dtype)
+           for key, feature in spec.items()}
+
+  def parse(path, first, serialized):
+    whole = tf.data.Dataset.from_tensors(serialized).map(
+        lambda s: tf.io.parse_example(s, spec)).ignore_errors()
+    one_by_one = tf.data.Dataset.from_tensor_slices(serialized).map(
+        lambda s: tf.io.parse_single_example(s, spec)).ignore_errors().batch(
+            tf.size(serialized, tf.int64))
+    # take(1) is lazy: the record-by-record parse only runs when the whole
+    # block failed, and `empty` stands in when no record of it parses.
+    parsed = whole.concatenate(one_by_one).concatenate(
+        tf.data.Dataset.from_tensors(empty)).take(1)
+
+    def count(packed):
+      rows = tf.shape(packed[next(iter(spec))], out_type=tf.int64)[0]
+      with tf.control_dependencies([skipped.add(tf.size(serialized, tf.int64) - rows, 0)]):
+        return path, first, {k: tf.identity(v) for k, v in packed.items()}
+
+    return parsed.map(count)
+
+  return parse
+
+
+def _failing_checker(schema: schema_lib.Schema):
+  rules = ValueRules(schema)
+
+  def check(path, first, packed):
+    values, ok = rules.evaluate(packed)
+
+    def fail():  # the message is built only for a block that fails
+      flat = tf.argmin(tf.cast(tf.reshape(ok, [-1]), tf.int32), output_type=tf.int64)
+      row, rule = flat // len(rules.descriptions), flat % len(rules.descriptions)
+      message = tf.strings.join([
+          "bad record in ", path, ", record ", tf.strings.as_string(first + row), ": ",
+          tf.gather(rules.descriptions, rule), ", got ",
+          tf.strings.as_string(values[row, rule], shortest=True),
+          ". Fix the data, or skip bad records with --bad_records=skip (bad_records=skip in "
+          "make_dataset)."])
+      return tf.debugging.Assert(False, [message])
+
+    with tf.control_dependencies([tf.cond(tf.reduce_all(ok), tf.no_op, fail)]):
+      return {k: tf.identity(v) for k, v in packed.items()}
+
+  return check
+
+
+def _filtering_checker(schema: schema_lib.Schema, skipped: SkippedRecords):
+  rules = ValueRules(schema)
+
+  def check(path, first, packed):
+    del path, first
+    keep = tf.reduce_all(rules.evaluate(packed)[1], axis=1)
+    invalid = tf.reduce_sum(tf.cast(tf.logical_not(keep), tf.int64))
+    with tf.control_dependencies([skipped.add(0, invalid)]):
+      return {k: tf.boolean_mask(v, keep) for k, v in packed.items()}
+
+  return check
 
 
 def _duplicator(schema: schema_lib.Schema, task_name: str):
@@ -194,6 +442,38 @@ def _permute_block(block: Dict[str, tf.Tensor], seed: Optional[int]) -> Dict[str
   return {k: tf.gather(v, order) for k, v in block.items()}
 
 
+def first_unparsable(file_pattern: Union[str, Sequence[str]], schema: schema_lib.Schema
+                     ) -> Optional[Tuple[str, int, str]]:
+  """(file, record index, why) of the first record that does not parse as the
+  schema's training layout, or None. Slow (eager, record by record where a
+  block fails): for naming the record after `make_dataset` failed. Damaged
+  shards raise BadRecordError, as in `make_dataset`."""
+  spec = schema.training_parse_spec()
+  for scan in integrity.scan_shards(list_files(file_pattern)):
+    if scan.damage:
+      raise integrity.BadRecordError("; ".join(str(d) for d in scan.damage))
+    records = tf.data.TFRecordDataset(scan.path, scan.compression or "").batch(4096)
+    for start, batch in enumerate(records.as_numpy_iterator()):
+      # TensorFlow's error for bytes that are not a tf.Example quotes them, which
+      # fails to decode when they are not text: hence UnicodeDecodeError, and
+      # protobuf asked first below.
+      try:
+        tf.io.parse_example(batch, spec)
+        continue
+      except (tf.errors.InvalidArgumentError, UnicodeDecodeError):
+        pass
+      for i, record in enumerate(batch):
+        try:
+          tf.train.Example.FromString(record)
+        except message.DecodeError:
+          return scan.path, start * 4096 + i, "it is not a serialized tf.Example"
+        try:
+          tf.io.parse_example([record], spec)
+        except tf.errors.InvalidArgumentError as e:
+          return scan.path, start * 4096 + i, e.message.splitlines()[0].strip()
+  return None
+
+
 def count_records(file_pattern: Union[str, Sequence[str]]) -> int:
   """Counts records in the shards (one fast pass, no parsing)."""
   files = list_files(file_pattern)
@@ -203,17 +483,24 @@ def count_records(file_pattern: Union[str, Sequence[str]]) -> int:
 
 
 def read_columns(file_pattern: Union[str, Sequence[str]], schema: schema_lib.Schema,
-                 batch_size: int = 8192, limit: Optional[int] = None) -> Dict[str, np.ndarray]:
+                 batch_size: int = 8192, limit: Optional[int] = None,
+                 bad_records: str = FAIL,
+                 skipped: Optional[SkippedRecords] = None) -> Dict[str, np.ndarray]:
   """Reads shards back into numpy columns (features and label columns), in file
-  order, the first `limit` records or all. For evaluation, tests and small data;
-  not a training path."""
+  order, the first `limit` records or all; damaged and unparsable records fail
+  or are skipped as `make_dataset`'s `bad_records` says (values are not
+  checked). For evaluation, tests and small data; not a training path."""
   files = list_files(file_pattern)
-  ds = tf.data.TFRecordDataset(files, compression_type=detect_compression(files) or "")
-  if limit is not None:
-    ds = ds.take(limit)
-  ds = ds.batch(batch_size).map(schema.parse_training_examples)
-  parts = {}
-  for features, columns in ds:
+  detect_compression(files)
+  ds = _parsed_blocks(files, schema, batch_size, bad_records,
+                      skipped if skipped is not None else SkippedRecords(),
+                      check_values=False, shuffle=False, cycle_length=1)
+  parts, count = {}, 0
+  for packed in ds:
+    features, columns = schema.split_packed(packed)
     for name, value in {**features, **columns}.items():
       parts.setdefault(name, []).append(value.numpy())
-  return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+    count += len(packed[schema_lib.PACKED_LABELS])
+    if limit is not None and count >= limit:
+      break
+  return {name: np.concatenate(chunks)[:limit] for name, chunks in parts.items()}

@@ -249,6 +249,8 @@ class Schema:
           raise SchemaError(f"{where}: transform must be 'none' or 'log1p'.")
         if f.std is not None and not (f.std > 0 and math.isfinite(f.std)):
           raise SchemaError(f"{where}: std must be a positive finite number.")
+        if f.mean is not None and not math.isfinite(f.mean):
+          raise SchemaError(f"{where}: mean must be a finite number.")
     if len(set(self.labels)) != len(self.labels):
       raise SchemaError(f"label columns must be unique, got {self.labels}.")
     overlap = seen & set(self.labels)
@@ -369,8 +371,14 @@ class Schema:
         specs[f.name] = tf.TensorSpec([None], tf.float32, name=f.name)
     return specs
 
-  def _missing_numeric_value(self, f: Feature) -> float:
-    return float(f.mean) if f.mean is not None else 0.0
+  def missing_numeric_value(self, f: Feature) -> float:
+    """The raw value models see as the training mean: the stored mean is taken
+    after the transform, so log1p features get its inverse."""
+    if f.mean is None:
+      return 0.0
+    if f.transform == "log1p":
+      return math.copysign(math.expm1(abs(f.mean)), f.mean)
+    return float(f.mean)
 
   def serving_parse_spec(self) -> dict:
     """One named feature per schema feature; missing values get neutral defaults
@@ -383,7 +391,7 @@ class Schema:
         spec[f.name] = tf.io.VarLenFeature(tf.int64)
       else:
         spec[f.name] = tf.io.FixedLenFeature(
-            [], tf.float32, default_value=self._missing_numeric_value(f))
+            [], tf.float32, default_value=self.missing_numeric_value(f))
     return spec
 
   def parse_serving_examples(self, serialized: tf.Tensor,
@@ -472,7 +480,7 @@ class Schema:
           [_column(columns, f.name, n, -1, np.int64) for f in self.categorical], axis=1)
     if self.numeric:
       packed[PACKED_NUMERIC] = np.stack(
-          [_column(columns, f.name, n, self._missing_numeric_value(f), np.float32)
+          [_column(columns, f.name, n, self.missing_numeric_value(f), np.float32)
            for f in self.numeric], axis=1)
     packed[PACKED_LABELS] = np.stack(
         [np.asarray(columns[c], np.float32) for c in self.labels], axis=1)

@@ -34,6 +34,13 @@ def test_json_round_trip(tmp_path):
     (lambda d: d["features"][0].update(colour="red"), "unknown fields ['colour']"),
     (lambda d: d.update(tasks=[]), "declares no tasks"),
     (lambda d: d["labels"].append("user"), "both features and labels"),
+    (lambda d: d["labels"].append("click"), "label columns must be unique"),
+    (lambda d: d["tasks"].append(dict(d["tasks"][0])), "task 'ctr' is declared twice"),
+    (lambda d: d["features"][3].update(vocab_size=-2), "vocab_size must be a positive"),
+    (lambda d: d["features"][0].update(embedding_dim=0), "embedding_dim must be a positive"),
+    (lambda d: d["features"][3].update(max_len=0), "max_len must be a positive"),
+    (lambda d: d["features"][5].update(mean=float("nan")), "mean must be a finite number"),
+    (lambda d: d["features"][5].update(std=0.0), "std must be a positive finite"),
 ])
 def test_invalid_schemas_name_the_problem(mutate, message):
   d = mixed_schema().to_dict()

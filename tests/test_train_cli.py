@@ -82,7 +82,8 @@ def _bad_label(tmp_path):
 @pytest.mark.parametrize("make_flags, message", [
     (lambda d, t: ["--model=mmeo"], "--model"),
     (lambda d, t: [f"--train_files={t}/missing-*"], "no files match"),
-    (lambda d, t: [_corrupt_copy(d, t)], "corrupt or not a TFRecord"),
+    (lambda d, t: [_corrupt_copy(d, t)], "record 0 (byte 0): the record's data fails its "
+                                         "checksum"),
     (lambda d, t: list(_other_schema(d, t)), "do not match the schema's training layout"),
     (lambda d, t: [f"--train_files={d}/train-*", f"--schema={t}/none.json"],
      "none.json does not exist"),

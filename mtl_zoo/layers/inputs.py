@@ -8,6 +8,10 @@ import tensorflow as tf
 from mtl_zoo._keras import keras
 from pipelines import schema as schema_lib
 
+# Z-scores are clipped here: far beyond real data (10,000 standard deviations),
+# far below where float32 activations overflow.
+NUMERIC_Z_LIMIT = 1e4
+
 
 def _local_ids(ids: tf.Tensor, vocab_size: tf.Tensor, hashed: tf.Tensor) -> tf.Tensor:
   """Row of each id inside its feature's table: hashed ids fold into the buckets,
@@ -26,7 +30,10 @@ class FeatureEmbedding(keras.layers.Layer):
   is several times faster on CPU than one Embedding layer per feature. Lists are
   pooled ("mean" or "sum") over their non-padding ids. Numeric features are
   transformed and z-scored with the statistics stored in the schema, so serving
-  callers send raw values.
+  callers send raw values. A NaN numeric value means "missing" (the CSV
+  converter writes empty cells so) and becomes the training mean (z = 0);
+  infinite and absurd values are clipped to +-NUMERIC_Z_LIMIT standard
+  deviations, so no input can overflow the network into NaN.
 
   Input: dict of feature name -> tensor, as `Schema.feature_signature()`.
   Output: [batch, output_dim] float32.
@@ -100,7 +107,8 @@ class FeatureEmbedding(keras.layers.Layer):
       values = tf.where(log1p, tf.sign(values) * tf.math.log1p(tf.abs(values)), values)
       mean = tf.constant([f.mean for f in self._numeric], tf.float32)
       std = tf.constant([f.std for f in self._numeric], tf.float32)
-      parts.append((values - mean) / std)
+      z = tf.clip_by_value((values - mean) / std, -NUMERIC_Z_LIMIT, NUMERIC_Z_LIMIT)
+      parts.append(tf.where(tf.math.is_nan(z), tf.zeros_like(z), z))
     return tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
 
   def compute_output_shape(self, input_shape):

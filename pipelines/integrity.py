@@ -1,0 +1,240 @@
+"""Checks TFRecord shards before they are read: framing, checksums, compression.
+
+TensorFlow's TFRecord reader gives up on the rest of a shard at its first
+corrupt record, names neither the file nor the record, and takes a shard that
+was cut inside a record header for a complete one. So every shard is scanned
+first -- one pass in C++ that reads the framing and no tf.Example -- and only a
+damaged shard is scanned again record by record, to say which record is damaged
+and where the readable records resume after it.
+"""
+
+import dataclasses
+import gzip
+import struct
+from typing import List, Optional, Sequence, Tuple
+
+import tensorflow as tf
+
+# A record: uint64 length, masked CRC32C of the length, the data, masked CRC32C
+# of the data.
+HEADER_BYTES = 12
+FOOTER_BYTES = 4
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+class BadRecordError(ValueError):
+  """Input files or records cannot be used as given; the message names the
+  file, the record and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Damage:
+  """One damaged place in a shard; the records before it read fine.
+
+  Attributes:
+    path: the shard.
+    record: index of the damaged record in the shard.
+    offset: its byte offset (in the uncompressed stream).
+    problem: what is wrong, for people.
+    records_lost: 1 when reading resumes after this record; None when the rest
+      of the shard cannot be read (its records cannot be located or counted).
+  """
+
+  path: str
+  record: int
+  offset: int
+  problem: str
+  records_lost: Optional[int]
+
+  def __str__(self) -> str:
+    return f"{self.path}: record {self.record} (byte {self.offset}): {self.problem}"
+
+
+@dataclasses.dataclass
+class ShardScan:
+  """A shard's readable records: `segments` of (byte offset, records, index of
+  the first record), in order, and the damage between and after them."""
+
+  path: str
+  compression: Optional[str]
+  records: int
+  segments: List[Tuple[int, int, int]]
+  damage: List[Damage]
+
+
+def compression_of(path: str) -> Optional[str]:
+  return "GZIP" if path.endswith(".gz") else None
+
+
+def scan_shards(files: Sequence[str]) -> List[ShardScan]:
+  """Scans every shard's framing; raises BadRecordError for a file that is not a
+  TFRecord file at all, or is compressed other than its name says (.gz)."""
+  counts = _count_all(files)
+  scans = []
+  for path, count in zip(files, counts):
+    compression = compression_of(path)
+    if count is not None:
+      records, payload = count
+      end = payload + records * (HEADER_BYTES + FOOTER_BYTES)
+      # TensorFlow ends a shard quietly where a record header would begin: the
+      # bytes read must be the whole file (or, GZIP, the size in its trailer).
+      if (end % 2**32 if compression else end) == (
+          _gzip_size(path) if compression else tf.io.gfile.stat(path).length):
+        scans.append(ShardScan(path, compression, records,
+                               [(0, records, 0)] if records else [], []))
+        continue
+    scans.append(_scan_damaged(path, compression))
+  return scans
+
+
+def _gzip_size(path: str) -> Optional[int]:
+  """The uncompressed size a GZIP file's trailer states (modulo 2**32), which a
+  truncated file lacks; None for a file too short to have one."""
+  size = tf.io.gfile.stat(path).length
+  if size < 4:
+    return None
+  with tf.io.gfile.GFile(path, "rb") as f:
+    f.seek(size - 4)
+    return struct.unpack("<I", f.read(4))[0]
+
+
+def _count_all(files: Sequence[str]) -> list:
+  """(records, payload bytes) of each shard, or None for a shard that fails."""
+  def count(path, compression):
+    records = tf.data.TFRecordDataset(path, compression).batch(4096)
+    return records.reduce(
+        (tf.constant(0, tf.int64), tf.constant(0, tf.int64)),
+        lambda total, batch: (total[0] + tf.size(batch, tf.int64),
+                              total[1] + tf.reduce_sum(tf.cast(tf.strings.length(batch),
+                                                               tf.int64))))
+
+  compressions = [compression_of(f) or "" for f in files]
+  try:  # every shard at once, in parallel; almost always nothing is wrong
+    ds = tf.data.Dataset.from_tensor_slices((list(files), compressions)).map(
+        count, num_parallel_calls=tf.data.AUTOTUNE)
+    return [(int(n), int(b)) for n, b in ds.as_numpy_iterator()]
+  except tf.errors.OpError:
+    pass
+  results = []
+  for path, compression in zip(files, compressions):
+    try:
+      n, b = count(tf.constant(path), tf.constant(compression))
+      results.append((int(n), int(b)))
+    except tf.errors.OpError:
+      results.append(None)
+  return results
+
+
+def _readable_run(path: str, compression: Optional[str], offset: int) -> Tuple[int, int]:
+  """(records, payload bytes) readable from `offset` up to the first damage."""
+  # The reader ends a file at its first error; ignore_errors() turns that into
+  # the end of the run.
+  run = tf.data.Dataset.from_tensors(path).interleave(
+      lambda p: record_dataset(p, compression or "", offset, -1)).ignore_errors()
+  n, payload = run.reduce(
+      (tf.constant(0, tf.int64), tf.constant(0, tf.int64)),
+      lambda total, r: (total[0] + 1,
+                        total[1] + tf.cast(tf.strings.length(r), tf.int64)))
+  return int(n), int(payload)
+
+
+def record_dataset(path: tf.Tensor, compression: tf.Tensor, offset: tf.Tensor,
+                   count: tf.Tensor) -> tf.data.Dataset:
+  """`count` records of a shard from byte `offset` on (inside tf.data functions:
+  TensorFlow cannot serialize this reader outside one)."""
+  dataset = tf.raw_ops.TFRecordDatasetV2(
+      filenames=tf.reshape(path, [1]), compression_type=compression,
+      buffer_size=256 * 1024, byte_offsets=tf.reshape(tf.cast(offset, tf.int64), [1]))
+  return tf.data.experimental.from_variant(
+      dataset, tf.TensorSpec([], tf.string)).take(count)
+
+
+def _scan_damaged(path: str, compression: Optional[str]) -> ShardScan:
+  """Reads a shard run by run, stepping over each record whose data fails its
+  checksum (its header still gives its length) until the end, or until the
+  records can no longer be located."""
+  with tf.io.gfile.GFile(path, "rb") as raw:
+    magic = raw.read(2)
+  if compression and magic != GZIP_MAGIC:
+    raise BadRecordError(
+        f"{path} ends in .gz but is not GZIP-compressed; rename it without .gz "
+        "(compression follows the file name).")
+  segments, damage = [], []
+  offset = index = 0
+  with _open_stream(path, compression) as stream:
+    while True:
+      n, payload = _readable_run(path, compression, offset)
+      if n:
+        segments.append((offset, n, index))
+      index += n
+      start = offset + payload + n * (HEADER_BYTES + FOOTER_BYTES)
+
+      def lost(problem, records_lost=None):
+        damage.append(Damage(path, index, start, problem, records_lost))
+
+      try:
+        stream.seek(start)
+        header = stream.read(HEADER_BYTES)
+        if not header:
+          break
+        if len(header) < HEADER_BYTES:
+          if index == 0:
+            _not_a_tfrecord(path, magic, f"it is {len(header)} bytes long")
+          lost("the shard ends inside this record's header: it was truncated", 1)
+          break
+        length, = struct.unpack("<Q", header[:8])
+        if masked_crc32c(header[:8]) != struct.unpack("<I", header[8:])[0]:
+          if index == 0:
+            _not_a_tfrecord(path, magic, "its first record header fails its checksum")
+          lost("the record header fails its checksum, so the records after it cannot "
+               "be located; the rest of the shard is unreadable")
+          break
+        body = stream.read(length + FOOTER_BYTES)
+      except (OSError, EOFError, gzip.BadGzipFile) as e:
+        lost(f"the GZIP stream is corrupt here ({e}); the rest of the shard is unreadable")
+        break
+      if len(body) < length + FOOTER_BYTES:
+        lost("the shard ends inside this record: it was truncated", 1)
+        break
+      lost("the record's data fails its checksum (corrupted)", 1)
+      index += 1
+      offset = start + HEADER_BYTES + length + FOOTER_BYTES
+  return ShardScan(path, compression, sum(n for _, n, _ in segments), segments, damage)
+
+
+def _open_stream(path: str, compression: Optional[str]):
+  raw = tf.io.gfile.GFile(path, "rb")
+  return gzip.GzipFile(fileobj=raw, mode="rb") if compression else raw
+
+
+def _not_a_tfrecord(path: str, magic: bytes, why: str) -> None:
+  if magic == GZIP_MAGIC:
+    raise BadRecordError(
+        f"{path} is GZIP-compressed but its name does not end in .gz; rename it to "
+        "end in .gz (compression follows the file name).")
+  raise BadRecordError(
+      f"{path} is not a TFRecord file ({why}). Convert raw data (CSV, ...) with "
+      "`python -m pipelines.convert`; a TFRecord file that fails here is damaged from "
+      "its start and must be rewritten.")
+
+
+def _crc32c_table() -> List[int]:
+  table = []
+  for byte in range(256):
+    crc = byte
+    for _ in range(8):
+      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)  # Castagnoli, reflected
+    table.append(crc)
+  return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def masked_crc32c(data: bytes) -> int:
+  """The TFRecord checksum: CRC32C, rotated and offset ("masked")."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  crc ^= 0xFFFFFFFF
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
