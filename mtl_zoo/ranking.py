@@ -58,17 +58,43 @@ def listwise_softmax_loss(labels: tf.Tensor, scores: tf.Tensor,
                                tf.reduce_sum(has_relevance))
 
 
-@keras.utils.register_keras_serializable(package="mtl_zoo")
-class PairwiseLogisticLoss(keras.losses.Loss):
-  """`pairwise_logistic_loss` as a Keras loss; the sample weight is the list mask."""
+class _ListLoss(keras.losses.Loss):
+  """A list loss as a Keras loss. The sample weight is the list mask. With
+  `list_size`, inputs are flat [lists * list_size] or [lists * list_size, 1]
+  (how `pipelines.reader.make_dataset` batches ranking tasks) and are cut into
+  lists; without it they already are [lists, list_size]."""
+
+  list_loss = None
+
+  def __init__(self, list_size: Optional[int] = None, **kwargs):
+    super().__init__(**kwargs)
+    self.list_size = list_size
 
   def __call__(self, y_true, y_pred, sample_weight=None):
-    return pairwise_logistic_loss(y_true, y_pred, sample_weight)
+    if self.list_size:
+      y_true, y_pred = self._lists(y_true), self._lists(y_pred)
+      sample_weight = None if sample_weight is None else self._lists(sample_weight)
+    return type(self).list_loss(y_true, y_pred, sample_weight)
+
+  def _lists(self, values):
+    return tf.reshape(values, [-1, self.list_size])
+
+  def get_config(self):
+    return {**super().get_config(), "list_size": self.list_size}
 
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
-class ListwiseSoftmaxLoss(keras.losses.Loss):
-  """`listwise_softmax_loss` as a Keras loss; the sample weight is the list mask."""
+class PairwiseLogisticLoss(_ListLoss):
+  """`pairwise_logistic_loss` as a Keras loss (see `_ListLoss`)."""
 
-  def __call__(self, y_true, y_pred, sample_weight=None):
-    return listwise_softmax_loss(y_true, y_pred, sample_weight)
+  list_loss = staticmethod(pairwise_logistic_loss)
+
+
+@keras.utils.register_keras_serializable(package="mtl_zoo")
+class ListwiseSoftmaxLoss(_ListLoss):
+  """`listwise_softmax_loss` as a Keras loss (see `_ListLoss`)."""
+
+  list_loss = staticmethod(listwise_softmax_loss)
+
+
+RANKING_LOSSES = {"pairwise": PairwiseLogisticLoss, "listwise": ListwiseSoftmaxLoss}

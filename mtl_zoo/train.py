@@ -2,9 +2,12 @@
 
 With no flags: writes the built-in synthetic ads log, trains an MMoE on CTR and
 CVR (CVR masked to clicked impressions), prints metrics and exports a
-SavedModel, all under ./mtl_zoo_output/.
+SavedModel, all under ./mtl_zoo_output/. `--strategy` picks one of the four
+ways to rank by several objectives (see mtl_zoo/strategies.py); every strategy
+ends with the same report of how its ranking score serves each objective.
 
   python -m mtl_zoo.train
+  python -m mtl_zoo.train --strategy=learning_to_rank --ranking_loss=pairwise
   python -m mtl_zoo.train --model=shared_bottom --train_files='data/train-*' \
       --eval_files='data/validation-*' --model_dir=runs/sb --export_dir=exports/sb
   python -m mtl_zoo.train --flagfile=census.flags
@@ -23,6 +26,7 @@ from mtl_zoo import diagnostics
 from mtl_zoo import layers
 from mtl_zoo import metrics as metrics_lib
 from mtl_zoo import models
+from mtl_zoo import strategies
 from mtl_zoo import weighting
 from mtl_zoo._keras import keras
 from mtl_zoo import export
@@ -34,7 +38,14 @@ import tensorflow as tf  # noqa: E402  (after mtl_zoo._keras pins Keras 2)
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_enum("model", "mmoe", sorted(models.MODELS), "Architecture to train.")
+flags.DEFINE_enum("strategy", "multi_task", strategies.STRATEGIES,
+                  "How the objectives become one ranking: multi_task (one model, an "
+                  "output per task, fused by --fusion), fusion (one model per task, "
+                  "fused by --fusion), sample_weighting (one 'engagement' task weighted "
+                  "by --event_weights), learning_to_rank (one graded 'relevance' task "
+                  "with --grades, --ranking_loss and --list_size).")
+flags.DEFINE_enum("model", None, sorted(models.MODELS), "Architecture to train. Default: "
+                  "mmoe for --strategy=multi_task, single_task for the others.")
 flags.DEFINE_string("train_files", None,
                     "Glob(s), comma-separated, of training-layout TFRecord shards written "
                     "by `python -m pipelines.convert`. Default: the built-in synthetic ads "
@@ -46,12 +57,20 @@ flags.DEFINE_string("schema", None, "schema.json of the data. Default: the schem
                     "next to the first training shard.")
 flags.DEFINE_list("tasks", None, "Train only these schema tasks (default: all).")
 flags.DEFINE_string("event_weights", None,
-                    "Sample weighting: replace the tasks by one 'engagement' task that "
-                    "learns 'any event', weighting each example by its deepest event, e.g. "
+                    "--strategy=sample_weighting: the weight of each event, e.g. "
                     "'conversion=1,click=0.2', or 'auto:conversion,click' for weights from "
-                    "the training data's event counts.")
-flags.DEFINE_boolean("duplicate", False, "With --event_weights: repeat examples in "
+                    "the training data's event counts. Default: auto over the schema's "
+                    "binary task labels.")
+flags.DEFINE_boolean("duplicate", False, "--strategy=sample_weighting: repeat examples in "
                      "proportion to their weights instead of weighting them.")
+flags.DEFINE_string("grades", None, "--strategy=learning_to_rank: relevance grade of each "
+                    "event, e.g. 'purchase=3,cart=2,click=1'. Default: funnel depth "
+                    "(click 1, conversion 2).")
+flags.DEFINE_enum("ranking_loss", "listwise", ["listwise", "pairwise"],
+                  "--strategy=learning_to_rank: softmax cross-entropy over each request's "
+                  "list, or logistic loss over its ordered pairs (RankNet).")
+flags.DEFINE_integer("list_size", 10, "--strategy=learning_to_rank: examples per request "
+                     "list; longer requests are cut, shorter ones padded.", lower_bound=2)
 flags.DEFINE_string("output_dir", "mtl_zoo_output",
                     "Base for the defaults of --model_dir, --export_dir and the synthetic data.")
 flags.DEFINE_string("model_dir", None, "Checkpoints, TensorBoard logs, metrics.json and the "
@@ -62,9 +81,11 @@ flags.DEFINE_string("export_dir", None, "SavedModel base directory; each export 
 flags.DEFINE_enum("loss_weighting", "fixed", list(weighting.METHODS),
                   "How task losses are balanced: fixed (schema loss weights), uncertainty, "
                   "dwa, gradnorm or pcgrad (see mtl_zoo/weighting.py).")
-flags.DEFINE_string("fusion", None, "Adds a `rank` signature to the export that fuses "
-                    "task scores (and numeric features) into one score, e.g. "
-                    "'product:ctr=1,cvr=0.5,price=1' or 'sum:ctr=1,cvr=2'.")
+flags.DEFINE_string("fusion", None, "How task scores (and numeric features) fuse into "
+                    "the ranking score, e.g. 'product:ctr=1,cvr=0.5,price=1' or "
+                    "'sum:ctr=1,cvr=2'; exported as the `rank` signature. Default with "
+                    "--strategy=fusion, and for the final report: the product of the "
+                    "binary tasks' probabilities.")
 flags.DEFINE_integer("keep", None, "Keep only the newest N exported versions.", lower_bound=1)
 flags.DEFINE_string("serving_task", None, "Task behind the classify/regress signatures "
                     "(default: the schema's first task).")
@@ -129,7 +150,7 @@ def hyperparameters() -> dict:
 
 
 def resolve_data() -> tuple:
-  """(train pattern, eval pattern or None, schema) from the flags."""
+  """(train pattern, eval pattern or None, the data's schema) from the flags."""
   if FLAGS.train_files:
     train, evaluation = FLAGS.train_files, FLAGS.eval_files
   else:
@@ -158,41 +179,60 @@ def resolve_data() -> tuple:
     schema = schema_lib.Schema.load(schema_path)
     if FLAGS.tasks:
       schema = schema.with_tasks(FLAGS.tasks)
-    if FLAGS.event_weights:
-      schema = sample_weighting_schema(schema, FLAGS.event_weights, train)
-    schema = models.training_schema(FLAGS.model, schema)
     schema.require_statistics()
   except (FileNotFoundError, schema_lib.SchemaError) as e:
     raise DataError(str(e)) from None
   return train, evaluation, schema
 
 
-def sample_weighting_schema(schema: schema_lib.Schema, spec: str,
-                            train_pattern: str) -> schema_lib.Schema:
-  """The schema with one 'engagement' task weighted by events (--event_weights)."""
-  if spec.startswith("auto:"):
-    events = [e.strip() for e in spec[len("auto:"):].split(",") if e.strip()]
-    missing = [e for e in events if e not in schema.labels]
-    if missing:
-      raise schema_lib.SchemaError(f"--event_weights: {missing} are not label columns "
-                                   f"{schema.labels}.")
-    try:
-      weights = reader.default_event_weights(reader.read_columns(train_pattern, schema),
-                                             events)
-    except ValueError as e:
-      raise schema_lib.SchemaError(f"--event_weights: {e}") from None
-  else:
-    weights = {}
-    for item in spec.split(","):
-      name, eq, value = item.partition("=")
-      try:
-        weights[name.strip()] = float(value)
-      except ValueError:
-        raise schema_lib.SchemaError(f"--event_weights entries look like click=0.2, got "
-                                     f"{item!r}.") from None
-  task = schema_lib.Task("engagement", next(iter(weights)), events=weights)
-  return schema_lib.Schema(schema.features, schema.labels, [task], schema.request_id,
-                           schema.name)
+def check_strategy_flags() -> None:
+  """Flags that only one strategy reads are refused with the others."""
+  owners = {"event_weights": "sample_weighting", "duplicate": "sample_weighting",
+            "grades": "learning_to_rank", "ranking_loss": "learning_to_rank",
+            "list_size": "learning_to_rank"}
+  for flag, strategy in owners.items():
+    if FLAGS[flag].present and FLAGS.strategy != strategy:
+      raise app.UsageError(f"--{flag} belongs to --strategy={strategy}; this run has "
+                           f"--strategy={FLAGS.strategy}.")
+  if FLAGS.loss_weighting != "fixed" and FLAGS.strategy != "multi_task":
+    raise app.UsageError(f"--loss_weighting={FLAGS.loss_weighting} balances several tasks "
+                         f"in one model; --strategy={FLAGS.strategy} trains one task per "
+                         "model. Use --strategy=multi_task.")
+
+
+def training_runs(schema: schema_lib.Schema, train_pattern: str,
+                  model_name: str) -> List[tuple]:
+  """(run name, training schema) per model the strategy trains."""
+  if FLAGS.strategy == "fusion":
+    return [(task, models.training_schema(model_name, schema.with_tasks([task])))
+            for task in schema.task_names]
+  if FLAGS.strategy == "sample_weighting":
+    schema = strategies.sample_weighting_schema(
+        schema, event_weights(schema, FLAGS.event_weights, train_pattern))
+  elif FLAGS.strategy == "learning_to_rank":
+    grades = (strategies.parse_event_values(FLAGS.grades, "--grades") if FLAGS.grades
+              else strategies.default_grades(schema))
+    schema = strategies.learning_to_rank_schema(schema, grades, FLAGS.list_size,
+                                                FLAGS.ranking_loss)
+  return [(model_name, models.training_schema(model_name, schema))]
+
+
+def event_weights(schema: schema_lib.Schema, spec: Optional[str],
+                  train_pattern: str) -> Dict[str, float]:
+  """--event_weights: explicit, or 'auto:<events>' (default: auto over the
+  funnel's labels) from the training data's event counts."""
+  if spec and not spec.startswith("auto:"):
+    return strategies.parse_event_values(spec, "--event_weights")
+  events = ([e.strip() for e in spec[len("auto:"):].split(",") if e.strip()] if spec
+            else [t.label for t in strategies.funnel(schema)])
+  missing = [e for e in events if e not in schema.labels]
+  if missing or not events:
+    raise schema_lib.SchemaError(f"--event_weights: {missing or events} are not label "
+                                 f"columns {schema.labels}.")
+  try:
+    return reader.default_event_weights(reader.read_columns(train_pattern, schema), events)
+  except ValueError as e:
+    raise schema_lib.SchemaError(f"--event_weights: {e}") from None
 
 
 class EvalMetrics(keras.callbacks.Callback):
@@ -253,41 +293,23 @@ def explain_data_error(e: tf.errors.OpError, files: str) -> str:
   return f"reading {files} failed: {detail}"
 
 
-def train(argv_rest: Optional[list] = None) -> dict:
-  """Runs the whole job from FLAGS; returns a summary (paths and metrics)."""
-  if argv_rest:
-    raise app.UsageError(f"unexpected arguments {argv_rest}; flags look like --name=value.")
-  hparams = hyperparameters()
-  try:
-    fusion = layers.parse_fusion(FLAGS.fusion) if FLAGS.fusion else None
-  except ValueError as e:
-    raise app.UsageError(f"--fusion: {e}") from None
-  train_pattern, eval_pattern, schema = resolve_data()
-  stamp = time.strftime("%Y%m%d-%H%M%S")
-  model_dir = FLAGS.model_dir or os.path.join(FLAGS.output_dir, "runs", f"{FLAGS.model}-{stamp}")
-  export_dir = (FLAGS.export_dir if FLAGS.export_dir is not None
-                else os.path.join(FLAGS.output_dir, "export", FLAGS.model))
-  try:
-    tf.io.gfile.makedirs(model_dir)
-    if export_dir:
-      tf.io.gfile.makedirs(export_dir)
-  except (tf.errors.OpError, OSError) as e:
-    raise app.UsageError(f"--model_dir/--export_dir cannot be created: {e}") from None
-  keras.utils.set_random_seed(FLAGS.seed)
-
-  if FLAGS.duplicate and not FLAGS.event_weights:
-    raise app.UsageError("--duplicate needs --event_weights.")
+def fit_model(name: str, schema: schema_lib.Schema, model_name: str, hparams: dict,
+              train_pattern: str, eval_pattern: Optional[str], model_dir: str) -> dict:
+  """Builds, compiles and fits one model; returns it with its history and metrics."""
   train_ds = reader.make_dataset(train_pattern, schema, FLAGS.batch_size, seed=FLAGS.seed,
                                  cache=FLAGS.cache, shuffle_block=FLAGS.shuffle_block,
-                                 duplicate_task="engagement" if FLAGS.duplicate else None)
-  eval_ds = (reader.make_dataset(eval_pattern, schema, 8192, shuffle=False, cache=True)
+                                 duplicate_task=(strategies.ENGAGEMENT_TASK
+                                                 if FLAGS.duplicate else None))
+  eval_ds = (reader.make_dataset(eval_pattern, schema, 8192, shuffle=False, cache=True,
+                                 group_lists=False)
              if eval_pattern else None)
-  model = models.build(FLAGS.model, schema, **hparams)
+  # Fused per-task models need distinct names to be combined into one model.
+  model = models.build(model_name, schema, **{
+      **hparams, "name": model_name if name == model_name else f"{name}_{model_name}"})
   trainable = models.compile_model(model, schema, learning_rate=FLAGS.learning_rate,
                                    weighting=FLAGS.loss_weighting)
-  print(f"Training {FLAGS.model} ({model.count_params():,} parameters) on tasks "
+  print(f"Training {model_name} ({model.count_params():,} parameters) on tasks "
         f"{schema.task_names} from {train_pattern}", flush=True)
-
   callbacks = [
       keras.callbacks.ModelCheckpoint(os.path.join(model_dir, "checkpoints", "epoch-{epoch:03d}"),
                                       save_weights_only=True),
@@ -301,38 +323,93 @@ def train(argv_rest: Optional[list] = None) -> dict:
   start = time.perf_counter()
   try:
     history = trainable.fit(train_ds, epochs=FLAGS.epochs, callbacks=callbacks,
-                        verbose=1 if sys.stdout.isatty() else 2)
+                            verbose=1 if sys.stdout.isatty() else 2)
   except tf.errors.OpError as e:
     raise DataError(explain_data_error(
         e, " or ".join(p for p in (train_pattern, eval_pattern) if p))) from None
-  seconds = time.perf_counter() - start
+  return {"name": name, "model": model, "schema": schema,
+          "train_seconds": time.perf_counter() - start,
+          "train_loss": {k: float(v[-1]) for k, v in history.history.items()
+                         if k.endswith("loss")},
+          "task_weights": {k[len("weight_"):]: float(v[-1])
+                           for k, v in history.history.items() if k.startswith("weight_")},
+          "eval": evaluator.latest if evaluator else {},
+          "gates": evaluator.gates if evaluator else {}}
 
-  result = {"model": FLAGS.model, "loss_weighting": FLAGS.loss_weighting,
-            "event_weights": {t.name: t.events for t in schema.tasks if t.events},
-            "hyperparameters": models.hyperparameters_of(FLAGS.model, hparams),
+
+def train(argv_rest: Optional[list] = None) -> dict:
+  """Runs the whole job from FLAGS; returns a summary (paths and metrics)."""
+  if argv_rest:
+    raise app.UsageError(f"unexpected arguments {argv_rest}; flags look like --name=value.")
+  check_strategy_flags()
+  model_name = FLAGS.model or ("mmoe" if FLAGS.strategy == "multi_task" else "single_task")
+  hparams = hyperparameters()
+  try:
+    fusion = layers.parse_fusion(FLAGS.fusion) if FLAGS.fusion else None
+  except ValueError as e:
+    raise app.UsageError(f"--fusion: {e}") from None
+  if fusion and FLAGS.strategy not in ("multi_task", "fusion"):
+    raise app.UsageError(f"--fusion fuses several task outputs; --strategy="
+                         f"{FLAGS.strategy} trains a model with one output.")
+  train_pattern, eval_pattern, data_schema = resolve_data()
+  try:
+    runs = training_runs(data_schema, train_pattern, model_name)
+  except schema_lib.SchemaError as e:
+    raise DataError(str(e)) from None
+  if FLAGS.strategy == "fusion":
+    fusion = fusion or strategies.default_fusion(data_schema)
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  run_label = model_name if FLAGS.strategy == "multi_task" else FLAGS.strategy
+  model_dir = FLAGS.model_dir or os.path.join(FLAGS.output_dir, "runs", f"{run_label}-{stamp}")
+  export_dir = (FLAGS.export_dir if FLAGS.export_dir is not None
+                else os.path.join(FLAGS.output_dir, "export", run_label))
+  try:
+    tf.io.gfile.makedirs(model_dir)
+    if export_dir:
+      tf.io.gfile.makedirs(export_dir)
+  except (tf.errors.OpError, OSError) as e:
+    raise app.UsageError(f"--model_dir/--export_dir cannot be created: {e}") from None
+  keras.utils.set_random_seed(FLAGS.seed)
+
+  fitted = [fit_model(name, schema, model_name, hparams, train_pattern, eval_pattern,
+                      os.path.join(model_dir, name) if len(runs) > 1 else model_dir)
+            for name, schema in runs]
+  if len(fitted) > 1:
+    schema = data_schema.with_tasks([t for run in fitted for t in run["schema"].task_names])
+    model = export.combine_models([run["model"] for run in fitted], schema, name=run_label)
+  else:
+    model, schema = fitted[0]["model"], fitted[0]["schema"]
+
+  result = {"strategy": FLAGS.strategy, "model": model_name,
+            "loss_weighting": FLAGS.loss_weighting,
+            "event_weights": {t.name: t.events for t in schema.tasks
+                              if t.events and t.type == schema_lib.BINARY},
+            "grades": {t.name: t.events for t in schema.tasks
+                       if t.type == schema_lib.RANKING},
+            "fusion": fusion,
+            "hyperparameters": models.hyperparameters_of(model_name, hparams),
             "tasks": schema.task_names,
             "train_files": train_pattern, "eval_files": eval_pattern,
             "epochs": FLAGS.epochs, "batch_size": FLAGS.batch_size,
             "learning_rate": FLAGS.learning_rate, "seed": FLAGS.seed,
-            "train_seconds": round(seconds, 2),
-            "train_loss": {k: float(v[-1]) for k, v in history.history.items()
-                           if k.endswith("loss")},
-            "task_weights": {k[len("weight_"):]: float(v[-1])
-                             for k, v in history.history.items() if k.startswith("weight_")},
-            "eval": evaluator.latest if evaluator else {},
-            "gates": evaluator.gates if evaluator else {}}
+            "train_seconds": round(sum(run["train_seconds"] for run in fitted), 2),
+            "train_loss": _merged(fitted, "train_loss"),
+            "task_weights": _merged(fitted, "task_weights"),
+            "eval": {task: values for run in fitted for task, values in run["eval"].items()},
+            "gates": _merged(fitted, "gates")}
   model.save(os.path.join(model_dir, "model.keras"))
   schema.save(os.path.join(model_dir, schema_lib.SCHEMA_FILENAME))
-  if evaluator:
+  if eval_pattern:
     print("\nEval metrics (" + eval_pattern + "):")
-    print(metrics_lib.format_table(evaluator.latest,
-                                   ["auc", "logloss", "mse", "positive_rate", "examples"]))
-    for gate, summary in evaluator.gates.items():
+    print(metrics_lib.format_table(result["eval"], ["auc", "logloss", "mse",
+                                                    "positive_rate", "examples"]))
+    for gate, summary in result["gates"].items():
       weights = " ".join(f"{w:.2f}" for w in summary["mean_weights"])
       starved = summary["starved_experts"]
       print(f"gate {gate}: mean expert weights [{weights}], normalized entropy "
             f"{summary['normalized_entropy']:.2f}"
             + (f", starved experts {starved}" if starved else ""))
+    result["ranking"] = ranking_report(model, schema, data_schema, eval_pattern, fusion)
   if export_dir:
     warmup = (schema.serving_examples(reader.read_columns(eval_pattern, schema, limit=32))
               if eval_pattern else None)
@@ -349,6 +426,37 @@ def train(argv_rest: Optional[list] = None) -> dict:
           f"{', '.join(result['serving_configs'])})")
   print(f"TensorBoard: tensorboard --logdir {os.path.abspath(os.path.join(model_dir, 'logs'))}")
   return result
+
+
+def _merged(fitted: List[dict], key: str) -> dict:
+  """One run's dict as is; several runs' dicts with keys prefixed by run name."""
+  if len(fitted) == 1:
+    return fitted[0][key]
+  return {f"{run['name']}/{k}": v for run in fitted for k, v in run[key].items()}
+
+
+def ranking_report(model: keras.Model, schema: schema_lib.Schema,
+                   data_schema: schema_lib.Schema, eval_pattern: str,
+                   fusion: Optional[dict]) -> Dict[str, float]:
+  """How the strategy's one ranking score (the fused outputs, or the only
+  output) serves each of the data's objectives on the eval data; printed."""
+  if not strategies.funnel(data_schema):
+    return {}  # no binary objectives to rank by
+  columns = reader.read_columns(eval_pattern, data_schema)
+  outputs = metrics_lib.predict_columns(model, schema, columns)
+  outputs = {task: outputs[task] for task in schema.task_names}
+  if fusion is None and len(outputs) > 1:
+    fusion = strategies.default_fusion(data_schema)
+  report = strategies.objective_report(strategies.ranking_score(outputs, columns, fusion),
+                                       columns, data_schema)
+  how = (f"{fusion['mode']} of " + ", ".join(f"{t}^{w:g}" if fusion["mode"] == "product"
+                                             else f"{w:g}*{t}"
+                                             for t, w in zip(fusion["terms"],
+                                                             fusion["weights"]))
+         if fusion else f"the {next(iter(outputs))} output")
+  print(f"\nRanking score ({how}) against each objective:")
+  print(metrics_lib.format_table({"score": report}))
+  return report
 
 
 def main(argv):

@@ -9,6 +9,8 @@ from pipelines import schema as schema_lib
 
 # Parsed blocks held for shuffling: all of them for datasets up to ~500k examples.
 BLOCK_SHUFFLE_BUFFER = 64
+# Key of the padding mask of request lists (see `group_by_request`).
+LIST_MASK = "__list_mask__"
 
 
 def list_files(file_pattern: Union[str, Sequence[str]]) -> list:
@@ -48,6 +50,10 @@ def split_for_tasks(schema: schema_lib.Schema, columns: Dict[str, tf.Tensor],
   """
   labels, weights = {}, {}
   for task in schema.tasks:
+    if task.type == schema_lib.RANKING:
+      labels[task.name] = relevance_grade(task, columns)
+      weights[task.name] = tf.ones_like(columns[task.label])
+      continue
     if task.events:
       labels[task.name], weights[task.name] = event_target_and_weight(task, columns)
       continue
@@ -76,6 +82,13 @@ def event_target_and_weight(task: schema_lib.Task, columns: Dict[str, tf.Tensor]
   happened = tf.reduce_any(present, axis=1)
   return (tf.cast(happened, tf.float32)[:, None],
           tf.where(happened, deepest, task.base_weight))
+
+
+def relevance_grade(task: schema_lib.Task, columns: Dict[str, tf.Tensor]) -> tf.Tensor:
+  """Ranking tasks: the grade of the highest-graded event present, else 0; [batch, 1]."""
+  present = tf.stack([columns[c] for c in task.events], axis=1) > 0.5
+  grades = tf.constant(list(task.events.values()), tf.float32)
+  return tf.reduce_max(tf.where(present, grades, 0.0), axis=1, keepdims=True)
 
 
 def default_event_weights(columns: Dict[str, np.ndarray], events: Sequence[str]
@@ -109,7 +122,8 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
                  seed: Optional[int] = None,
                  cache: Union[bool, str] = True,
                  check_labels: bool = True,
-                 duplicate_task: Optional[str] = None) -> tf.data.Dataset:
+                 duplicate_task: Optional[str] = None,
+                 group_lists: Optional[bool] = None) -> tf.data.Dataset:
   """A dataset of `(features, labels, sample_weights)` batches for Keras `fit`.
 
   Records are read and parsed in blocks of `shuffle_block` examples (one batched
@@ -134,9 +148,21 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
     duplicate_task: a sample-weighted task (with `events`) whose weights become
       copies instead: each example is repeated round(weight / smallest weight)
       times and weighs 1.
+    group_lists: batch whole requests for ranking losses (default: when a task
+      is a ranking task). Each block's examples are grouped by request id into
+      lists of the schema's `list_size` (a request's first `list_size` examples
+      in file order; shorter lists are zero-padded) and every batch holds
+      `batch_size // list_size` lists, flattened to [lists * list_size, ...]
+      so the model scores examples as usual; padding weighs 0 for every task.
+      A request whose examples fall in two blocks becomes two lists, so write
+      a request's examples together (the converters do).
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+  list_size = schema.list_size if group_lists is None or group_lists else None
+  if group_lists and not list_size:
+    raise ValueError(f"group_lists needs a ranking task (with list_size) in schema "
+                     f"{schema.name!r}; its tasks are {schema.task_names}.")
   files = list_files(file_pattern)
   compression = detect_compression(files)  # GZIP shards end in .gz
   ds = tf.data.Dataset.from_tensor_slices(files)
@@ -154,18 +180,27 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
   if duplicate_task:
     ds = ds.map(_duplicator(schema, duplicate_task), num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=not shuffle)
+  if list_size:
+    ds = ds.map(lambda block: group_by_request(block, list_size),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
   if cache:
     ds = ds.cache(cache if isinstance(cache, str) else "")
   if shuffle:
     ds = ds.shuffle(BLOCK_SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
     ds = ds.map(lambda block: _permute_block(block, seed))
-  ds = ds.rebatch(batch_size)
+  if list_size:
+    ds = ds.rebatch(max(1, batch_size // list_size)).map(_flatten_lists)
+  else:
+    ds = ds.rebatch(batch_size)
 
   def split(packed):
+    list_mask = packed.pop(LIST_MASK, None)
     features, columns = schema.split_packed(packed)
     labels, weights = split_for_tasks(schema, columns, check_labels)
     if duplicate_task:
       weights[duplicate_task] = tf.ones_like(weights[duplicate_task])
+    if list_mask is not None:
+      weights = {task: w * list_mask for task, w in weights.items()}
     return features, labels, weights
 
   ds = ds.map(split, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
@@ -186,6 +221,39 @@ def _duplicator(schema: schema_lib.Schema, task_name: str):
     return {k: tf.repeat(v, copies, axis=0) for k, v in block.items()}
 
   return duplicate
+
+
+def group_by_request(block: Dict[str, tf.Tensor], list_size: int) -> Dict[str, tf.Tensor]:
+  """Packed examples [n, ...] -> request lists [requests, list_size, ...], plus
+  LIST_MASK [requests, list_size] (1 for real examples, 0 for padding).
+
+  Requests keep their examples' order; examples past `list_size` are dropped.
+  """
+  request_ids = block[schema_lib.PACKED_REQUEST_ID]
+  order = tf.argsort(request_ids, stable=True)
+  _, group = tf.unique(tf.gather(request_ids, order))
+  count = tf.size(order)
+  num_lists = tf.reduce_max(group) + 1
+  starts = tf.math.unsorted_segment_min(tf.range(count), group, num_lists)
+  position = tf.range(count) - tf.gather(starts, group)
+  kept = position < list_size
+  slots = tf.boolean_mask(group * list_size + position, kept)[:, None]
+  source = tf.boolean_mask(order, kept)
+
+  def to_lists(values):
+    tail = tf.shape(values)[1:]
+    padded = tf.scatter_nd(slots, tf.gather(values, source),
+                           tf.concat([[num_lists * list_size], tail], 0))
+    return tf.reshape(padded, tf.concat([[num_lists, list_size], tail], 0))
+
+  lists = {key: to_lists(values) for key, values in block.items()}
+  lists[LIST_MASK] = to_lists(tf.ones_like(order, tf.float32))
+  return lists
+
+
+def _flatten_lists(lists: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+  return {key: tf.reshape(values, tf.concat([[-1], tf.shape(values)[2:]], 0))
+          for key, values in lists.items()}
 
 
 def _permute_block(block: Dict[str, tf.Tensor], seed: Optional[int]) -> Dict[str, tf.Tensor]:
