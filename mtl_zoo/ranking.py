@@ -1,26 +1,17 @@
-"""Learning-to-rank pieces: graded relevance from objective priority, and
-pairwise / listwise losses over padded lists of examples (one list per request).
+"""Learning-to-rank losses: pairwise and listwise, over padded lists of examples
+(one list per request). Graded relevance comes from the schema's ranking task
+(`pipelines.reader.relevance_grade`); `pipelines.reader.make_dataset` batches
+whole requests for it.
 
 Lists are dense [batch, list_size] tensors; `mask` is 1 for real examples and 0
 for padding, and padding never contributes to a loss.
 """
 
-from typing import Dict, Optional
+from typing import Optional
 
-import numpy as np
 import tensorflow as tf
 
 from mtl_zoo._keras import keras
-
-
-def graded_relevance(columns: Dict[str, np.ndarray], grades: Dict[str, float]) -> np.ndarray:
-  """Relevance of each example: the grade of its highest-priority event, e.g.
-  grades {"purchase": 3, "cart": 2, "click": 1} (no event: 0)."""
-  n = len(next(iter(columns.values())))
-  relevance = np.zeros(n, np.float32)
-  for column, grade in grades.items():
-    relevance = np.maximum(relevance, np.where(np.asarray(columns[column]) > 0.5, grade, 0))
-  return relevance
 
 
 def _mask_or_ones(labels: tf.Tensor, mask: Optional[tf.Tensor]) -> tf.Tensor:
