@@ -23,9 +23,10 @@ setup(
         "test": ["pytest>=7"],
         # Only the experiment scripts in scripts/ draw plots.
         "experiments": ["matplotlib>=3.5"],
-        # pipelines.beam_convert. 2.77 is the release tested with TensorFlow 2.21
-        # (it allows protobuf 6, which TF needs); google-crc32c checksums TFRecords
-        # in C (Beam's TFRecord sink has no checksum of its own).
+        # pipelines.beam_convert. 2.77 is the release tested with TensorFlow 2.21 (it
+        # allows protobuf 6, which TF needs). Beam's TFRecord sink needs a crc32c
+        # library: google-crc32c ships wheels, apache-beam[tfrecord]'s crcmod only a
+        # source archive to compile.
         "beam": ["apache-beam>=2.77,<3", "google-crc32c>=1.5"],
     },
     entry_points={"console_scripts": ["mtl-zoo-train=mtl_zoo.train:run"]},
