@@ -279,34 +279,36 @@ def _files(directory: str) -> List[str]:
                 FileSystems.match([FileSystems.join(directory, "*")])[0].metadata_list)
 
 
-def _move_files(paths: Sequence[str], directory: str) -> None:
-  """Moves files into `directory`, schema.json last, so that it is complete once it
-  has a schema (readers need one)."""
-  paths = sorted(paths, key=lambda p: p.endswith(schema_lib.SCHEMA_FILENAME))
-  FileSystems.rename(list(paths), [FileSystems.join(directory, p.rsplit("/", 1)[-1])
-                                   for p in paths])
+def _move_files(paths: Sequence[str], directory: str, schema_first: bool) -> None:
+  """Moves files into `directory`, schema.json in a call of its own (a batch rename
+  on an object store has no order) before or after the others."""
+  is_schema = lambda p: p.rsplit("/", 1)[-1] == schema_lib.SCHEMA_FILENAME
+  batches = [[p for p in paths if not is_schema(p)], [p for p in paths if is_schema(p)]]
+  for batch in (batches[::-1] if schema_first else batches):
+    if batch:
+      FileSystems.rename(batch, [FileSystems.join(directory, p.rsplit("/", 1)[-1])
+                                 for p in batch])
 
 
 def publish(tmp_dir: str, out_dir: str, by_file: Optional[bool] = None) -> None:
   """Moves the finished dataset in `tmp_dir` to `out_dir`, replacing any old one.
 
   Local directories are renamed whole (atomic). Object stores have no directory
-  rename, so there (or with `by_file`) files move one at a time: the old dataset
-  is first moved aside, its schema.json first, the new one moved in with its
-  schema.json last, and the old one deleted only then. A crash in between leaves
-  `out_dir` without a schema (so no reader takes it for complete) and both
-  datasets whole, beside it, in the temporary and `.old` directories.
+  rename, so there (or with `by_file`) files move one batch at a time: the old
+  dataset is first moved aside, its schema.json first, the new one moved in with
+  its schema.json last, and the old one deleted only then. A crash in between
+  loses nothing: `out_dir` has no schema.json (so no reader takes it for
+  complete), the old dataset is whole in `<tmp_dir>.old`, the new one is in
+  `tmp_dir` and `out_dir`.
   """
   backup = tmp_dir + ".old"
   if by_file if by_file is not None else not _is_local(out_dir):
     old = _files(out_dir) if _exists(out_dir) else []
     if old:
       _make_dir(backup)
-      schema_first = sorted(old, key=lambda p: not p.endswith(schema_lib.SCHEMA_FILENAME))
-      FileSystems.rename(schema_first, [FileSystems.join(backup, p.rsplit("/", 1)[-1])
-                                        for p in schema_first])
+      _move_files(old, backup, schema_first=True)
     _make_dir(out_dir)
-    _move_files(_files(tmp_dir), out_dir)
+    _move_files(_files(tmp_dir), out_dir, schema_first=False)
     _remove(tmp_dir)
   else:
     old = os.path.exists(out_dir)

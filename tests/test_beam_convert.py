@@ -148,6 +148,7 @@ def test_publishing_file_by_file_moves_schema_last_and_replaces_old_dataset(tmp_
   assert {p.name: p.read_bytes() for p in old.iterdir()} == {
       "train-00000-of-00001.tfrecord": b"new", "schema.json": b"new"}
   assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
-  old_aside, new_in = moved[:2], moved[2:]
-  assert old_aside[0][0] == str(old / "schema.json")  # the old data stops looking whole
-  assert new_in[-1] == (str(new / "schema.json"), str(old / "schema.json"))
+  # The old dataset stops looking whole first; the new one looks whole only at the end.
+  assert moved[0][0] == str(old / "schema.json")
+  assert moved[-1] == (str(new / "schema.json"), str(old / "schema.json"))
+  assert len(moved) == 4
