@@ -8,18 +8,27 @@ SavedModel, all under ./mtl_zoo_output/.
   python -m mtl_zoo.train --model=shared_bottom --train_files='data/train-*' \
       --eval_files='data/validation-*' --model_dir=runs/sb --export_dir=exports/sb
   python -m mtl_zoo.train --flagfile=census.flags
+
+With an explicit --model_dir the run backs itself up every --backup_every_steps
+steps and at every epoch's end; rerun the same command after a crash and it
+resumes from the last backup. --distribution trains on several devices or
+machines (README "Training on a cluster").
 """
 
+import contextlib
 import json
+import math
 import os
 import re
 import sys
 import time
+import uuid
 from typing import Dict, List, Optional
 
 from absl import app, flags
 
 from mtl_zoo import diagnostics
+from mtl_zoo import distribute
 from mtl_zoo import layers
 from mtl_zoo import metrics as metrics_lib
 from mtl_zoo import models
@@ -69,7 +78,25 @@ flags.DEFINE_integer("keep", None, "Keep only the newest N exported versions.", 
 flags.DEFINE_string("serving_task", None, "Task behind the classify/regress signatures "
                     "(default: the schema's first task).")
 flags.DEFINE_integer("epochs", 5, "Passes over the training data.", lower_bound=1)
-flags.DEFINE_integer("batch_size", 2048, "Examples per training step.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 2048, "Examples per training step: the global batch of "
+                     "one optimizer update, split over all replicas under --distribution.",
+                     lower_bound=1)
+flags.DEFINE_integer("steps_per_epoch", None, "Training steps per epoch. Default: one pass "
+                     "over the training examples, counted before training.", lower_bound=1)
+flags.DEFINE_enum("distribution", "none", list(distribute.DISTRIBUTIONS),
+                  "tf.distribute strategy: none; mirrored (all local GPUs/CPU); "
+                  "multi_worker (MultiWorkerMirroredStrategy over the TF_CONFIG cluster); "
+                  "parameter_server (ParameterServerStrategy: the chief coordinates, the "
+                  "TF_CONFIG workers and ps tasks serve). See README 'Training on a cluster'.")
+flags.DEFINE_integer("ps_shards", 0, "parameter_server: split variables of at least "
+                     "--ps_min_shard_bytes into this many parts (default: one per ps task).",
+                     lower_bound=0)
+flags.DEFINE_integer("ps_min_shard_bytes", 256 << 10, "parameter_server: smallest part a "
+                     "variable (an embedding table) is split into.", lower_bound=1)
+flags.DEFINE_integer("backup_every_steps", 1000, "With --model_dir: back up the training "
+                     "state every N steps (and after every epoch) into <model_dir>/backup; "
+                     "0: after every epoch only. parameter_server backs up per epoch.",
+                     lower_bound=0)
 flags.DEFINE_float("learning_rate", 2e-3, "Adam learning rate.", lower_bound=0.0)
 flags.DEFINE_integer("num_experts", 8, "Shared experts (mmoe, omoe).", lower_bound=1)
 flags.DEFINE_integer("num_task_experts", 2, "Experts of each task (cgc, ple).", lower_bound=1)
@@ -235,6 +262,99 @@ def write_json_atomically(path: str, data: dict) -> None:
   tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
+def save_model_atomically(model: keras.Model, path: str) -> None:
+  """model.save to a hidden temporary name, renamed to `path` when complete: a
+  crash leaves the previous model.keras, never a truncated one."""
+  tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex[:8]}-"
+                     f"{os.path.basename(path)}")
+  try:
+    model.save(tmp)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+  finally:
+    if tf.io.gfile.exists(tmp):
+      tf.io.gfile.remove(tmp)
+
+
+def count_examples(pattern: str, schema: schema_lib.Schema,
+                   duplicate_task: Optional[str]) -> int:
+  """Training examples in one pass: records, or copies with --duplicate."""
+  if not duplicate_task:
+    return reader.count_records(pattern)
+  ds = reader.make_dataset(pattern, schema, 8192, shuffle=False, cache=False,
+                           check_labels=False, duplicate_task=duplicate_task)
+  return sum(int(tf.shape(labels[duplicate_task])[0]) for _, labels, _ in ds)
+
+
+def run_identity(train_pattern: str, schema: schema_lib.Schema, hparams: dict,
+                 steps_per_epoch: int) -> dict:
+  """The settings a backup belongs to: resuming with others would mix two runs."""
+  return {"model": FLAGS.model, "hyperparameters": models.hyperparameters_of(FLAGS.model,
+                                                                            hparams),
+          "train_files": train_pattern, "tasks": schema.task_names,
+          "event_weights": FLAGS.event_weights, "duplicate": FLAGS.duplicate,
+          "loss_weighting": FLAGS.loss_weighting, "batch_size": FLAGS.batch_size,
+          "steps_per_epoch": steps_per_epoch, "learning_rate": FLAGS.learning_rate,
+          "seed": FLAGS.seed, "shuffle_block": FLAGS.shuffle_block,
+          "distribution": FLAGS.distribution}
+
+
+def check_backup_owner(backup_dir: str, identity: dict) -> None:
+  """Refuses to resume a backup that another run's settings wrote."""
+  path = os.path.join(backup_dir, "run.json")
+  if not tf.io.gfile.exists(os.path.join(backup_dir, "chief")):
+    return
+  saved = {}
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      saved = json.load(f)
+  changed = sorted(k for k in identity if saved.get(k) != identity[k])
+  if changed:
+    raise app.UsageError(
+        f"{backup_dir} holds the backup of an unfinished run with other settings "
+        f"({', '.join(changed)}). Rerun with that run's flags to resume it, or pass another "
+        f"--model_dir (or delete {backup_dir}) to start over.")
+
+
+def remove_backup(backup_dir: str) -> None:
+  """Deletes the finished run's backup directory. Keras has already deleted the
+  checkpoint; other workers may still be removing their temporary copies, so a
+  directory that is not yet empty is left alone."""
+  tf.io.gfile.remove(os.path.join(backup_dir, "run.json"))
+  try:
+    if not tf.io.gfile.listdir(backup_dir):
+      tf.io.gfile.rmtree(backup_dir)
+  except tf.errors.OpError:
+    pass
+
+
+def setup_distribution() -> tuple:
+  """(TF_CONFIG, strategy or None) for --distribution; first thing in the job,
+  because the multi-worker strategy must exist before TensorFlow runs any op.
+  On parameter-server workers and ps tasks it serves and never returns."""
+  try:
+    config = distribute.tf_config()
+    if FLAGS.distribution == "parameter_server" and \
+        distribute.role(config)[0] in ("worker", "ps"):
+      distribute.serve(config)
+      sys.exit(0)
+    if FLAGS.distribution != "none" and FLAGS.loss_weighting != "fixed":
+      raise app.UsageError(
+          f"--loss_weighting={FLAGS.loss_weighting} trains with its own train step, which "
+          "computes task losses and gradients per replica; it is only available with "
+          "--distribution=none. Use --loss_weighting=fixed to distribute.")
+    if FLAGS.distribution in ("multi_worker", "parameter_server") and not FLAGS.train_files:
+      raise app.UsageError(f"--distribution={FLAGS.distribution} needs --train_files: "
+                           "workers read shares of the same files.")
+    strategy = distribute.make_strategy(FLAGS.distribution, FLAGS.ps_shards,
+                                        FLAGS.ps_min_shard_bytes)
+  except distribute.ClusterError as e:
+    raise app.UsageError(f"--distribution={FLAGS.distribution}: {e}") from None
+  if strategy is not None and FLAGS.batch_size % strategy.num_replicas_in_sync:
+    raise app.UsageError(f"--batch_size={FLAGS.batch_size} is the global batch and must "
+                         f"divide evenly over the {strategy.num_replicas_in_sync} replicas.")
+  return config, strategy
+
+
 def explain_data_error(e: tf.errors.OpError, files: str) -> str:
   lines = [l.strip() for l in e.message.splitlines() if l.strip()]
   keys = ("corrupted record", "Feature:", "Key:", "must be 0 or 1", "Number of")
@@ -262,6 +382,8 @@ def train(argv_rest: Optional[list] = None) -> dict:
     fusion = layers.parse_fusion(FLAGS.fusion) if FLAGS.fusion else None
   except ValueError as e:
     raise app.UsageError(f"--fusion: {e}") from None
+  config, strategy = setup_distribution()
+  chief = distribute.is_chief(config)
   train_pattern, eval_pattern, schema = resolve_data()
   stamp = time.strftime("%Y%m%d-%H%M%S")
   model_dir = FLAGS.model_dir or os.path.join(FLAGS.output_dir, "runs", f"{FLAGS.model}-{stamp}")
@@ -269,7 +391,7 @@ def train(argv_rest: Optional[list] = None) -> dict:
                 else os.path.join(FLAGS.output_dir, "export", FLAGS.model))
   try:
     tf.io.gfile.makedirs(model_dir)
-    if export_dir:
+    if export_dir and chief:
       tf.io.gfile.makedirs(export_dir)
   except (tf.errors.OpError, OSError) as e:
     raise app.UsageError(f"--model_dir/--export_dir cannot be created: {e}") from None
@@ -277,22 +399,87 @@ def train(argv_rest: Optional[list] = None) -> dict:
 
   if FLAGS.duplicate and not FLAGS.event_weights:
     raise app.UsageError("--duplicate needs --event_weights.")
-  train_ds = reader.make_dataset(train_pattern, schema, FLAGS.batch_size, seed=FLAGS.seed,
-                                 cache=FLAGS.cache, shuffle_block=FLAGS.shuffle_block,
-                                 duplicate_task="engagement" if FLAGS.duplicate else None)
+  duplicate_task = "engagement" if FLAGS.duplicate else None
+  workers = distribute.num_workers(strategy, config)
+  train_files = reader.list_files(train_pattern)
+  if len(train_files) < workers:
+    raise DataError(f"--train_files matches {len(train_files)} file(s) but {workers} workers read "
+                    "whole files; write at least as many shards (pipelines.convert "
+                    "--num_shards).")
+  try:
+    steps_per_epoch = FLAGS.steps_per_epoch or max(1, math.ceil(
+        count_examples(train_pattern, schema, duplicate_task) / FLAGS.batch_size))
+  except tf.errors.OpError as e:
+    raise DataError(explain_data_error(e, train_pattern)) from None
+
+  # Crash safety: only an explicit --model_dir can be found again by a rerun.
+  backup_dir = os.path.join(model_dir, "backup") if FLAGS.model_dir else None
+  per_step_backups = (FLAGS.backup_every_steps > 0 and
+                      not isinstance(strategy, tf.distribute.ParameterServerStrategy))
+  resumed = None
+  if backup_dir:
+    identity = run_identity(train_pattern, schema, hparams, steps_per_epoch)
+    check_backup_owner(backup_dir, identity)
+    resumed = distribute.backup_resume_point(backup_dir, steps_per_epoch, per_step_backups)
+    if chief:
+      tf.io.gfile.makedirs(backup_dir)
+      write_json_atomically(os.path.join(backup_dir, "run.json"), identity)
+  # Steps already trained: the resumed run skips the batches they read and reads
+  # deterministically, so it sees the batches the interrupted run would have
+  # (parameter-server workers read at their own pace: no such order to keep).
+  done_steps = (resumed[0] * steps_per_epoch + resumed[1]
+                if resumed and not isinstance(strategy, tf.distribute.ParameterServerStrategy)
+                else 0)
+  if resumed:
+    print(f"Resuming from the backup in {backup_dir}: epoch {resumed[0] + 1}, step "
+          f"{resumed[1]} of {steps_per_epoch}.", flush=True)
+
+  def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+    readers, index = distribute.input_shard(strategy, context, workers)
+    if readers > 1 and isinstance(index, int):
+      print(f"Input: reader {index} of {readers} reads {len(train_files[index::readers])} "
+            f"of the {len(train_files)} training files.", flush=True)
+    elif readers > 1:  # a parameter-server worker's index is known only on the worker
+      print(f"Input: the {readers} workers read disjoint shares of the {len(train_files)} "
+            f"training files (file i goes to worker i mod {readers}).", flush=True)
+    # Each worker repeats its own files: every epoch is exactly steps_per_epoch
+    # steps on every worker, so none waits for another that ran out of data.
+    ds = reader.make_dataset(train_pattern, schema,
+                             context.get_per_replica_batch_size(FLAGS.batch_size),
+                             seed=FLAGS.seed, cache=FLAGS.cache,
+                             shuffle_block=FLAGS.shuffle_block, duplicate_task=duplicate_task,
+                             shard=(readers, index) if readers > 1 else None,
+                             deterministic=backup_dir is not None).repeat()
+    replicas_per_reader = context.num_replicas_in_sync // context.num_input_pipelines
+    return ds.skip(done_steps * replicas_per_reader) if done_steps else ds
+
+  train_input = distribute.training_input(strategy, dataset_fn)
   eval_ds = (reader.make_dataset(eval_pattern, schema, 8192, shuffle=False, cache=True)
-             if eval_pattern else None)
-  model = models.build(FLAGS.model, schema, **hparams)
-  trainable = models.compile_model(model, schema, learning_rate=FLAGS.learning_rate,
-                                   weighting=FLAGS.loss_weighting)
+             if eval_pattern and chief else None)
+  with strategy.scope() if strategy else contextlib.nullcontext():
+    model = models.build(FLAGS.model, schema, **hparams)
+    trainable = models.compile_model(model, schema, learning_rate=FLAGS.learning_rate,
+                                     weighting=FLAGS.loss_weighting)
+  replicas = strategy.num_replicas_in_sync if strategy else 1
+  where = (f" on {workers} workers" if workers > 1 else "") + (
+      f" ({replicas} replica{'s' if replicas > 1 else ''})" if strategy else "")
   print(f"Training {FLAGS.model} ({model.count_params():,} parameters) on tasks "
-        f"{schema.task_names} from {train_pattern}", flush=True)
+        f"{schema.task_names} from {train_pattern}{where}, {steps_per_epoch} steps of "
+        f"{FLAGS.batch_size} per epoch", flush=True)
+  if isinstance(strategy, tf.distribute.ParameterServerStrategy):
+    split = distribute.sharded_variables(model)
+    print("Variables split over the parameter servers: " + (
+        ", ".join(f"{name} ({parts} parts)" for name, parts in split.items())
+        or "none (each is smaller than --ps_min_shard_bytes)"), flush=True)
 
   callbacks = [
       keras.callbacks.ModelCheckpoint(os.path.join(model_dir, "checkpoints", "epoch-{epoch:03d}"),
                                       save_weights_only=True),
       keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), profile_batch=0),
   ]
+  if backup_dir:
+    callbacks.append(distribute.Backup(
+        backup_dir, save_freq=FLAGS.backup_every_steps if per_step_backups else "epoch"))
   evaluator = (EvalMetrics(model, schema, eval_ds,
                            os.path.join(model_dir, "logs", "eval_gates"))
                if eval_ds is not None else None)
@@ -300,12 +487,18 @@ def train(argv_rest: Optional[list] = None) -> dict:
     callbacks.insert(0, evaluator)  # first, so later callbacks log its metrics
   start = time.perf_counter()
   try:
-    history = trainable.fit(train_ds, epochs=FLAGS.epochs, callbacks=callbacks,
-                        verbose=1 if sys.stdout.isatty() else 2)
+    history = trainable.fit(train_input, epochs=FLAGS.epochs, steps_per_epoch=steps_per_epoch,
+                            callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
   except tf.errors.OpError as e:
     raise DataError(explain_data_error(
         e, " or ".join(p for p in (train_pattern, eval_pattern) if p))) from None
   seconds = time.perf_counter() - start
+  if not chief:
+    # The chief holds the same weights and writes every output.
+    print("Task %s %d finished; the chief writes the outputs." % distribute.role(config))
+    return {"model": FLAGS.model, "chief": False}
+  if backup_dir:  # the run is complete: a rerun starts afresh
+    remove_backup(backup_dir)
 
   result = {"model": FLAGS.model, "loss_weighting": FLAGS.loss_weighting,
             "event_weights": {t.name: t.events for t in schema.tasks if t.events},
@@ -313,6 +506,10 @@ def train(argv_rest: Optional[list] = None) -> dict:
             "tasks": schema.task_names,
             "train_files": train_pattern, "eval_files": eval_pattern,
             "epochs": FLAGS.epochs, "batch_size": FLAGS.batch_size,
+            "steps_per_epoch": steps_per_epoch,
+            "distribution": FLAGS.distribution, "workers": workers,
+            "resumed_from": ({"epoch": resumed[0] + 1, "step": resumed[1]}
+                             if resumed else None),
             "learning_rate": FLAGS.learning_rate, "seed": FLAGS.seed,
             "train_seconds": round(seconds, 2),
             "train_loss": {k: float(v[-1]) for k, v in history.history.items()
@@ -321,7 +518,12 @@ def train(argv_rest: Optional[list] = None) -> dict:
                              for k, v in history.history.items() if k.startswith("weight_")},
             "eval": evaluator.latest if evaluator else {},
             "gates": evaluator.gates if evaluator else {}}
-  model.save(os.path.join(model_dir, "model.keras"))
+  if strategy is not None:
+    # Saved and exported: the same architecture outside the strategy, so loading
+    # it needs no cluster and sharded tables are whole again.
+    trained, model = model, models.build(FLAGS.model, schema, **hparams)
+    model.set_weights(distribute.weight_values(trained))
+  save_model_atomically(model, os.path.join(model_dir, "model.keras"))
   schema.save(os.path.join(model_dir, schema_lib.SCHEMA_FILENAME))
   if evaluator:
     print("\nEval metrics (" + eval_pattern + "):")
