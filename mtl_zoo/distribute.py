@@ -65,13 +65,13 @@ def is_chief(config: dict) -> bool:
   return task_type == "worker" and index == 0 and "chief" not in cluster
 
 
-def num_workers(strategy: Optional[tf.distribute.Strategy], config: dict) -> int:
+def num_workers(distribution: str, config: dict) -> int:
   """Processes that read training data: the workers (and chief) of a mirrored
   cluster, the workers of a parameter-server cluster, else 1."""
   cluster = config.get("cluster") or {}
-  if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+  if distribution == "multi_worker":
     return len(cluster.get("chief", [])) + len(cluster.get("worker", [])) or 1
-  if isinstance(strategy, tf.distribute.ParameterServerStrategy):
+  if distribution == "parameter_server":
     return len(cluster.get("worker", []))
   return 1
 

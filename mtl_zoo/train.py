@@ -329,7 +329,8 @@ def remove_backup(backup_dir: str) -> None:
 
 def setup_distribution() -> tuple:
   """(TF_CONFIG, strategy or None) for --distribution; first thing in the job,
-  because the multi-worker strategy must exist before TensorFlow runs any op.
+  because the multi-worker strategy must exist before TensorFlow runs any op
+  (and its creation waits for every worker, so the flags are checked before).
   On parameter-server workers and ps tasks it serves and never returns."""
   try:
     config = distribute.tf_config()
@@ -345,6 +346,18 @@ def setup_distribution() -> tuple:
     if FLAGS.distribution in ("multi_worker", "parameter_server") and not FLAGS.train_files:
       raise app.UsageError(f"--distribution={FLAGS.distribution} needs --train_files: "
                            "workers read shares of the same files.")
+    workers = distribute.num_workers(FLAGS.distribution, config)
+    if workers > 1:
+      try:
+        num_files = len(reader.list_files(FLAGS.train_files))
+      except FileNotFoundError as e:
+        raise DataError(str(e)) from None
+      if num_files < workers:
+        raise DataError(f"--train_files matches {num_files} file(s) but {workers} workers "
+                        "read whole files; write at least as many shards (pipelines.convert "
+                        "--num_shards).")
+    if FLAGS.distribution == "multi_worker" and workers > 1:
+      print(f"Waiting for all {workers} workers of TF_CONFIG to start ...", flush=True)
     strategy = distribute.make_strategy(FLAGS.distribution, FLAGS.ps_shards,
                                         FLAGS.ps_min_shard_bytes)
   except distribute.ClusterError as e:
@@ -400,12 +413,8 @@ def train(argv_rest: Optional[list] = None) -> dict:
   if FLAGS.duplicate and not FLAGS.event_weights:
     raise app.UsageError("--duplicate needs --event_weights.")
   duplicate_task = "engagement" if FLAGS.duplicate else None
-  workers = distribute.num_workers(strategy, config)
+  workers = distribute.num_workers(FLAGS.distribution, config)
   train_files = reader.list_files(train_pattern)
-  if len(train_files) < workers:
-    raise DataError(f"--train_files matches {len(train_files)} file(s) but {workers} workers read "
-                    "whole files; write at least as many shards (pipelines.convert "
-                    "--num_shards).")
   try:
     steps_per_epoch = FLAGS.steps_per_epoch or max(1, math.ceil(
         count_examples(train_pattern, schema, duplicate_task) / FLAGS.batch_size))

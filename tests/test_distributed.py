@@ -255,6 +255,26 @@ def test_killed_training_resumes_from_its_last_backup_and_ends_as_if_never_kille
   assert_same_run(killed, reference, atol=1e-4)
 
 
+@pytest.mark.parametrize("flags, cluster, message", [
+    (["--distribution=mirrored", "--loss_weighting=pcgrad"], None,
+     "--loss_weighting=pcgrad trains with its own train step"),
+    (["--distribution=parameter_server", "--train_files={ads}/train-*"], None,
+     "needs TF_CONFIG with 'chief', 'worker' and 'ps' tasks"),
+    # Checked before the strategy waits for the other worker, which never comes.
+    (["--distribution=multi_worker", "--train_files={ads}/train-00000-of-00003.tfrecord"],
+     {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+     "matches 1 file(s) but 2 workers read whole files"),
+])
+def test_distribution_errors_name_the_problem(flags, cluster, message, ads_dir, processes,
+                                              tmp_path):
+  processes.start("run", *[f.format(ads=ads_dir) for f in flags],
+                  f"--model_dir={tmp_path}/run", "--export_dir=", cluster=cluster,
+                  task=("worker", 0))
+  code, log = processes.wait("run", timeout=120)
+  assert code not in (0, None) and message in log, log[-3000:]
+  assert "Traceback" not in log
+
+
 # ------------------------------------------------------------- in-process
 
 
