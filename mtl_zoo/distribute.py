@@ -52,7 +52,11 @@ def tf_config() -> dict:
 def role(config: dict) -> Tuple[Optional[str], int]:
   """This process's (task type, index) in TF_CONFIG; (None, 0) without one."""
   task = config.get("task") or {}
-  return task.get("type"), int(task.get("index", 0))
+  try:
+    return task.get("type"), int(task.get("index", 0))
+  except (AttributeError, TypeError, ValueError):
+    raise ClusterError(f"TF_CONFIG's task should look like {{\"type\": \"worker\", "
+                       f"\"index\": 0}}, got {task!r}.") from None
 
 
 def is_chief(config: dict) -> bool:

@@ -319,8 +319,8 @@ def remove_backup(backup_dir: str) -> None:
   """Deletes the finished run's backup directory. Keras has already deleted the
   checkpoint; other workers may still be removing their temporary copies, so a
   directory that is not yet empty is left alone."""
-  tf.io.gfile.remove(os.path.join(backup_dir, "run.json"))
   try:
+    tf.io.gfile.remove(os.path.join(backup_dir, "run.json"))
     if not tf.io.gfile.listdir(backup_dir):
       tf.io.gfile.rmtree(backup_dir)
   except tf.errors.OpError:
