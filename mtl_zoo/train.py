@@ -11,18 +11,27 @@ ends with the same report of how its ranking score serves each objective.
   python -m mtl_zoo.train --model=shared_bottom --train_files='data/train-*' \
       --eval_files='data/validation-*' --model_dir=runs/sb --export_dir=exports/sb
   python -m mtl_zoo.train --flagfile=census.flags
+
+With an explicit --model_dir the run backs itself up every --backup_every_steps
+steps and at every epoch's end; rerun the same command after a crash and it
+resumes from the last backup. --distribution trains on several devices or
+machines (README "Training on a cluster").
 """
 
+import contextlib
 import json
+import math
 import os
 import re
 import sys
 import time
+import uuid
 from typing import Dict, List, Optional
 
 from absl import app, flags
 
 from mtl_zoo import diagnostics
+from mtl_zoo import distribute
 from mtl_zoo import layers
 from mtl_zoo import metrics as metrics_lib
 from mtl_zoo import models
@@ -90,7 +99,25 @@ flags.DEFINE_integer("keep", None, "Keep only the newest N exported versions.", 
 flags.DEFINE_string("serving_task", None, "Task behind the classify/regress signatures "
                     "(default: the schema's first task).")
 flags.DEFINE_integer("epochs", 5, "Passes over the training data.", lower_bound=1)
-flags.DEFINE_integer("batch_size", 2048, "Examples per training step.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 2048, "Examples per training step: the global batch of "
+                     "one optimizer update, split over all replicas under --distribution.",
+                     lower_bound=1)
+flags.DEFINE_integer("steps_per_epoch", None, "Training steps per epoch. Default: one pass "
+                     "over the training examples, counted before training.", lower_bound=1)
+flags.DEFINE_enum("distribution", "none", list(distribute.DISTRIBUTIONS),
+                  "tf.distribute strategy: none; mirrored (all local GPUs/CPU); "
+                  "multi_worker (MultiWorkerMirroredStrategy over the TF_CONFIG cluster); "
+                  "parameter_server (ParameterServerStrategy: the chief coordinates, the "
+                  "TF_CONFIG workers and ps tasks serve). See README 'Training on a cluster'.")
+flags.DEFINE_integer("ps_shards", 0, "parameter_server: split variables of at least "
+                     "--ps_min_shard_bytes into this many parts (default: one per ps task).",
+                     lower_bound=0)
+flags.DEFINE_integer("ps_min_shard_bytes", 256 << 10, "parameter_server: smallest part a "
+                     "variable (an embedding table) is split into.", lower_bound=1)
+flags.DEFINE_integer("backup_every_steps", 1000, "With --model_dir: back up the training "
+                     "state every N steps (and after every epoch) into <model_dir>/backup; "
+                     "0: after every epoch only. parameter_server backs up per epoch.",
+                     lower_bound=0)
 flags.DEFINE_float("learning_rate", 2e-3, "Adam learning rate.", lower_bound=0.0)
 flags.DEFINE_integer("num_experts", 8, "Shared experts (mmoe, omoe).", lower_bound=1)
 flags.DEFINE_integer("num_task_experts", 2, "Experts of each task (cgc, ple).", lower_bound=1)
@@ -275,6 +302,122 @@ def write_json_atomically(path: str, data: dict) -> None:
   tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
+def save_model_atomically(model: keras.Model, path: str) -> None:
+  """model.save to a hidden temporary name, renamed to `path` when complete: a
+  crash leaves the previous model.keras, never a truncated one."""
+  tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex[:8]}-"
+                     f"{os.path.basename(path)}")
+  try:
+    model.save(tmp)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+  finally:
+    if tf.io.gfile.exists(tmp):
+      tf.io.gfile.remove(tmp)
+
+
+def count_examples(pattern: str, schema: schema_lib.Schema,
+                   duplicate_task: Optional[str]) -> int:
+  """Training examples in one pass: records, copies with --duplicate, or list
+  slots (padding included) for ranking tasks."""
+  if not duplicate_task and not schema.list_size:
+    return reader.count_records(pattern)
+  ds = reader.make_dataset(pattern, schema, 8192, shuffle=False, cache=False,
+                           check_labels=False, duplicate_task=duplicate_task)
+  return sum(int(tf.shape(next(iter(labels.values())))[0]) for _, labels, _ in ds)
+
+
+def examples_per_step(schema: schema_lib.Schema) -> int:
+  """--batch_size, or for ranking tasks the whole lists that fit in it."""
+  if not schema.list_size:
+    return FLAGS.batch_size
+  return max(1, FLAGS.batch_size // schema.list_size) * schema.list_size
+
+
+def run_identity(model_name: str, train_pattern: str, schema: schema_lib.Schema,
+                 hparams: dict, steps_per_epoch: int) -> dict:
+  """The settings a backup belongs to: resuming with others would mix two runs."""
+  return {"model": model_name, "hyperparameters": models.hyperparameters_of(model_name,
+                                                                           hparams),
+          "train_files": train_pattern, "tasks": schema.task_names,
+          "strategy": FLAGS.strategy, "event_weights": FLAGS.event_weights,
+          "duplicate": FLAGS.duplicate, "grades": FLAGS.grades,
+          "ranking_loss": FLAGS.ranking_loss, "list_size": FLAGS.list_size,
+          "loss_weighting": FLAGS.loss_weighting, "batch_size": FLAGS.batch_size,
+          "steps_per_epoch": steps_per_epoch, "learning_rate": FLAGS.learning_rate,
+          "seed": FLAGS.seed, "shuffle_block": FLAGS.shuffle_block,
+          "distribution": FLAGS.distribution}
+
+
+def check_backup_owner(backup_dir: str, identity: dict) -> None:
+  """Refuses to resume a backup that another run's settings wrote."""
+  path = os.path.join(backup_dir, "run.json")
+  if not tf.io.gfile.exists(os.path.join(backup_dir, "chief")):
+    return
+  saved = {}
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      saved = json.load(f)
+  changed = sorted(k for k in identity if saved.get(k) != identity[k])
+  if changed:
+    raise app.UsageError(
+        f"{backup_dir} holds the backup of an unfinished run with other settings "
+        f"({', '.join(changed)}). Rerun with that run's flags to resume it, or pass another "
+        f"--model_dir (or delete {backup_dir}) to start over.")
+
+
+def remove_backup(backup_dir: str) -> None:
+  """Deletes the finished run's backup directory. Keras has already deleted the
+  checkpoint; other workers may still be removing their temporary copies, so a
+  directory that is not yet empty is left alone."""
+  try:
+    tf.io.gfile.remove(os.path.join(backup_dir, "run.json"))
+    if not tf.io.gfile.listdir(backup_dir):
+      tf.io.gfile.rmtree(backup_dir)
+  except tf.errors.OpError:
+    pass
+
+
+def setup_distribution() -> tuple:
+  """(TF_CONFIG, strategy or None) for --distribution; first thing in the job,
+  because the multi-worker strategy must exist before TensorFlow runs any op
+  (and its creation waits for every worker, so the flags are checked before).
+  On parameter-server workers and ps tasks it serves and never returns."""
+  try:
+    config = distribute.tf_config()
+    if FLAGS.distribution == "parameter_server" and \
+        distribute.role(config)[0] in ("worker", "ps"):
+      distribute.serve(config)
+      sys.exit(0)
+    if FLAGS.distribution != "none" and FLAGS.loss_weighting != "fixed":
+      raise app.UsageError(
+          f"--loss_weighting={FLAGS.loss_weighting} trains with its own train step, which "
+          "computes task losses and gradients per replica; it is only available with "
+          "--distribution=none. Use --loss_weighting=fixed to distribute.")
+    if FLAGS.distribution in ("multi_worker", "parameter_server") and not FLAGS.train_files:
+      raise app.UsageError(f"--distribution={FLAGS.distribution} needs --train_files: "
+                           "workers read shares of the same files.")
+    workers = distribute.num_workers(FLAGS.distribution, config)
+    if workers > 1:
+      try:
+        num_files = len(reader.list_files(FLAGS.train_files))
+      except FileNotFoundError as e:
+        raise DataError(str(e)) from None
+      if num_files < workers:
+        raise DataError(f"--train_files matches {num_files} file(s) but {workers} workers "
+                        "read whole files; write at least as many shards (pipelines.convert "
+                        "--num_shards).")
+    if FLAGS.distribution == "multi_worker" and workers > 1:
+      print(f"Waiting for all {workers} workers of TF_CONFIG to start ...", flush=True)
+    strategy = distribute.make_strategy(FLAGS.distribution, FLAGS.ps_shards,
+                                        FLAGS.ps_min_shard_bytes)
+  except distribute.ClusterError as e:
+    raise app.UsageError(f"--distribution={FLAGS.distribution}: {e}") from None
+  if strategy is not None and FLAGS.batch_size % strategy.num_replicas_in_sync:
+    raise app.UsageError(f"--batch_size={FLAGS.batch_size} is the global batch and must "
+                         f"divide evenly over the {strategy.num_replicas_in_sync} replicas.")
+  return config, strategy
+
+
 def explain_data_error(e: tf.errors.OpError, files: str) -> str:
   lines = [l.strip() for l in e.message.splitlines() if l.strip()]
   keys = ("corrupted record", "Feature:", "Key:", "must be 0 or 1", "Number of")
@@ -294,27 +437,91 @@ def explain_data_error(e: tf.errors.OpError, files: str) -> str:
 
 
 def fit_model(name: str, schema: schema_lib.Schema, model_name: str, hparams: dict,
-              train_pattern: str, eval_pattern: Optional[str], model_dir: str) -> dict:
-  """Builds, compiles and fits one model; returns it with its history and metrics."""
-  train_ds = reader.make_dataset(train_pattern, schema, FLAGS.batch_size, seed=FLAGS.seed,
-                                 cache=FLAGS.cache, shuffle_block=FLAGS.shuffle_block,
-                                 duplicate_task=(strategies.ENGAGEMENT_TASK
-                                                 if FLAGS.duplicate else None))
+              train_pattern: str, eval_pattern: Optional[str], model_dir: str,
+              strategy, config: dict, workers: int) -> dict:
+  """Builds, compiles and fits one model (under `strategy`, resuming from its
+  backup in `model_dir` if there is one); returns it, outside any strategy,
+  with its history and eval metrics."""
+  chief = distribute.is_chief(config)
+  duplicate_task = strategies.ENGAGEMENT_TASK if FLAGS.duplicate else None
+  train_files = reader.list_files(train_pattern)
+  try:
+    steps_per_epoch = FLAGS.steps_per_epoch or max(1, math.ceil(
+        count_examples(train_pattern, schema, duplicate_task) / examples_per_step(schema)))
+  except tf.errors.OpError as e:
+    raise DataError(explain_data_error(e, train_pattern)) from None
+
+  # Crash safety: only an explicit --model_dir can be found again by a rerun.
+  backup_dir = os.path.join(model_dir, "backup") if FLAGS.model_dir else None
+  per_step_backups = (FLAGS.backup_every_steps > 0 and
+                      not isinstance(strategy, tf.distribute.ParameterServerStrategy))
+  resumed = None
+  if backup_dir:
+    identity = run_identity(model_name, train_pattern, schema, hparams, steps_per_epoch)
+    check_backup_owner(backup_dir, identity)
+    resumed = distribute.backup_resume_point(backup_dir, steps_per_epoch, per_step_backups)
+    if chief:
+      tf.io.gfile.makedirs(backup_dir)
+      write_json_atomically(os.path.join(backup_dir, "run.json"), identity)
+  # Steps already trained: the resumed run skips the batches they read and reads
+  # deterministically, so it sees the batches the interrupted run would have
+  # (parameter-server workers read at their own pace: no such order to keep).
+  done_steps = (resumed[0] * steps_per_epoch + resumed[1]
+                if resumed and not isinstance(strategy, tf.distribute.ParameterServerStrategy)
+                else 0)
+  if resumed:
+    print(f"Resuming from the backup in {backup_dir}: epoch {resumed[0] + 1}, step "
+          f"{resumed[1]} of {steps_per_epoch}.", flush=True)
+
+  def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+    readers, index = distribute.input_shard(strategy, context, workers)
+    if readers > 1 and isinstance(index, int):
+      print(f"Input: reader {index} of {readers} reads {len(train_files[index::readers])} "
+            f"of the {len(train_files)} training files.", flush=True)
+    elif readers > 1:  # a parameter-server worker's index is known only on the worker
+      print(f"Input: the {readers} workers read disjoint shares of the {len(train_files)} "
+            f"training files (file i goes to worker i mod {readers}).", flush=True)
+    # Each worker repeats its own files: every epoch is exactly steps_per_epoch
+    # steps on every worker, so none waits for another that ran out of data.
+    ds = reader.make_dataset(train_pattern, schema,
+                             context.get_per_replica_batch_size(FLAGS.batch_size),
+                             seed=FLAGS.seed, cache=FLAGS.cache,
+                             shuffle_block=FLAGS.shuffle_block, duplicate_task=duplicate_task,
+                             shard=(readers, index) if readers > 1 else None,
+                             deterministic=backup_dir is not None).repeat()
+    replicas_per_reader = context.num_replicas_in_sync // context.num_input_pipelines
+    return ds.skip(done_steps * replicas_per_reader) if done_steps else ds
+
+  train_input = distribute.training_input(strategy, dataset_fn)
   eval_ds = (reader.make_dataset(eval_pattern, schema, 8192, shuffle=False, cache=True,
                                  group_lists=False)
-             if eval_pattern else None)
+             if eval_pattern and chief else None)
   # Fused per-task models need distinct names to be combined into one model.
-  model = models.build(model_name, schema, **{
-      **hparams, "name": model_name if name == model_name else f"{name}_{model_name}"})
-  trainable = models.compile_model(model, schema, learning_rate=FLAGS.learning_rate,
-                                   weighting=FLAGS.loss_weighting)
+  hparams = {**hparams, "name": model_name if name == model_name else f"{name}_{model_name}"}
+  with strategy.scope() if strategy else contextlib.nullcontext():
+    model = models.build(model_name, schema, **hparams)
+    trainable = models.compile_model(model, schema, learning_rate=FLAGS.learning_rate,
+                                     weighting=FLAGS.loss_weighting)
+  replicas = strategy.num_replicas_in_sync if strategy else 1
+  where = (f" on {workers} workers" if workers > 1 else "") + (
+      f" ({replicas} replica{'s' if replicas > 1 else ''})" if strategy else "")
   print(f"Training {model_name} ({model.count_params():,} parameters) on tasks "
-        f"{schema.task_names} from {train_pattern}", flush=True)
+        f"{schema.task_names} from {train_pattern}{where}, {steps_per_epoch} steps of "
+        f"{FLAGS.batch_size} per epoch", flush=True)
+  if isinstance(strategy, tf.distribute.ParameterServerStrategy):
+    split = distribute.sharded_variables(model)
+    print("Variables split over the parameter servers: " + (
+        ", ".join(f"{name} ({parts} parts)" for name, parts in split.items())
+        or "none (each is smaller than --ps_min_shard_bytes)"), flush=True)
+
   callbacks = [
       keras.callbacks.ModelCheckpoint(os.path.join(model_dir, "checkpoints", "epoch-{epoch:03d}"),
                                       save_weights_only=True),
       keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), profile_batch=0),
   ]
+  if backup_dir:
+    callbacks.append(distribute.Backup(
+        backup_dir, save_freq=FLAGS.backup_every_steps if per_step_backups else "epoch"))
   evaluator = (EvalMetrics(model, schema, eval_ds,
                            os.path.join(model_dir, "logs", "eval_gates"))
                if eval_ds is not None else None)
@@ -322,13 +529,23 @@ def fit_model(name: str, schema: schema_lib.Schema, model_name: str, hparams: di
     callbacks.insert(0, evaluator)  # first, so later callbacks log its metrics
   start = time.perf_counter()
   try:
-    history = trainable.fit(train_ds, epochs=FLAGS.epochs, callbacks=callbacks,
-                            verbose=1 if sys.stdout.isatty() else 2)
+    history = trainable.fit(train_input, epochs=FLAGS.epochs, steps_per_epoch=steps_per_epoch,
+                            callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
   except tf.errors.OpError as e:
     raise DataError(explain_data_error(
         e, " or ".join(p for p in (train_pattern, eval_pattern) if p))) from None
-  return {"name": name, "model": model, "schema": schema,
-          "train_seconds": time.perf_counter() - start,
+  seconds = time.perf_counter() - start
+  if backup_dir and chief:  # the run is complete: a rerun starts afresh
+    remove_backup(backup_dir)
+  if strategy is not None:
+    # Saved and exported: the same architecture outside the strategy, so loading
+    # it needs no cluster and sharded tables are whole again.
+    trained, model = model, models.build(model_name, schema, **hparams)
+    model.set_weights(distribute.weight_values(trained))
+  return {"name": name, "model": model, "schema": schema, "train_seconds": seconds,
+          "steps_per_epoch": steps_per_epoch,
+          "resumed_from": ({"epoch": resumed[0] + 1, "step": resumed[1]}
+                           if resumed else None),
           "train_loss": {k: float(v[-1]) for k, v in history.history.items()
                          if k.endswith("loss")},
           "task_weights": {k[len("weight_"):]: float(v[-1])
@@ -351,6 +568,8 @@ def train(argv_rest: Optional[list] = None) -> dict:
   if fusion and FLAGS.strategy not in ("multi_task", "fusion"):
     raise app.UsageError(f"--fusion fuses several task outputs; --strategy="
                          f"{FLAGS.strategy} trains a model with one output.")
+  config, strategy = setup_distribution()
+  chief = distribute.is_chief(config)
   train_pattern, eval_pattern, data_schema = resolve_data()
   try:
     runs = training_runs(data_schema, train_pattern, model_name)
@@ -365,15 +584,21 @@ def train(argv_rest: Optional[list] = None) -> dict:
                 else os.path.join(FLAGS.output_dir, "export", run_label))
   try:
     tf.io.gfile.makedirs(model_dir)
-    if export_dir:
+    if export_dir and chief:
       tf.io.gfile.makedirs(export_dir)
   except (tf.errors.OpError, OSError) as e:
     raise app.UsageError(f"--model_dir/--export_dir cannot be created: {e}") from None
   keras.utils.set_random_seed(FLAGS.seed)
 
+  workers = distribute.num_workers(FLAGS.distribution, config)
   fitted = [fit_model(name, schema, model_name, hparams, train_pattern, eval_pattern,
-                      os.path.join(model_dir, name) if len(runs) > 1 else model_dir)
+                      os.path.join(model_dir, name) if len(runs) > 1 else model_dir,
+                      strategy, config, workers)
             for name, schema in runs]
+  if not chief:
+    # The chief holds the same weights and writes every output.
+    print("Task %s %d finished; the chief writes the outputs." % distribute.role(config))
+    return {"model": model_name, "chief": False}
   if len(fitted) > 1:
     schema = data_schema.with_tasks([t for run in fitted for t in run["schema"].task_names])
     model = export.combine_models([run["model"] for run in fitted], schema, name=run_label)
@@ -391,13 +616,16 @@ def train(argv_rest: Optional[list] = None) -> dict:
             "tasks": schema.task_names,
             "train_files": train_pattern, "eval_files": eval_pattern,
             "epochs": FLAGS.epochs, "batch_size": FLAGS.batch_size,
+            "steps_per_epoch": _merged(fitted, "steps_per_epoch"),
+            "distribution": FLAGS.distribution, "workers": workers,
+            "resumed_from": _merged(fitted, "resumed_from"),
             "learning_rate": FLAGS.learning_rate, "seed": FLAGS.seed,
             "train_seconds": round(sum(run["train_seconds"] for run in fitted), 2),
-            "train_loss": _merged(fitted, "train_loss"),
-            "task_weights": _merged(fitted, "task_weights"),
+            "train_loss": _merged_dicts(fitted, "train_loss"),
+            "task_weights": _merged_dicts(fitted, "task_weights"),
             "eval": {task: values for run in fitted for task, values in run["eval"].items()},
-            "gates": _merged(fitted, "gates")}
-  model.save(os.path.join(model_dir, "model.keras"))
+            "gates": _merged_dicts(fitted, "gates")}
+  save_model_atomically(model, os.path.join(model_dir, "model.keras"))
   schema.save(os.path.join(model_dir, schema_lib.SCHEMA_FILENAME))
   if eval_pattern:
     print("\nEval metrics (" + eval_pattern + "):")
@@ -428,7 +656,14 @@ def train(argv_rest: Optional[list] = None) -> dict:
   return result
 
 
-def _merged(fitted: List[dict], key: str) -> dict:
+def _merged(fitted: List[dict], key: str):
+  """One run's value as is; several runs' values by run name."""
+  if len(fitted) == 1:
+    return fitted[0][key]
+  return {run["name"]: run[key] for run in fitted}
+
+
+def _merged_dicts(fitted: List[dict], key: str) -> dict:
   """One run's dict as is; several runs' dicts with keys prefixed by run name."""
   if len(fitted) == 1:
     return fitted[0][key]

@@ -123,7 +123,9 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
                  cache: Union[bool, str] = True,
                  check_labels: bool = True,
                  duplicate_task: Optional[str] = None,
-                 group_lists: Optional[bool] = None) -> tf.data.Dataset:
+                 group_lists: Optional[bool] = None,
+                 shard: Optional[Tuple[int, Union[int, tf.Tensor]]] = None,
+                 deterministic: Optional[bool] = None) -> tf.data.Dataset:
   """A dataset of `(features, labels, sample_weights)` batches for Keras `fit`.
 
   Records are read and parsed in blocks of `shuffle_block` examples (one batched
@@ -156,6 +158,13 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
       so the model scores examples as usual; padding weighs 0 for every task.
       A request whose examples fall in two blocks becomes two lists, so write
       a request's examples together (the converters do).
+    shard: (num_shards, index): read only every num_shards-th file from the
+      index-th on (sorted order), so distributed workers read disjoint files.
+      The index may be a tensor, e.g. a parameter-server worker's index.
+    deterministic: the same order in every run with the same seed. Default:
+      only without shuffling; shuffled reads then take blocks as they finish
+      (faster, but the order differs between runs). A resumed run needs it to
+      see the batches the interrupted one would have.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -165,7 +174,11 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
                      f"{schema.name!r}; its tasks are {schema.task_names}.")
   files = list_files(file_pattern)
   compression = detect_compression(files)  # GZIP shards end in .gz
+  if deterministic is None:
+    deterministic = not shuffle
   ds = tf.data.Dataset.from_tensor_slices(files)
+  if shard:
+    ds = ds.shard(*shard)
   if shuffle:
     ds = ds.shuffle(len(files), seed=seed)
   # Blocks are cut inside each shard, then shards are interleaved block by block:
@@ -174,15 +187,15 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
   ds = ds.interleave(
       lambda f: tf.data.TFRecordDataset(f, compression_type=compression or "").batch(block),
       cycle_length=min(len(files), 8), num_parallel_calls=tf.data.AUTOTUNE,
-      deterministic=not shuffle)
+      deterministic=deterministic)
   ds = ds.map(lambda s: tf.io.parse_example(s, schema.training_parse_spec()),
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
   if duplicate_task:
     ds = ds.map(_duplicator(schema, duplicate_task), num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=not shuffle)
+                deterministic=deterministic)
   if list_size:
     ds = ds.map(lambda block: group_by_request(block, list_size),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
   if cache:
     ds = ds.cache(cache if isinstance(cache, str) else "")
   if shuffle:
@@ -203,7 +216,7 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
       weights = {task: w * list_mask for task, w in weights.items()}
     return features, labels, weights
 
-  ds = ds.map(split, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+  ds = ds.map(split, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
   return ds.prefetch(tf.data.AUTOTUNE)
 
 

@@ -24,6 +24,14 @@ def _local_ids(ids: tf.Tensor, vocab_sizes: Sequence[int], hashed: Sequence[bool
   return rows
 
 
+def _lookup(table, rows: tf.Tensor) -> tf.Tensor:
+  """Rows of `table` for ids of any shape, flattened. A table split across
+  parameter servers (a ShardedVariable) takes only 1-D ids, and only
+  `embedding_lookup` returns its rows in the ids' order: TF 2.21's `tf.gather`
+  on it returns them grouped by shard."""
+  return tf.nn.embedding_lookup(table, tf.reshape(rows, [-1]))
+
+
 @keras.utils.register_keras_serializable(package="mtl_zoo")
 class FeatureEmbedding(keras.layers.Layer):
   """Embeds categorical features, pools categorical lists, normalises numerics.
@@ -90,13 +98,13 @@ class FeatureEmbedding(keras.layers.Layer):
       ids = tf.stack([tf.cast(inputs[f.name], tf.int64) for f in group], axis=1)
       rows = _local_ids(ids, [f.vocab_size for f in group],
                         [f.hashed for f in group]) + offsets
-      vectors = tf.gather(table, rows)  # [batch, features, dim]
-      parts.append(tf.reshape(vectors, [-1, len(group) * dim]))
+      parts.append(tf.reshape(_lookup(table, rows), [-1, len(group) * dim]))
     for f, table in zip(self._lists, self._list_tables):
       ids = tf.cast(inputs[f.name], tf.int64)
       present = tf.cast(ids != schema_lib.LIST_PADDING_ID, tf.float32)[..., None]
       rows = _local_ids(ids, [f.vocab_size], [f.hashed])
-      pooled = tf.reduce_sum(tf.gather(table, rows) * present, axis=1)
+      vectors = tf.reshape(_lookup(table, rows), [-1, tf.shape(rows)[1], f.embedding_dim])
+      pooled = tf.reduce_sum(vectors * present, axis=1)
       if f.combiner == "mean":
         pooled /= tf.maximum(tf.reduce_sum(present, axis=1), 1.0)
       parts.append(pooled)
