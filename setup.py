@@ -2,6 +2,11 @@
 
 from setuptools import find_packages, setup
 
+# pipelines.beam_convert. 2.77 is the release tested with TensorFlow 2.21 (it allows
+# protobuf 6, which TF needs). Beam's TFRecord sink needs a crc32c library:
+# google-crc32c ships wheels, apache-beam[tfrecord]'s crcmod only a source archive.
+BEAM = ["apache-beam>=2.77,<3", "google-crc32c>=1.5"]
+
 setup(
     name="mtl_zoo",
     version="0.1.0",
@@ -20,9 +25,11 @@ setup(
         "numpy>=1.23",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6"],
+        # Beam is in the test extra so that CI runs the Beam converter's test.
+        "test": ["pytest>=7", "hypothesis>=6", *BEAM],
         # Only the experiment scripts in scripts/ draw plots.
         "experiments": ["matplotlib>=3.5"],
+        "beam": BEAM,
     },
     entry_points={"console_scripts": ["mtl-zoo-train=mtl_zoo.train:run"]},
 )

@@ -127,7 +127,12 @@ def combine_models(models: Sequence[keras.Model], schema: schema_lib.Schema,
   export, fuse and serve as one SavedModel. Task names must not repeat."""
   inputs = layers.schema_inputs(schema)
   outputs = {}
+  names = [model.name for model in models]
   for model in models:
+    if names.count(model.name) > 1:
+      # A nested model is a layer, and layer names must be unique (separately
+      # trained runs are often all called e.g. "single_task").
+      model._name = f"{model.name}_{'_'.join(model.output_names)}"
     produced = model({n: inputs[n] for n in model.input_names})
     clash = set(produced) & set(outputs)
     if clash:
@@ -138,6 +143,20 @@ def combine_models(models: Sequence[keras.Model], schema: schema_lib.Schema,
     outputs.update({task: keras.layers.Activation("linear", name=task)(tensor)
                     for task, tensor in produced.items()})
   return keras.Model(inputs, outputs, name=name)
+
+
+def combine_runs(trained: Sequence[tuple], name: str = "combined") -> tuple:
+  """(model, schema) pairs of runs on the same features -> one combined model
+  and the schema with all their tasks (see `combine_models`)."""
+  base = trained[0][1]
+  for _, schema in trained[1:]:
+    if [f.to_dict() for f in schema.features] != [f.to_dict() for f in base.features]:
+      raise schema_lib.SchemaError(
+          f"schemas {base.name!r} and {schema.name!r} declare different features; only "
+          "models trained on the same data layout can be combined.")
+  tasks = [task for _, schema in trained for task in schema.tasks]
+  schema = schema_lib.Schema(base.features, base.labels, tasks, base.request_id, base.name)
+  return combine_models([model for model, _ in trained], schema, name), schema
 
 
 def _set_method_names(saved_model_dir: str) -> None:
@@ -291,14 +310,25 @@ def _main(argv):
   from absl import app, flags
   del argv
   FLAGS = flags.FLAGS
-  model_dir = FLAGS.model_dir
-  try:
-    model = keras.models.load_model(os.path.join(model_dir, "model.keras"))
-    schema = schema_lib.Schema.load(os.path.join(model_dir, schema_lib.SCHEMA_FILENAME))
-  except (OSError, ValueError) as e:
-    print(f"error: --model_dir={model_dir} does not hold a trained model (model.keras and "
-          f"schema.json, as `python -m mtl_zoo.train` writes them): {e}", file=sys.stderr)
-    sys.exit(1)
+  trained = []
+  for model_dir in FLAGS.model_dir:
+    try:
+      trained.append((keras.models.load_model(os.path.join(model_dir, "model.keras")),
+                      schema_lib.Schema.load(os.path.join(model_dir,
+                                                          schema_lib.SCHEMA_FILENAME))))
+    except (OSError, ValueError) as e:
+      print(f"error: --model_dir={model_dir} does not hold a trained model (model.keras "
+            f"and schema.json, as `python -m mtl_zoo.train` writes them): {e}",
+            file=sys.stderr)
+      sys.exit(1)
+  if len(trained) == 1:
+    model, schema = trained[0]
+  else:
+    try:
+      model, schema = combine_runs(trained, FLAGS.model_name or "combined")
+    except (ValueError, schema_lib.SchemaError) as e:
+      print(f"error: --model_dir runs cannot be combined: {e}", file=sys.stderr)
+      sys.exit(1)
   name = FLAGS.model_name or model.name
   export_dir = os.path.join(FLAGS.export_base, name)
   warmup = None
@@ -316,8 +346,10 @@ def _main(argv):
 
 if __name__ == "__main__":
   from absl import app, flags
-  flags.DEFINE_string("model_dir", None, "A training run's --model_dir (model.keras, "
-                      "schema.json).", required=True)
+  flags.DEFINE_list("model_dir", None, "A training run's --model_dir (model.keras, "
+                    "schema.json); several, comma-separated, export as one combined model "
+                    "(e.g. one single-objective run per task, fused with --fusion).",
+                    required=True)
   flags.DEFINE_string("export_base", None, "Writes <export_base>/<model_name>/<version>/ "
                       "and, beside it, models.config and batching_parameters.txt.",
                       required=True)

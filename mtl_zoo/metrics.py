@@ -95,6 +95,27 @@ def predict_function(model):
                      reduce_retracing=True)
 
 
+def predict_columns(model, schema: schema_lib.Schema, columns: Dict[str, np.ndarray],
+                    batch_size: int = 8192) -> Dict[str, np.ndarray]:
+  """Every output of `model` (a Keras model, or a SavedModel's `features`
+  signature) over feature columns as `pipelines.reader.read_columns` returns
+  them, in row order; [rows, 1] outputs come back as [rows]."""
+  if isinstance(model, tf.types.experimental.ConcreteFunction):
+    call = model
+  else:
+    traced = predict_function(model)
+    call = lambda **features: traced(features)  # noqa: E731
+  n = len(columns[schema.features[0].name])
+  parts: Dict[str, list] = {}
+  for start in range(0, n, batch_size):
+    batch = {f.name: tf.constant(columns[f.name][start:start + batch_size])
+             for f in schema.features}
+    for name, output in call(**batch).items():
+      output = output.numpy()
+      parts.setdefault(name, []).append(output[:, 0] if output.shape[1:] == (1,) else output)
+  return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
 def collect(model, dataset: tf.data.Dataset, predict=None
             ) -> Dict[str, Dict[str, np.ndarray]]:
   """Runs `model` over a (features, labels, weights) dataset and gathers, per
@@ -119,7 +140,8 @@ def collect(model, dataset: tf.data.Dataset, predict=None
 
 def task_metrics(schema: schema_lib.Schema, collected: Dict[str, Dict[str, np.ndarray]]
                  ) -> Dict[str, Dict[str, float]]:
-  """AUC and log-loss for binary tasks, MSE for regression, over masked-in examples."""
+  """AUC and log-loss for binary tasks, MSE for regression, AUC of "any event"
+  for ranking tasks; over masked-in examples."""
   results = {}
   for task in schema.tasks:
     data = collected[task.name]
@@ -129,6 +151,10 @@ def task_metrics(schema: schema_lib.Schema, collected: Dict[str, Dict[str, np.nd
       results[task.name] = {"auc": auc(y, p), "logloss": log_loss(y, p),
                             "positive_rate": float(y.mean()) if y.size else float("nan"),
                             "examples": int(keep.sum())}
+    elif task.type == schema_lib.RANKING:
+      # Scores are only comparable within a request; across requests, how well
+      # they separate examples with any event from those without.
+      results[task.name] = {"auc": auc(y > 0, p), "examples": int(keep.sum())}
     else:
       results[task.name] = {"mse": mse(y, p), "examples": int(keep.sum())}
   return results

@@ -1,26 +1,17 @@
-"""Learning-to-rank pieces: graded relevance from objective priority, and
-pairwise / listwise losses over padded lists of examples (one list per request).
+"""Learning-to-rank losses: pairwise and listwise, over padded lists of examples
+(one list per request). Graded relevance comes from the schema's ranking task
+(`pipelines.reader.relevance_grade`); `pipelines.reader.make_dataset` batches
+whole requests for it.
 
 Lists are dense [batch, list_size] tensors; `mask` is 1 for real examples and 0
 for padding, and padding never contributes to a loss.
 """
 
-from typing import Dict, Optional
+from typing import Optional
 
-import numpy as np
 import tensorflow as tf
 
 from mtl_zoo._keras import keras
-
-
-def graded_relevance(columns: Dict[str, np.ndarray], grades: Dict[str, float]) -> np.ndarray:
-  """Relevance of each example: the grade of its highest-priority event, e.g.
-  grades {"purchase": 3, "cart": 2, "click": 1} (no event: 0)."""
-  n = len(next(iter(columns.values())))
-  relevance = np.zeros(n, np.float32)
-  for column, grade in grades.items():
-    relevance = np.maximum(relevance, np.where(np.asarray(columns[column]) > 0.5, grade, 0))
-  return relevance
 
 
 def _mask_or_ones(labels: tf.Tensor, mask: Optional[tf.Tensor]) -> tf.Tensor:
@@ -58,17 +49,43 @@ def listwise_softmax_loss(labels: tf.Tensor, scores: tf.Tensor,
                                tf.reduce_sum(has_relevance))
 
 
-@keras.utils.register_keras_serializable(package="mtl_zoo")
-class PairwiseLogisticLoss(keras.losses.Loss):
-  """`pairwise_logistic_loss` as a Keras loss; the sample weight is the list mask."""
+class _ListLoss(keras.losses.Loss):
+  """A list loss as a Keras loss. The sample weight is the list mask. With
+  `list_size`, inputs are flat [lists * list_size] or [lists * list_size, 1]
+  (how `pipelines.reader.make_dataset` batches ranking tasks) and are cut into
+  lists; without it they already are [lists, list_size]."""
+
+  list_loss = None
+
+  def __init__(self, list_size: Optional[int] = None, **kwargs):
+    super().__init__(**kwargs)
+    self.list_size = list_size
 
   def __call__(self, y_true, y_pred, sample_weight=None):
-    return pairwise_logistic_loss(y_true, y_pred, sample_weight)
+    if self.list_size:
+      y_true, y_pred = self._lists(y_true), self._lists(y_pred)
+      sample_weight = None if sample_weight is None else self._lists(sample_weight)
+    return type(self).list_loss(y_true, y_pred, sample_weight)
+
+  def _lists(self, values):
+    return tf.reshape(values, [-1, self.list_size])
+
+  def get_config(self):
+    return {**super().get_config(), "list_size": self.list_size}
 
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
-class ListwiseSoftmaxLoss(keras.losses.Loss):
-  """`listwise_softmax_loss` as a Keras loss; the sample weight is the list mask."""
+class PairwiseLogisticLoss(_ListLoss):
+  """`pairwise_logistic_loss` as a Keras loss (see `_ListLoss`)."""
 
-  def __call__(self, y_true, y_pred, sample_weight=None):
-    return listwise_softmax_loss(y_true, y_pred, sample_weight)
+  list_loss = staticmethod(pairwise_logistic_loss)
+
+
+@keras.utils.register_keras_serializable(package="mtl_zoo")
+class ListwiseSoftmaxLoss(_ListLoss):
+  """`listwise_softmax_loss` as a Keras loss (see `_ListLoss`)."""
+
+  list_loss = staticmethod(listwise_softmax_loss)
+
+
+RANKING_LOSSES = {"pairwise": PairwiseLogisticLoss, "listwise": ListwiseSoftmaxLoss}

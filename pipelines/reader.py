@@ -21,6 +21,8 @@ from pipelines.integrity import BadRecordError  # noqa: F401  (part of this modu
 
 # Parsed blocks held for shuffling: all of them for datasets up to ~500k examples.
 BLOCK_SHUFFLE_BUFFER = 64
+# Key of the padding mask of request lists (see `group_by_request`).
+LIST_MASK = "__list_mask__"
 
 FAIL = "fail"
 SKIP = "skip"
@@ -67,6 +69,10 @@ def split_for_tasks(schema: schema_lib.Schema, columns: Dict[str, tf.Tensor]
   """
   labels, weights = {}, {}
   for task in schema.tasks:
+    if task.type == schema_lib.RANKING:
+      labels[task.name] = relevance_grade(task, columns)
+      weights[task.name] = tf.ones_like(columns[task.label])
+      continue
     if task.events:
       labels[task.name], weights[task.name] = event_target_and_weight(task, columns)
       continue
@@ -91,6 +97,13 @@ def event_target_and_weight(task: schema_lib.Task, columns: Dict[str, tf.Tensor]
   happened = tf.reduce_any(present, axis=1)
   return (tf.cast(happened, tf.float32)[:, None],
           tf.where(happened, deepest, task.base_weight))
+
+
+def relevance_grade(task: schema_lib.Task, columns: Dict[str, tf.Tensor]) -> tf.Tensor:
+  """Ranking tasks: the grade of the highest-graded event present, else 0; [batch, 1]."""
+  present = tf.stack([columns[c] for c in task.events], axis=1) > 0.5
+  grades = tf.constant(list(task.events.values()), tf.float32)
+  return tf.reduce_max(tf.where(present, grades, 0.0), axis=1, keepdims=True)
 
 
 def default_event_weights(columns: Dict[str, np.ndarray], events: Sequence[str]
@@ -217,6 +230,9 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
                  cache: Union[bool, str] = True,
                  check_values: bool = True,
                  duplicate_task: Optional[str] = None,
+                 group_lists: Optional[bool] = None,
+                 shard: Optional[Tuple[int, Union[int, tf.Tensor]]] = None,
+                 deterministic: Optional[bool] = None,
                  bad_records: str = FAIL,
                  skipped: Optional[SkippedRecords] = None) -> tf.data.Dataset:
   """A dataset of `(features, labels, sample_weights)` batches for Keras `fit`.
@@ -248,6 +264,21 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
     duplicate_task: a sample-weighted task (with `events`) whose weights become
       copies instead: each example is repeated round(weight / smallest weight)
       times and weighs 1.
+    group_lists: batch whole requests for ranking losses (default: when a task
+      is a ranking task). Each block's examples are grouped by request id into
+      lists of the schema's `list_size` (a request's first `list_size` examples
+      in file order; shorter lists are zero-padded) and every batch holds
+      `batch_size // list_size` lists, flattened to [lists * list_size, ...]
+      so the model scores examples as usual; padding weighs 0 for every task.
+      A request whose examples fall in two blocks becomes two lists, so write
+      a request's examples together (the converters do).
+    shard: (num_shards, index): read only every num_shards-th file from the
+      index-th on (sorted order), so distributed workers read disjoint files.
+      The index may be a tensor, e.g. a parameter-server worker's index.
+    deterministic: the same order in every run with the same seed. Default:
+      only without shuffling; shuffled reads then take blocks as they finish
+      (faster, but the order differs between runs). A resumed run needs it to
+      see the batches the interrupted one would have.
     bad_records: "fail": a damaged shard raises BadRecordError here, naming file,
       record and damage; a record with a value the schema forbids stops reading
       with an InvalidArgumentError naming file, record, column and value; one
@@ -257,61 +288,78 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
       around them, and counted into `skipped`; the first pass over the data
       then costs ~25% more (blocks are parsed in nested datasets that can fall
       back to parsing record by record).
-    skipped: with "skip", receives what was left out.
+    skipped: with "skip", receives what was left out (None: nothing is counted,
+      e.g. where no variable may be created, as in a parameter-server
+      dataset_fn).
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
   if bad_records not in BAD_RECORD_POLICIES:
     raise ValueError(f"bad_records must be one of {BAD_RECORD_POLICIES}, got "
                      f"{bad_records!r}.")
-  skipped = skipped if skipped is not None else SkippedRecords()
+  list_size = schema.list_size if group_lists is None or group_lists else None
+  if group_lists and not list_size:
+    raise ValueError(f"group_lists needs a ranking task (with list_size) in schema "
+                     f"{schema.name!r}; its tasks are {schema.task_names}.")
   files = list_files(file_pattern)
   detect_compression(files)  # one kind per dataset
+  if deterministic is None:
+    deterministic = not shuffle
+  if shard and isinstance(shard[1], int):  # only this reader's files are checked and read
+    files, shard = files[shard[1]::shard[0]], None
   block = max(shuffle_block, batch_size)
   ds = _parsed_blocks(files, schema, block, bad_records, skipped, check_values,
-                      shuffle=shuffle, seed=seed)
+                      shuffle=shuffle, seed=seed, deterministic=deterministic, shard=shard)
   if duplicate_task:
     ds = ds.map(_duplicator(schema, duplicate_task), num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=not shuffle)
+                deterministic=deterministic)
+  if list_size:
+    ds = ds.map(lambda block: group_by_request(block, list_size),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
   if cache:
     ds = ds.cache(cache if isinstance(cache, str) else "")
   if shuffle:
     ds = ds.shuffle(BLOCK_SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
     ds = ds.map(lambda block: _permute_block(block, seed))
-  ds = ds.rebatch(batch_size)
+  if list_size:
+    ds = ds.rebatch(max(1, batch_size // list_size)).map(_flatten_lists)
+  else:
+    ds = ds.rebatch(batch_size)
 
   def split(packed):
+    list_mask = packed.pop(LIST_MASK, None)
     features, columns = schema.split_packed(packed)
     labels, weights = split_for_tasks(schema, columns)
     if duplicate_task:
       weights[duplicate_task] = tf.ones_like(weights[duplicate_task])
+    if list_mask is not None:
+      weights = {task: w * list_mask for task, w in weights.items()}
     return features, labels, weights
 
-  ds = ds.map(split, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+  ds = ds.map(split, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def _parsed_blocks(files: Sequence[str], schema: schema_lib.Schema, block: int,
-                   bad_records: str, skipped: SkippedRecords, check_values: bool,
-                   shuffle: bool, seed: Optional[int] = None,
-                   cycle_length: Optional[int] = None) -> tf.data.Dataset:
+                   bad_records: str, skipped: Optional[SkippedRecords], check_values: bool,
+                   shuffle: bool, seed: Optional[int] = None, deterministic: bool = True,
+                   cycle_length: Optional[int] = None,
+                   shard: Optional[Tuple[int, tf.Tensor]] = None) -> tf.data.Dataset:
   """Blocks of up to `block` parsed training-layout records, checked per
-  `bad_records`.
+  `bad_records`; with `shard` (num_shards, index tensor), of the files i with
+  i mod num_shards == index only.
 
   Each shard is cut into blocks, the shards are interleaved block by block
   (interleaving single records costs ~5x more than parsing them), and each
   block is parsed with one `parse_example` call in parallel.
   """
-  scans = integrity.scan_shards(files)
+  with tf.init_scope():  # eagerly, also when the dataset is built in a tf.function
+    scans = integrity.scan_shards(files)
   damage = [d for scan in scans for d in scan.damage]
   if damage and bad_records == FAIL:
-    listed = "\n  ".join(str(d) for d in damage[:5])
-    more = f"\n  ... and {len(damage) - 5} more" if len(damage) > 5 else ""
-    raise integrity.BadRecordError(
-        f"damaged TFRecords:\n  {listed}{more}\nRewrite these shards (python -m "
-        "pipelines.convert), or skip damaged records with bad_records='skip' "
-        "(--bad_records=skip).")
-  skipped.damage.extend(damage)
+    raise _damaged(damage)
+  if skipped is not None:
+    skipped.damage.extend(damage)
   spec = schema.training_parse_spec()
 
   def blocks_of(path, compression, offset, count, first):
@@ -323,18 +371,22 @@ def _parsed_blocks(files: Sequence[str], schema: schema_lib.Schema, block: int,
         lambda i, serialized: (path, first + i * block, serialized))
 
   if damage:
-    runs = [(s.path, s.compression or "", offset, count, first)
-            for s in scans for offset, count, first in s.segments]
+    runs = [(i, s.path, s.compression or "", offset, count, first)
+            for i, s in enumerate(scans) for offset, count, first in s.segments]
   else:
-    runs = [(s.path, s.compression or "", 0, -1, 0) for s in scans]
-  columns = list(zip(*runs)) or [()] * 5
+    runs = [(i, s.path, s.compression or "", 0, -1, 0) for i, s in enumerate(scans)]
+  columns = list(zip(*runs)) or [()] * 6
   sources = tf.data.Dataset.from_tensor_slices(tuple(
       tf.constant(list(c), dtype) for c, dtype in zip(
-          columns, (tf.string, tf.string, tf.int64, tf.int64, tf.int64))))
+          columns, (tf.int64, tf.string, tf.string, tf.int64, tf.int64, tf.int64))))
+  if shard:
+    num_shards, index = shard
+    sources = sources.filter(lambda i, *_: tf.equal(i % num_shards, tf.cast(index, tf.int64)))
+  sources = sources.map(lambda i, *run: run)
   if shuffle:
     sources = sources.shuffle(max(len(runs), 1), seed=seed)
   ds = sources.interleave(blocks_of, cycle_length=cycle_length or min(max(len(runs), 1), 8),
-                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
 
   if bad_records == FAIL:
     # A parse error names the block ("Name: <file> from record <first>"; its
@@ -345,18 +397,27 @@ def _parsed_blocks(files: Sequence[str], schema: schema_lib.Schema, block: int,
       return path, first, tf.io.parse_example(
           serialized, spec, example_names=tf.fill(tf.shape(serialized), name))
 
-    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
   else:
     ds = ds.interleave(_salvaging_parser(spec, skipped), cycle_length=8,
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
   if not check_values:
     return ds.map(lambda path, first, packed: packed)
   checker = (_failing_checker(schema) if bad_records == FAIL
              else _filtering_checker(schema, skipped))
-  return ds.map(checker, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+  return ds.map(checker, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
 
 
-def _salvaging_parser(spec: dict, skipped: SkippedRecords):
+def _damaged(damage: List[integrity.Damage]) -> integrity.BadRecordError:
+  listed = "\n  ".join(str(d) for d in damage[:5])
+  more = f"\n  ... and {len(damage) - 5} more" if len(damage) > 5 else ""
+  return integrity.BadRecordError(
+      f"damaged TFRecords:\n  {listed}{more}\nRewrite these shards (python -m "
+      "pipelines.convert), or skip damaged records with bad_records='skip' "
+      "(--bad_records=skip).")
+
+
+def _salvaging_parser(spec: dict, skipped: Optional[SkippedRecords]):
   """Block -> a dataset of one parsed block without the records that do not
   parse, counting them: the block is parsed at once as usual, and only if that
   fails record by record."""
@@ -379,7 +440,7 @@ def _salvaging_parser(spec: dict, skipped: SkippedRecords):
       with tf.control_dependencies([skipped.add(tf.size(serialized, tf.int64) - rows, 0)]):
         return path, first, {k: tf.identity(v) for k, v in packed.items()}
 
-    return parsed.map(count)
+    return parsed.map(count if skipped is not None else lambda packed: (path, first, packed))
 
   return parse
 
@@ -407,15 +468,18 @@ def _failing_checker(schema: schema_lib.Schema):
   return check
 
 
-def _filtering_checker(schema: schema_lib.Schema, skipped: SkippedRecords):
+def _filtering_checker(schema: schema_lib.Schema, skipped: Optional[SkippedRecords]):
   rules = ValueRules(schema)
 
   def check(path, first, packed):
     del path, first
     keep = tf.reduce_all(rules.evaluate(packed)[1], axis=1)
+    kept = {k: tf.boolean_mask(v, keep) for k, v in packed.items()}
+    if skipped is None:
+      return kept
     invalid = tf.reduce_sum(tf.cast(tf.logical_not(keep), tf.int64))
     with tf.control_dependencies([skipped.add(0, invalid)]):
-      return {k: tf.boolean_mask(v, keep) for k, v in packed.items()}
+      return {k: tf.identity(v) for k, v in kept.items()}
 
   return check
 
@@ -434,6 +498,39 @@ def _duplicator(schema: schema_lib.Schema, task_name: str):
     return {k: tf.repeat(v, copies, axis=0) for k, v in block.items()}
 
   return duplicate
+
+
+def group_by_request(block: Dict[str, tf.Tensor], list_size: int) -> Dict[str, tf.Tensor]:
+  """Packed examples [n, ...] -> request lists [requests, list_size, ...], plus
+  LIST_MASK [requests, list_size] (1 for real examples, 0 for padding).
+
+  Requests keep their examples' order; examples past `list_size` are dropped.
+  """
+  request_ids = block[schema_lib.PACKED_REQUEST_ID]
+  order = tf.argsort(request_ids, stable=True)
+  _, group = tf.unique(tf.gather(request_ids, order))
+  count = tf.size(order)
+  num_lists = tf.reduce_max(group) + 1
+  starts = tf.math.unsorted_segment_min(tf.range(count), group, num_lists)
+  position = tf.range(count) - tf.gather(starts, group)
+  kept = position < list_size
+  slots = tf.boolean_mask(group * list_size + position, kept)[:, None]
+  source = tf.boolean_mask(order, kept)
+
+  def to_lists(values):
+    tail = tf.shape(values)[1:]
+    padded = tf.scatter_nd(slots, tf.gather(values, source),
+                           tf.concat([[num_lists * list_size], tail], 0))
+    return tf.reshape(padded, tf.concat([[num_lists, list_size], tail], 0))
+
+  lists = {key: to_lists(values) for key, values in block.items()}
+  lists[LIST_MASK] = to_lists(tf.ones_like(order, tf.float32))
+  return lists
+
+
+def _flatten_lists(lists: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+  return {key: tf.reshape(values, tf.concat([[-1], tf.shape(values)[2:]], 0))
+          for key, values in lists.items()}
 
 
 def _permute_block(block: Dict[str, tf.Tensor], seed: Optional[int]) -> Dict[str, tf.Tensor]:
@@ -475,11 +572,13 @@ def first_unparsable(file_pattern: Union[str, Sequence[str]], schema: schema_lib
 
 
 def count_records(file_pattern: Union[str, Sequence[str]]) -> int:
-  """Counts records in the shards (one fast pass, no parsing)."""
-  files = list_files(file_pattern)
-  ds = tf.data.TFRecordDataset(files, compression_type=detect_compression(files) or "")
-  return int(ds.batch(65536).reduce(tf.constant(0, tf.int64),
-                                    lambda n, b: n + tf.cast(tf.size(b), tf.int64)))
+  """Counts records in the shards: the framing scan (one fast pass, no parsing),
+  so damaged shards raise BadRecordError, as in `make_dataset`."""
+  scans = integrity.scan_shards(list_files(file_pattern))
+  damage = [d for scan in scans for d in scan.damage]
+  if damage:
+    raise _damaged(damage)
+  return sum(scan.records for scan in scans)
 
 
 def read_columns(file_pattern: Union[str, Sequence[str]], schema: schema_lib.Schema,
@@ -492,9 +591,8 @@ def read_columns(file_pattern: Union[str, Sequence[str]], schema: schema_lib.Sch
   checked). For evaluation, tests and small data; not a training path."""
   files = list_files(file_pattern)
   detect_compression(files)
-  ds = _parsed_blocks(files, schema, batch_size, bad_records,
-                      skipped if skipped is not None else SkippedRecords(),
-                      check_values=False, shuffle=False, cycle_length=1)
+  ds = _parsed_blocks(files, schema, batch_size, bad_records, skipped, check_values=False,
+                      shuffle=False, cycle_length=1)
   parts, count = {}, 0
   for packed in ds:
     features, columns = schema.split_packed(packed)

@@ -41,7 +41,9 @@ FEATURE_KINDS = (CATEGORICAL, CATEGORICAL_LIST, NUMERIC)
 
 BINARY = "binary"
 REGRESSION = "regression"
-TASK_TYPES = (BINARY, REGRESSION)
+RANKING = "ranking"
+TASK_TYPES = (BINARY, REGRESSION, RANKING)
+RANKING_LOSSES = ("listwise", "pairwise")
 
 # Packed (training-layout) record keys. Leading underscores keep them apart from
 # user feature names, which may not start with "__".
@@ -124,7 +126,9 @@ class Task:
   Attributes:
     name: task name; names the model output and the serving output.
     label: the label column this task learns.
-    type: "binary" (sigmoid, log-loss) or "regression" (linear, MSE).
+    type: "binary" (sigmoid, log-loss), "regression" (linear, MSE) or
+      "ranking" (linear score, a listwise or pairwise loss over the examples of
+      one request; needs the schema's request_id).
     loss_weight: fixed weight of this task's loss in the total.
     mask: optional label column; the loss counts only examples where it is 1
       (e.g. CVR learned on clicked impressions only).
@@ -134,6 +138,12 @@ class Task:
       event; `label` must be one of them.
     negative_weight: with `events`, the weight of examples with no event
       (default: the smallest event weight).
+    For ranking tasks `events` are relevance grades instead, e.g. {"purchase": 3,
+    "cart": 2, "click": 1}: an example's relevance is the grade of its
+    highest-graded event, 0 without any. Training groups each request's
+    examples into lists of `list_size` (longer requests are cut, shorter ones
+    padded) and applies `ranking_loss` ("listwise" softmax cross-entropy or
+    "pairwise" logistic) inside each list.
   """
 
   name: str
@@ -143,6 +153,8 @@ class Task:
   mask: Optional[str] = None
   events: Optional[Dict[str, float]] = None
   negative_weight: Optional[float] = None
+  list_size: Optional[int] = None
+  ranking_loss: Optional[str] = None
 
   @property
   def base_weight(self) -> float:
@@ -160,6 +172,9 @@ class Task:
       out["events"] = dict(self.events)
       if self.negative_weight is not None:
         out["negative_weight"] = self.negative_weight
+    if self.type == RANKING:
+      out["list_size"] = self.list_size
+      out["ranking_loss"] = self.ranking_loss
     return out
 
 
@@ -196,6 +211,12 @@ class Schema:
   @property
   def task_names(self) -> List[str]:
     return [t.name for t in self.tasks]
+
+  @property
+  def list_size(self) -> Optional[int]:
+    """Examples per request list when a task ranks (training groups by request)."""
+    sizes = {t.list_size for t in self.tasks if t.type == RANKING}
+    return sizes.pop() if sizes else None
 
   def feature(self, name: str) -> Feature:
     for f in self.features:
@@ -276,7 +297,13 @@ class Schema:
                             f"label columns are {self.labels}.")
       if not (t.loss_weight >= 0 and math.isfinite(t.loss_weight)):
         raise SchemaError(f"{where}: loss_weight must be a finite number >= 0.")
-      if t.events is not None:
+      if t.type == RANKING:
+        self._validate_ranking_task(t, where)
+        if t.list_size != next(u for u in self.tasks if u.type == RANKING).list_size:
+          raise SchemaError(f"{where}: all ranking tasks must share one list_size.")
+      elif t.list_size is not None or t.ranking_loss is not None:
+        raise SchemaError(f"{where}: list_size and ranking_loss belong to ranking tasks.")
+      elif t.events is not None:
         unknown = [c for c in t.events if c not in self.labels]
         if t.type != BINARY or t.label not in t.events or unknown or not all(
             w > 0 and math.isfinite(w) for w in t.events.values()):
@@ -286,6 +313,27 @@ class Schema:
               f"(label columns: {self.labels}).")
         if t.negative_weight is not None and not t.negative_weight > 0:
           raise SchemaError(f"{where}: negative_weight must be > 0.")
+
+  def _validate_ranking_task(self, t: "Task", where: str) -> None:
+    if not self.request_id:
+      raise SchemaError(f"{where}: ranking tasks rank the examples of one request; "
+                        "declare the schema's request_id column.")
+    if not t.events or t.label not in t.events or any(
+        c not in self.labels for c in t.events) or not all(
+            g > 0 and math.isfinite(g) for g in t.events.values()):
+      raise SchemaError(
+          f"{where}: a ranking task's events must map label columns to positive grades "
+          f"and include the task's label, e.g. {{\"conversion\": 2, \"click\": 1}}; got "
+          f"{t.events} (label columns: {self.labels}).")
+    if not isinstance(t.list_size, int) or t.list_size < 2:
+      raise SchemaError(f"{where}: list_size must be an integer >= 2 (examples per "
+                        f"request list), got {t.list_size!r}.")
+    if t.ranking_loss not in RANKING_LOSSES:
+      raise SchemaError(f"{where}: ranking_loss must be one of {RANKING_LOSSES}, got "
+                        f"{t.ranking_loss!r}.")
+    if t.mask is not None or t.negative_weight is not None:
+      raise SchemaError(f"{where}: ranking tasks take no mask or negative_weight; every "
+                        "example of a request is ranked.")
 
   def require_statistics(self) -> None:
     """Models need numeric mean/std; converters fill them when writing data."""

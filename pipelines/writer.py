@@ -11,7 +11,7 @@ import dataclasses
 import os
 import shutil
 import uuid
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -31,34 +31,61 @@ def encode_vocabulary(values: Sequence[str],
   values = np.asarray(values, dtype=object)
   if vocabulary is None:
     uniques, counts = np.unique(values.astype(str), return_counts=True)
-    order = np.lexsort((uniques, -counts))
-    vocabulary = [str(uniques[i]) for i in order if counts[i] >= min_count]
+    vocabulary = vocabulary_from_counts(dict(zip(uniques.tolist(), counts.tolist())),
+                                        min_count)
   index = {v: i for i, v in enumerate(vocabulary)}
   ids = np.fromiter((index.get(str(v), -1) for v in values), np.int64, len(values))
   return ids, list(vocabulary)
 
 
-def with_numeric_statistics(schema: schema_lib.Schema,
-                            columns: Dict[str, np.ndarray]) -> schema_lib.Schema:
-  """A copy of the schema whose numeric features carry mean/std of `columns`.
+def vocabulary_from_counts(counts: Mapping[str, int], min_count: int = 1) -> List[str]:
+  """The vocabulary order of every converter: most frequent first, ties in string order.
 
-  Statistics are taken after the feature's transform, as models apply them.
+  Takes counts rather than values so that distributed converters (Beam) that
+  count in parallel produce exactly the same vocabulary.
+  """
+  ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+  return [value for value, count in ranked if count >= min_count]
+
+
+def statistic_values(feature: schema_lib.Feature, values) -> np.ndarray:
+  """The values a numeric feature's mean/std describe: the finite ones, after the
+  feature's transform, as models apply them."""
+  values = np.asarray(values, np.float64)
+  if feature.transform == "log1p":
+    values = np.sign(values) * np.log1p(np.abs(values))
+  return values[np.isfinite(values)]
+
+
+def with_statistics(schema: schema_lib.Schema,
+                    moments: Mapping[str, Tuple[int, float, float]]) -> schema_lib.Schema:
+  """A copy of the schema whose numeric features carry the given statistics.
+
+  `moments` maps each numeric feature to (count, mean, population std) of its
+  `statistic_values`; a constant feature gets std 1 so normalising keeps it finite.
   """
   features = []
   for f in schema.features:
     if f.kind == schema_lib.NUMERIC:
-      values = np.asarray(columns[f.name], np.float64)
-      if f.transform == "log1p":
-        values = np.sign(values) * np.log1p(np.abs(values))
-      finite = values[np.isfinite(values)]
-      if finite.size == 0:
+      count, mean, std = moments[f.name]
+      if count == 0:
         raise schema_lib.SchemaError(
             f"numeric feature {f.name!r} has no finite values to compute statistics from.")
-      std = float(finite.std())
-      f = dataclasses.replace(f, mean=float(finite.mean()), std=std if std > 0 else 1.0)
+      f = dataclasses.replace(f, mean=float(mean), std=float(std) if std > 0 else 1.0)
     features.append(f)
   return schema_lib.Schema(features, schema.labels, schema.tasks, schema.request_id,
                            schema.name)
+
+
+def with_numeric_statistics(schema: schema_lib.Schema,
+                            columns: Dict[str, np.ndarray]) -> schema_lib.Schema:
+  """A copy of the schema whose numeric features carry mean/std of `columns`."""
+  moments = {}
+  for f in schema.numeric:
+    finite = statistic_values(f, columns[f.name])
+    moments[f.name] = ((finite.size, finite.mean(), finite.std()) if finite.size
+                       else (0, 0.0, 0.0))
+  return with_statistics(schema, moments)
 
 
 class DatasetWriter:

@@ -16,6 +16,12 @@ from pipelines import writer as writer_lib  # noqa: E402
 from pipelines.datasets import synthetic_ads  # noqa: E402
 
 
+def pytest_configure(config):
+  # Selected like any test (CI runs them); `-m "not slow"` leaves them out locally.
+  config.addinivalue_line("markers", "slow: starts several training processes "
+                          "(distributed or killed-and-resumed runs)")
+
+
 @pytest.fixture(scope="session")
 def ads_dir(tmp_path_factory):
   """A small synthetic ads log: 3,000 train and 1,000 eval impressions."""

@@ -290,3 +290,33 @@ def test_combined_export_serves_several_models_as_one(ads_dir, ads_schema, tmp_p
   np.testing.assert_allclose(ranked["score"], ctr * cvr, rtol=1e-5)
   with pytest.raises(ValueError, match="distinct task names"):
     export.combine_models([ctr_model, ctr_model], ads_schema)
+
+
+def test_export_cli_combines_separately_trained_runs(ads_dir, ads_schema, tmp_path):
+  """Two single-objective runs, both named "single_task" as the CLI names them,
+  export as one model whose rank signature fuses them."""
+  mtl_zoo.keras.utils.set_random_seed(0)
+  runs = []
+  for task in ("ctr", "cvr"):
+    schema = ads_schema.with_tasks([task])
+    model = mtl_zoo.build_single_task(schema, bottom_units=[8])
+    run_dir = tmp_path / task
+    run_dir.mkdir()
+    model.save(str(run_dir / "model.keras"))
+    schema.save(str(run_dir / "schema.json"))
+    runs.append(model)
+  result = subprocess.run(
+      [sys.executable, "-m", "mtl_zoo.export", f"--model_dir={tmp_path}/ctr,{tmp_path}/cvr",
+       f"--export_base={tmp_path}/serving", "--model_name=fused",
+       "--fusion=product:ctr=1,cvr=2"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  (version,) = os.listdir(tmp_path / "serving" / "fused")
+  rank = tf.saved_model.load(str(tmp_path / "serving" / "fused" / version)).signatures["rank"]
+  serialized = tf.constant([ads_schema.serving_example(r)
+                            for r in _serving_records(ads_dir, ads_schema, 20)])
+  features = ads_schema.parse_serving_examples(serialized)
+  ranked = rank(examples=serialized)
+  ctr, cvr = runs[0](features)["ctr"][:, 0], runs[1](features)["cvr"][:, 0]
+  np.testing.assert_allclose(ranked["ctr"], ctr, atol=1e-6)
+  np.testing.assert_allclose(ranked["score"], ctr * cvr ** 2, rtol=1e-5)

@@ -354,14 +354,10 @@ FLAG_ERRORS = {  # name: (argv, message); {file} is a regular file
                           "flag --loss_weighting=softmax: value should be one of"),
     "unknown policy": (["--bad_records=ignore"],
                        "flag --bad_records=ignore: value should be one of <fail|skip>"),
-    "duplicate alone": (["--duplicate"], "--duplicate needs --event_weights"),
+    "duplicate alone": (["--duplicate"], "--duplicate belongs to --strategy=sample_weighting"),
     "eval without train": (["--eval_files=x-*"], "--eval_files needs --train_files"),
-    "tasks and event weights": (["--tasks=ctr", "--event_weights=click=1"],
-                                "--tasks and --event_weights conflict"),
     "keep without export": (["--export_dir=", "--keep=2"],
                             "--keep configures the export, but --export_dir=''"),
-    "fusion without export": (["--export_dir=", "--fusion=sum:ctr=1"],
-                              "--fusion configures the export"),
     "serving task without export": (["--export_dir=", "--serving_task=cvr"],
                                     "--serving_task configures the export"),
     "model_dir in a file": (["--model_dir={file}/run"],
@@ -469,7 +465,7 @@ def test_cli_names_the_record_that_is_not_an_example(cli):
 def test_cli_without_training_examples_says_so(case, message, cli):
   code, _, err, _ = cli[case]
   assert code == 1
-  assert "yielded no training examples" in err and message in err, err[-2000:]
+  assert "holds no training examples" in err and message in err, err[-2000:]
 
 
 # ------------------------------------------------------------------------ fuzz

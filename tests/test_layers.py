@@ -52,8 +52,8 @@ def test_expert_bank_equals_separate_mlps():
   out = bank(x).numpy()
   assert out.shape == (6, 3, 4)
   for e in range(3):
-    h = np.maximum(x.numpy() @ bank.kernels[0][e].numpy() + bank.biases[0][e].numpy(), 0)
-    h = np.maximum(h @ bank.kernels[1][e].numpy() + bank.biases[1][e].numpy(), 0)
+    k0, b0, k1, b1 = (w.numpy() for w in bank.expert_weights(e))
+    h = np.maximum(np.maximum(x.numpy() @ k0 + b0, 0) @ k1 + b1, 0)
     np.testing.assert_allclose(out[:, e], h, rtol=1e-5, atol=1e-6)
 
 
@@ -102,12 +102,13 @@ def test_l2_constrained_penalty_is_the_pairwise_parameter_distance():
   outputs = networks(x)
   assert len(outputs) == 3 and outputs[0].shape == (5, 2)
   expected = 0.0
-  for w in [*networks.kernels, *networks.biases]:
-    w = w.numpy()
-    expected += sum(np.sum((w[a] - w[b]) ** 2) for a in range(3) for b in range(a + 1, 3))
+  per_task = [[w.numpy() for w in networks.expert_weights(t)] for t in range(3)]
+  for a in range(3):
+    for b in range(a + 1, 3):
+      expected += sum(np.sum((wa - wb) ** 2) for wa, wb in zip(per_task[a], per_task[b]))
   assert networks.losses[-1].numpy() == pytest.approx(0.5 * expected, rel=1e-4)
-  h = np.maximum(x.numpy() @ networks.kernels[0][1].numpy() + networks.biases[0][1].numpy(), 0)
-  h = np.maximum(h @ networks.kernels[1][1].numpy() + networks.biases[1][1].numpy(), 0)
+  k0, b0, k1, b1 = per_task[1]
+  h = np.maximum(np.maximum(x.numpy() @ k0 + b0, 0) @ k1 + b1, 0)
   np.testing.assert_allclose(outputs[1].numpy(), h, rtol=1e-5, atol=1e-6)
 
 

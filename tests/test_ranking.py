@@ -5,17 +5,21 @@ import pytest
 import tensorflow as tf
 
 from mtl_zoo import ranking
+from pipelines import reader
+from pipelines import schema as schema_lib
 
 
 def _softplus(x):
   return math.log1p(math.exp(x))
 
 
-def test_graded_relevance_takes_the_highest_priority_event():
-  columns = {"click": np.array([0, 1, 1, 1]), "cart": np.array([0, 0, 1, 1]),
-             "purchase": np.array([0, 0, 0, 1])}
-  grades = {"purchase": 3, "cart": 2, "click": 1}
-  assert ranking.graded_relevance(columns, grades).tolist() == [0, 1, 2, 3]
+def test_relevance_is_the_grade_of_the_highest_graded_event():
+  task = schema_lib.Task("relevance", "purchase", type=schema_lib.RANKING,
+                         events={"purchase": 3, "cart": 2, "click": 1}, list_size=4,
+                         ranking_loss="listwise")
+  columns = {"click": tf.constant([0., 1., 1., 1., 0.]), "cart": tf.constant([0., 0., 1., 1., 1.]),
+             "purchase": tf.constant([0., 0., 0., 1., 0.])}
+  assert reader.relevance_grade(task, columns).numpy().ravel().tolist() == [0, 1, 2, 3, 2]
 
 
 def test_pairwise_loss_matches_hand_computation_and_ignores_padding():
@@ -59,3 +63,19 @@ def test_keras_loss_wrappers_use_the_sample_weight_as_mask():
       float(ranking.pairwise_logistic_loss(labels, scores, mask)))
   assert float(ranking.ListwiseSoftmaxLoss()(labels, scores, mask)) == pytest.approx(
       float(ranking.listwise_softmax_loss(labels, scores, mask)))
+
+
+@pytest.mark.parametrize("loss_class, loss_fn", [
+    (ranking.PairwiseLogisticLoss, ranking.pairwise_logistic_loss),
+    (ranking.ListwiseSoftmaxLoss, ranking.listwise_softmax_loss)])
+def test_list_losses_cut_flat_batches_into_lists(loss_class, loss_fn):
+  # Two lists of three, flat as the reader batches them ([6, 1] like a model output).
+  labels = tf.constant([[2.0], [0.0], [1.0], [0.0], [1.0], [0.0]])
+  scores = tf.constant([[0.1], [0.4], [-0.3], [1.0], [0.2], [0.0]])
+  mask = tf.constant([1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+  expected = loss_fn(tf.reshape(labels, [2, 3]), tf.reshape(scores, [2, 3]),
+                     tf.reshape(mask, [2, 3]))
+  loss = loss_class(list_size=3)
+  assert float(loss(labels, scores, mask)) == pytest.approx(float(expected), rel=1e-6)
+  restored = loss_class.from_config(loss.get_config())
+  assert restored.list_size == 3

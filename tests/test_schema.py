@@ -30,7 +30,7 @@ def test_json_round_trip(tmp_path):
     (lambda d: d["features"][0].update(vocab_size=0), "vocab_size must be a positive"),
     (lambda d: d["tasks"][0].update(label="purchase"), "'purchase' is not a label column"),
     (lambda d: d["tasks"][1].update(mask="view"), "its mask 'view'"),
-    (lambda d: d["tasks"][0].update(type="ranking"), "unknown type 'ranking'"),
+    (lambda d: d["tasks"][0].update(type="ordinal"), "unknown type 'ordinal'"),
     (lambda d: d["features"][0].update(colour="red"), "unknown fields ['colour']"),
     (lambda d: d.update(tasks=[]), "declares no tasks"),
     (lambda d: d["labels"].append("user"), "both features and labels"),

@@ -93,6 +93,13 @@ def _bad_label(tmp_path):
      "label column conversion of binary task cvr must be 0 or 1"),
     (lambda d, t: ["--tower_units=8,big"], "--tower_units takes comma-separated integers"),
     (lambda d, t: ["--fusion=ctr"], "--fusion: fusion spec 'ctr' should look like"),
+    (lambda d, t: ["--grades=conversion=2"], "--grades belongs to --strategy=learning_to_rank"),
+    (lambda d, t: ["--strategy=learning_to_rank", "--fusion=sum:relevance=1"],
+     "--fusion fuses several task outputs"),
+    (lambda d, t: ["--strategy=fusion", "--loss_weighting=pcgrad"],
+     "--strategy=fusion trains one task per model"),
+    (lambda d, t: ["--strategy=learning_to_rank", "--grades=conversion=two"],
+     "--grades entries look like click=0.2"),
 ])
 def test_cli_errors_name_the_problem(make_flags, message, ads_dir, tmp_path):
   result = _train(*make_flags(ads_dir, tmp_path), "--epochs=1", "--batch_size=256",
@@ -139,7 +146,8 @@ def test_export_cli_reexports_a_run_with_serving_configs(ads_dir, tmp_path):
 @pytest.mark.parametrize("weights", ["conversion=1,click=0.2", "auto:conversion,click"])
 def test_cli_sample_weighting_trains_one_engagement_task(weights, ads_dir, tmp_path):
   result = _train(f"--train_files={ads_dir}/train-*", f"--eval_files={ads_dir}/eval-*",
-                  f"--event_weights={weights}", "--duplicate", "--model=shared_bottom",
+                  "--strategy=sample_weighting", f"--event_weights={weights}", "--duplicate",
+                  "--model=shared_bottom",
                   "--epochs=1", "--batch_size=256", f"--model_dir={tmp_path}/run",
                   "--export_dir=")
   assert result.returncode == 0, result.stderr[-3000:]
@@ -148,3 +156,42 @@ def test_cli_sample_weighting_trains_one_engagement_task(weights, ads_dir, tmp_p
   events = metrics["event_weights"]["engagement"]
   assert events["conversion"] == 1.0 and 0 < events["click"] < 1
   assert "| engagement |" in result.stdout
+
+
+@pytest.mark.parametrize("strategy, tasks, signatures", [
+    ("multi_task", ["ctr", "cvr"], {"serving_default", "classify"}),
+    ("fusion", ["ctr", "cvr"], {"serving_default", "rank"}),
+    ("sample_weighting", ["engagement"], {"serving_default", "classify"}),
+    ("learning_to_rank", ["relevance"], {"serving_default", "regress"}),
+])
+def test_cli_strategies_train_report_and_export(strategy, tasks, signatures, ads_dir,
+                                                tmp_path):
+  export_dir = tmp_path / "export"
+  result = _train(f"--train_files={ads_dir}/train-*", f"--eval_files={ads_dir}/eval-*",
+                  f"--strategy={strategy}", "--epochs=3", "--batch_size=200",
+                  "--bottom_units=16", "--learning_rate=5e-3",
+                  f"--model_dir={tmp_path}/run", f"--export_dir={export_dir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = json.load(open(tmp_path / "run" / "metrics.json"))
+  assert metrics["strategy"] == strategy and metrics["tasks"] == tasks
+  ranking = metrics["ranking"]
+  assert set(ranking) == {"ctr_auc", "cvr_auc", "cvr_entire_auc", "gauc", "ndcg@10"}
+  # Every strategy's score learns something about clicks or conversions.
+  assert max(ranking["ctr_auc"], ranking["cvr_entire_auc"]) > 0.55, ranking
+  assert "Ranking score" in result.stdout
+  import tensorflow as tf
+  (version,) = os.listdir(export_dir)
+  loaded = tf.saved_model.load(str(export_dir / version))
+  assert signatures <= set(loaded.signatures)
+  if strategy == "fusion":
+    assert sorted(os.listdir(tmp_path / "run")) >= ["ctr", "cvr"]
+    search = subprocess.run(
+        [sys.executable, "-m", "mtl_zoo.fusion_search",
+         f"--saved_model={export_dir / version}", f"--eval_files={ads_dir}/eval-*",
+         "--fusion=product:ctr,cvr,price", "--grid=0,1", f"--output={tmp_path}/s.csv"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert search.returncode == 0, search.stderr[-3000:]
+    assert "Pareto front over ctr_auc, cvr_auc" in search.stdout
+    rows = (tmp_path / "s.csv").read_text().splitlines()
+    assert rows[0].startswith("w_ctr,w_cvr,w_price,ctr_auc") and len(rows) == 1 + 4

@@ -19,7 +19,11 @@ class SoftmaxGate(keras.layers.Layer):
     self._logits = keras.layers.Dense(self.num_experts, name="logits")
 
   def call(self, x: tf.Tensor) -> tf.Tensor:
-    return tf.nn.softmax(self._logits(x), axis=-1)
+    # Written out: oneDNN builds rewrite tf.nn.softmax into a kernel that takes
+    # ~100 us on a [256, 8] batch on CPU, a third of the whole model's time.
+    logits = self._logits(x)
+    exp = tf.exp(logits - tf.reduce_max(logits, axis=-1, keepdims=True))
+    return exp / tf.reduce_sum(exp, axis=-1, keepdims=True)
 
   def get_config(self):
     return {**super().get_config(), "num_experts": self.num_experts}
@@ -35,4 +39,5 @@ class ExpertMixture(keras.layers.Layer):
 
   def call(self, inputs):
     experts, weights = inputs
-    return tf.einsum("beu,be->bu", experts, weights)
+    # Multiply-and-sum: ~5x cheaper on CPU than the equivalent einsum.
+    return tf.reduce_sum(experts * weights[:, :, None], axis=1)

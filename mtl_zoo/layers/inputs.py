@@ -13,12 +13,27 @@ from pipelines import schema as schema_lib
 NUMERIC_Z_LIMIT = 1e4
 
 
-def _local_ids(ids: tf.Tensor, vocab_size: tf.Tensor, hashed: tf.Tensor) -> tf.Tensor:
-  """Row of each id inside its feature's table: hashed ids fold into the buckets,
-  others outside [0, vocab_size) go to the extra OOV row at index vocab_size."""
-  in_vocab = tf.logical_and(ids >= 0, ids < vocab_size)
-  return tf.where(hashed, tf.math.floormod(ids, vocab_size),
-                  tf.where(in_vocab, ids, vocab_size))
+def _local_ids(ids: tf.Tensor, vocab_sizes: Sequence[int], hashed: Sequence[bool]
+               ) -> tf.Tensor:
+  """Row of each id inside its feature's table (the last axis of `ids` runs over
+  features, or `ids` holds one feature): hashed ids fold into the buckets, others
+  outside [0, vocab_size) go to the extra OOV row at index vocab_size."""
+  vocab = tf.constant(vocab_sizes if len(vocab_sizes) > 1 else vocab_sizes[0], tf.int64)
+  in_vocab = tf.logical_and(ids >= 0, ids < vocab)
+  rows = tf.where(in_vocab, ids, vocab)
+  if any(hashed):  # int64 floormod is slow on CPU: only pay it when a feature hashes
+    folded = tf.math.floormod(ids, vocab)
+    rows = folded if all(hashed) else tf.where(
+        tf.constant(hashed if len(hashed) > 1 else hashed[0]), folded, rows)
+  return rows
+
+
+def _lookup(table, rows: tf.Tensor) -> tf.Tensor:
+  """Rows of `table` for ids of any shape, flattened. A table split across
+  parameter servers (a ShardedVariable) takes only 1-D ids, and only
+  `embedding_lookup` returns its rows in the ids' order: TF 2.21's `tf.gather`
+  on it returns them grouped by shard."""
+  return tf.nn.embedding_lookup(table, tf.reshape(rows, [-1]))
 
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
@@ -85,19 +100,18 @@ class FeatureEmbedding(keras.layers.Layer):
   def call(self, inputs: Dict[str, tf.Tensor]) -> tf.Tensor:
     parts = []
     for (dim, group), table in zip(self._scalar_groups, self._tables):
-      vocab = tf.constant([f.vocab_size for f in group], tf.int64)
-      hashed = tf.constant([f.hashed for f in group])
       offsets = tf.constant(
           np.cumsum([0] + [f.num_embedding_rows for f in group[:-1]]), tf.int64)
       ids = tf.stack([tf.cast(inputs[f.name], tf.int64) for f in group], axis=1)
-      rows = _local_ids(ids, vocab, hashed) + offsets
-      vectors = tf.gather(table, rows)  # [batch, features, dim]
-      parts.append(tf.reshape(vectors, [-1, len(group) * dim]))
+      rows = _local_ids(ids, [f.vocab_size for f in group],
+                        [f.hashed for f in group]) + offsets
+      parts.append(tf.reshape(_lookup(table, rows), [-1, len(group) * dim]))
     for f, table in zip(self._lists, self._list_tables):
       ids = tf.cast(inputs[f.name], tf.int64)
       present = tf.cast(ids != schema_lib.LIST_PADDING_ID, tf.float32)[..., None]
-      rows = _local_ids(ids, tf.constant(f.vocab_size, tf.int64), tf.constant(f.hashed))
-      pooled = tf.reduce_sum(tf.gather(table, rows) * present, axis=1)
+      rows = _local_ids(ids, [f.vocab_size], [f.hashed])
+      vectors = tf.reshape(_lookup(table, rows), [-1, tf.shape(rows)[1], f.embedding_dim])
+      pooled = tf.reduce_sum(vectors * present, axis=1)
       if f.combiner == "mean":
         pooled /= tf.maximum(tf.reduce_sum(present, axis=1), 1.0)
       parts.append(pooled)

@@ -68,7 +68,9 @@ class L2ConstrainedNetworks(ExpertBank):
     """Sum over layers and task pairs of squared parameter distances."""
     n = self.num_experts
     total = 0.0
-    for weight in [*self.kernels, *self.biases]:
+    # Kernels are [fan_in, tasks, units]; put the task axis first.
+    weights = [tf.transpose(k, [1, 0, 2]) for k in self.kernels] + list(self.biases)
+    for weight in weights:
       flat = tf.reshape(weight, [n, -1])
       # sum_{a<b} ||w_a - w_b||^2 = n * sum_a ||w_a||^2 - ||sum_a w_a||^2
       total += (n * tf.reduce_sum(tf.square(flat))

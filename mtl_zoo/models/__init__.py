@@ -52,9 +52,10 @@ def hyperparameters_of(name: str, hparams: dict) -> dict:
   return {k: v for k, v in hparams.items() if k in accepted}
 
 
-def build(name: str, schema, **hparams):
-  """Builds model `name`, passing only the hyper-parameters its builder takes."""
-  return get_builder(name)(schema, **hyperparameters_of(name, hparams))
+def build(architecture: str, schema, /, **hparams):
+  """Builds `architecture` (a MODELS name), passing only the hyper-parameters its
+  builder takes (`name` among them: the Keras model's name)."""
+  return get_builder(architecture)(schema, **hyperparameters_of(architecture, hparams))
 
 
 __all__ = ["MODELS", "build", "get_builder", "hyperparameters_of", "build_single_task", "build_shared_bottom",

@@ -5,6 +5,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import tensorflow as tf
 
 from mtl_zoo import layers
+from mtl_zoo import ranking
 from mtl_zoo._keras import keras
 from pipelines import schema as schema_lib
 
@@ -46,11 +47,19 @@ def task_towers(schema: schema_lib.Schema, task_inputs: Dict[str, tf.Tensor],
   return outputs
 
 
+def task_loss(task: schema_lib.Task) -> keras.losses.Loss:
+  """Log-loss for binary tasks, MSE for regression, the task's list loss for
+  ranking (over the request lists the reader batches)."""
+  if task.type == schema_lib.BINARY:
+    return keras.losses.BinaryCrossentropy(name=f"{task.name}_logloss")
+  if task.type == schema_lib.RANKING:
+    return ranking.RANKING_LOSSES[task.ranking_loss](task.list_size,
+                                             name=f"{task.name}_{task.ranking_loss}")
+  return keras.losses.MeanSquaredError(name=f"{task.name}_mse")
+
+
 def task_losses(schema: schema_lib.Schema) -> Dict[str, keras.losses.Loss]:
-  return {t.name: (keras.losses.BinaryCrossentropy(name=f"{t.name}_logloss")
-                   if t.type == schema_lib.BINARY else
-                   keras.losses.MeanSquaredError(name=f"{t.name}_mse"))
-          for t in schema.tasks}
+  return {t.name: task_loss(t) for t in schema.tasks}
 
 
 def compile_model(model: keras.Model, schema: schema_lib.Schema,

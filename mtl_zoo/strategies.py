@@ -1,0 +1,149 @@
+"""The four ways to rank by several objectives, and one report that compares
+their ranking scores on the same eval data.
+
+  multi_task        one model with an output per task (any architecture); the
+                    ranking score fuses the outputs (by default their product:
+                    pCTR x pCVR = pCTCVR).
+  fusion            one single-objective model per task, trained separately and
+                    fused at ranking time (`mtl_zoo.export.combine_models`).
+  sample_weighting  one binary "engagement" task: the target is "any event",
+                    each example weighted by its deepest event.
+  learning_to_rank  one ranking task: graded relevance from the deepest event,
+                    a list loss over each request's examples.
+
+Each strategy other than fusion is a schema transformation: the same TFRecords
+train every one of them.
+"""
+
+from typing import Dict, List, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from mtl_zoo import layers
+from mtl_zoo import metrics
+from pipelines import schema as schema_lib
+
+STRATEGIES = ("multi_task", "fusion", "sample_weighting", "learning_to_rank")
+ENGAGEMENT_TASK = "engagement"
+RELEVANCE_TASK = "relevance"
+
+
+def funnel(schema: schema_lib.Schema) -> List[schema_lib.Task]:
+  """The binary tasks from the shallowest event to the deepest: a task masked
+  by another task's label (cvr, masked by click) comes after it."""
+  by_label = {t.label: t for t in schema.tasks}
+
+  def depth(task, seen=()):
+    parent = by_label.get(task.mask)
+    if parent is None or parent in seen:
+      return 1 if task.mask else 0
+    return 1 + depth(parent, seen + (task,))
+
+  binary = [t for t in schema.tasks if t.type == schema_lib.BINARY and not t.events]
+  return sorted(binary, key=depth)
+
+
+def _deepest_label(schema: schema_lib.Schema) -> str:
+  tasks = funnel(schema)
+  if not tasks:
+    raise schema_lib.SchemaError(f"schema {schema.name!r} has no binary tasks to rank by; "
+                                 f"its tasks are {schema.task_names}.")
+  return tasks[-1].label
+
+
+def default_grades(schema: schema_lib.Schema) -> Dict[str, float]:
+  """Relevance grades by funnel depth: click 1, conversion 2, ..."""
+  return {t.label: float(i + 1) for i, t in enumerate(funnel(schema))}
+
+
+def default_fusion(schema: schema_lib.Schema) -> dict:
+  """The product of every binary task's probability, each with weight 1."""
+  terms = [t.name for t in funnel(schema)]
+  return {"mode": "product", "terms": terms, "weights": [1.0] * len(terms)}
+
+
+def parse_event_values(spec: str, what: str) -> Dict[str, float]:
+  """'conversion=1,click=0.2' -> {"conversion": 1.0, "click": 0.2}."""
+  values = {}
+  for item in spec.split(","):
+    name, eq, value = item.partition("=")
+    try:
+      values[name.strip()] = float(value)
+    except ValueError:
+      raise schema_lib.SchemaError(f"{what} entries look like click=0.2, got "
+                                   f"{item!r}.") from None
+    if not eq or not name.strip():
+      raise schema_lib.SchemaError(f"{what} entries look like click=0.2, got {item!r}.")
+  return values
+
+
+def _with_single_task(schema: schema_lib.Schema, task: schema_lib.Task
+                      ) -> schema_lib.Schema:
+  return schema_lib.Schema(schema.features, schema.labels, [task], schema.request_id,
+                           schema.name)
+
+
+def sample_weighting_schema(schema: schema_lib.Schema, event_weights: Dict[str, float]
+                            ) -> schema_lib.Schema:
+  """One "engagement" task that learns "any of these events", weighted by the
+  deepest one (see `pipelines.schema.Task.events`)."""
+  if not event_weights:
+    raise schema_lib.SchemaError("sample weighting needs at least one event weight.")
+  deepest = max(event_weights, key=event_weights.get)
+  return _with_single_task(schema, schema_lib.Task(ENGAGEMENT_TASK, deepest,
+                                                   events=dict(event_weights)))
+
+
+def learning_to_rank_schema(schema: schema_lib.Schema, grades: Dict[str, float],
+                            list_size: int = 10, ranking_loss: str = "listwise"
+                            ) -> schema_lib.Schema:
+  """One "relevance" ranking task with these grades, trained per request."""
+  if not grades:
+    raise schema_lib.SchemaError("learning to rank needs at least one relevance grade.")
+  deepest = max(grades, key=grades.get)
+  return _with_single_task(schema, schema_lib.Task(
+      RELEVANCE_TASK, deepest, type=schema_lib.RANKING, events=dict(grades),
+      list_size=list_size, ranking_loss=ranking_loss))
+
+
+def ranking_score(outputs: Dict[str, np.ndarray], columns: Dict[str, np.ndarray],
+                  fusion: Optional[dict]) -> np.ndarray:
+  """The one score a strategy ranks by: the fused outputs (numeric terms such
+  as price come from `columns`), or the only output when there is no fusion."""
+  if fusion is None:
+    if len(outputs) != 1:
+      raise ValueError(f"outputs {sorted(outputs)} need a fusion to make one score.")
+    return np.asarray(next(iter(outputs.values()))).ravel()
+  fuse = layers.ScoreFusion(fusion["mode"], fusion["terms"], fusion["weights"])
+  terms = {t: outputs[t] if t in outputs else columns[t] for t in fusion["terms"]}
+  return fuse({t: tf.constant(np.asarray(v, np.float32)) for t, v in terms.items()}
+              ).numpy()
+
+
+def objective_report(score: np.ndarray, columns: Dict[str, np.ndarray],
+                     schema: schema_lib.Schema, k: int = 10) -> Dict[str, float]:
+  """How well one ranking score serves each objective of the data's schema.
+
+  Per binary task: `<task>_auc` on the examples its mask selects (CVR AUC on
+  clicked impressions) and, for masked tasks, `<task>_entire_auc` on all
+  impressions (for cvr that is the CTCVR AUC). With request ids: `gauc`
+  (impression-weighted per-request AUC of the shallowest event) and
+  `ndcg@k` with the deepest event as relevance.
+  """
+  score = np.asarray(score).ravel()
+  report = {}
+  for task in funnel(schema):
+    label = np.asarray(columns[task.label]).ravel()
+    keep = (np.asarray(columns[task.mask]).ravel() > 0.5 if task.mask
+            else np.ones(label.size, bool))
+    report[f"{task.name}_auc"] = metrics.auc(label[keep], score[keep])
+    if task.mask:
+      report[f"{task.name}_entire_auc"] = metrics.auc(label, score)
+  if schema.request_id and schema.request_id in columns:
+    requests = columns[schema.request_id]
+    shallowest = funnel(schema)[0].label
+    report["gauc"] = metrics.gauc(columns[shallowest], score, requests)
+    report[f"ndcg@{k}"] = metrics.ndcg_at_k(columns[_deepest_label(schema)], score,
+                                            requests, k)
+  return report

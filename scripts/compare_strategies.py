@@ -1,0 +1,224 @@
+"""The four ranking strategies side by side on the same data.
+
+  python scripts/compare_strategies.py                  # built-in synthetic ads log
+  python scripts/compare_strategies.py --data_dir=DIR   # any converted dataset whose
+                                                        # schema has a click -> conversion
+                                                        # funnel and request ids
+
+Strategies (every model trained with the same settings: the training CLI's
+defaults for --bottom_units, --tower_units, --num_experts, --expert_units; the
+same epochs, batch and learning rate; no per-strategy tuning):
+
+  fusion            one single_task model per objective, ranked by pCTR x pCVR
+  sample weighting  one single_task model of "any event", weighted by the deepest
+                    event (weights from the data's event counts)
+  LTR listwise/pairwise  one single_task ranking model, grades click 1 < conversion 2
+  MMoE              one model, ranked by pCTR x pCVR of its two heads
+  ESMM              one model, ranked by pCTR x pCVR (its pCTCVR output)
+
+Each strategy's ranking score is rated against every objective on the eval
+split (`mtl_zoo.strategies.objective_report`). For the strategies with a CTR and
+a CVR output, the fusion weight w of pCTR x pCVR^w is swept to draw their
+CTR-vs-CVR trade-off curves. Writes results/strategies_<data>.md/.json/.png.
+"""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mtl_zoo import experiments, metrics, models, strategies  # noqa: E402  (Keras 2 first)
+from mtl_zoo._keras import keras  # noqa: E402
+from pipelines import reader  # noqa: E402
+from pipelines import schema as schema_lib  # noqa: E402
+from pipelines.datasets import synthetic_ads  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", None, "Converted data with train-* and eval-* shards and "
+                    "schema.json. Default: the synthetic ads log (--synthetic_requests), "
+                    "written under mtl_zoo_output/data/ on first use.")
+flags.DEFINE_integer("synthetic_requests", 12_000, "Training requests of the synthetic log.")
+flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Training seeds (the data is fixed).")
+flags.DEFINE_integer("epochs", 3, "Epochs per model.")
+flags.DEFINE_integer("batch_size", 2048, "Examples per step (LTR: whole requests).")
+flags.DEFINE_float("learning_rate", 2e-3, "Adam learning rate.")
+flags.DEFINE_string("out_dir", "results", "Where the table, JSON and plot go.")
+
+HPARAMS = {"bottom_units": [128], "tower_units": [8], "num_experts": 8, "expert_units": [16]}
+# name: (strategy, architecture, options)
+STRATEGY_RUNS = {
+    "fusion (2 single-task)": ("fusion", "single_task", {}),
+    "sample weighting": ("sample_weighting", "single_task", {}),
+    "LTR listwise": ("learning_to_rank", "single_task", {"ranking_loss": "listwise"}),
+    "LTR pairwise": ("learning_to_rank", "single_task", {"ranking_loss": "pairwise"}),
+    "MMoE": ("multi_task", "mmoe", {}),
+    "ESMM": ("multi_task", "esmm", {}),
+}
+CURVE_WEIGHTS = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
+COLUMNS = [("ctr_auc", "CTR AUC"), ("cvr_auc", "CVR AUC (clicked)"),
+           ("cvr_entire_auc", "CTCVR AUC"), ("gauc", "GAUC (click)"),
+           ("ndcg@10", "NDCG@10 (conversion)"), ("train_seconds", "train s"),
+           ("parameters", "parameters")]
+
+
+def training_schemas(strategy: str, architecture: str, options: dict,
+                     schema: schema_lib.Schema, event_weights: dict) -> list:
+  if strategy == "fusion":
+    return [models.training_schema(architecture, schema.with_tasks([t.name]))
+            for t in strategies.funnel(schema)]
+  if strategy == "sample_weighting":
+    schema = strategies.sample_weighting_schema(schema, event_weights)
+  elif strategy == "learning_to_rank":
+    schema = strategies.learning_to_rank_schema(schema, strategies.default_grades(schema),
+                                                list_size=10, **options)
+  return [models.training_schema(architecture, schema)]
+
+
+def run(strategy: str, architecture: str, options: dict, schema: schema_lib.Schema,
+        data_dir: str, columns: dict, event_weights: dict, seed: int) -> dict:
+  keras.utils.set_random_seed(seed)
+  outputs, seconds, parameters = {}, 0.0, 0
+  for i, task_schema in enumerate(training_schemas(strategy, architecture, options, schema,
+                                                   event_weights)):
+    model = models.build(architecture, task_schema, **HPARAMS, name=f"{architecture}_{i}")
+    models.compile_model(model, task_schema, learning_rate=FLAGS.learning_rate)
+    train = reader.make_dataset(os.path.join(data_dir, "train-*"), task_schema,
+                                FLAGS.batch_size, seed=seed)
+    start = time.perf_counter()
+    model.fit(train, epochs=FLAGS.epochs, verbose=0)
+    seconds += time.perf_counter() - start
+    parameters += model.count_params()
+    predicted = metrics.predict_columns(model, task_schema, columns)
+    outputs.update({t: predicted[t] for t in task_schema.task_names})
+  fusion = (strategies.default_fusion(schema) if strategy in ("fusion", "multi_task")
+            else None)
+  score = strategies.ranking_score(outputs, columns, fusion)
+  result = strategies.objective_report(score, columns, schema)
+  result.update(train_seconds=seconds, parameters=parameters)
+  first, second = [t.name for t in strategies.funnel(schema)][:2]
+  if first in outputs and second in outputs:
+    result["curve"] = []
+    for w in CURVE_WEIGHTS:
+      fused = strategies.ranking_score(outputs, columns, {
+          "mode": "product", "terms": [first, second], "weights": [1.0, w]})
+      report = strategies.objective_report(fused, columns, schema)
+      result["curve"].append({"weight": w, "ctr_auc": report[f"{first}_auc"],
+                              "cvr_auc": report[f"{second}_auc"]})
+  return result
+
+
+def summarize(runs: dict) -> dict:
+  table = {}
+  for name, results in runs.items():
+    table[name] = {key: experiments.mean_interval([r[key] for r in results])
+                   for key, _ in COLUMNS}
+    if "curve" in results[0]:
+      table[name]["curve"] = [
+          {"weight": point["weight"],
+           **{k: float(np.mean([r["curve"][i][k] for r in results]))
+              for k in ("ctr_auc", "cvr_auc")}}
+          for i, point in enumerate(results[0]["curve"])]
+  return table
+
+
+def markdown(table: dict, header: str) -> str:
+  lines = [header, "", "| strategy | " + " | ".join(label for _, label in COLUMNS) + " |",
+           "|---|" + "---|" * len(COLUMNS)]
+  for name, row in table.items():
+    cells = []
+    for key, _ in COLUMNS:
+      stat = row[key]
+      if key == "parameters":
+        cells.append(f"{stat['mean']:,.0f}")
+      elif key == "train_seconds":
+        cells.append(f"{stat['mean']:.1f}")
+      else:
+        cells.append(f"{stat['mean']:.4f} ± {stat['ci95']:.4f}")
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(table: dict, path: str, title: str) -> None:
+  import matplotlib  # plotting only: an optional dependency of the scripts
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 5))
+  for i, (name, row) in enumerate(table.items()):
+    color = f"C{i}"
+    if "curve" in row:
+      xs = [p["ctr_auc"] for p in row["curve"]]
+      ys = [p["cvr_auc"] for p in row["curve"]]
+      ax.plot(xs, ys, "--", color=color, alpha=0.6)
+      for p in row["curve"]:
+        ax.annotate(f"w={p['weight']:g}", (p["ctr_auc"], p["cvr_auc"]), fontsize=6,
+                    color=color, alpha=0.8)
+    ax.errorbar(row["ctr_auc"]["mean"], row["cvr_auc"]["mean"],
+                xerr=row["ctr_auc"]["ci95"], yerr=row["cvr_auc"]["ci95"], fmt="o",
+                color=color, label=name, capsize=3)
+  ax.set_xlabel("CTR AUC of the ranking score (all impressions)")
+  ax.set_ylabel("CVR AUC of the ranking score (clicked impressions)")
+  ax.set_title(title, fontsize=10)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv):
+  del argv
+  if FLAGS.data_dir:
+    data_dir, data_name = FLAGS.data_dir, os.path.basename(os.path.normpath(FLAGS.data_dir))
+  else:
+    data_name = "synthetic"
+    data_dir = os.path.join(REPO, "mtl_zoo_output", "data",
+                            f"synthetic_ads-{FLAGS.synthetic_requests}-seed0")
+    if not os.path.exists(os.path.join(data_dir, schema_lib.SCHEMA_FILENAME)):
+      synthetic_ads.write(data_dir, num_train_requests=FLAGS.synthetic_requests,
+                          num_eval_requests=max(1, FLAGS.synthetic_requests // 4))
+  schema = schema_lib.Schema.load(data_dir)
+  columns = reader.read_columns(os.path.join(data_dir, "eval-*"), schema)
+  event_weights = reader.default_event_weights(
+      reader.read_columns(os.path.join(data_dir, "train-*"), schema),
+      [t.label for t in strategies.funnel(schema)])
+  start = time.perf_counter()
+  runs = {}
+  for name, (strategy, architecture, options) in STRATEGY_RUNS.items():
+    runs[name] = []
+    for seed in FLAGS.seeds:
+      result = run(strategy, architecture, options, schema, data_dir, columns,
+                   event_weights, int(seed))
+      runs[name].append(result)
+      print(f"{name} seed {seed}: " + ", ".join(
+          f"{k} {result[k]:.4f}" for k, _ in COLUMNS[:5]), flush=True)
+  minutes = (time.perf_counter() - start) / 60
+  table = summarize(runs)
+  header = (f"Ranking strategies on {data_name} ({len(columns[schema.labels[0]]):,} eval "
+            f"impressions); mean ± 95% CI over seeds {','.join(FLAGS.seeds)}; "
+            f"{FLAGS.epochs} epochs, batch {FLAGS.batch_size}, lr {FLAGS.learning_rate}; "
+            f"event weights {', '.join(f'{k}={v:.3f}' for k, v in event_weights.items())}; "
+            f"whole comparison {minutes:.1f} min.")
+  text = markdown(table, header)
+  print("\n" + text)
+  os.makedirs(FLAGS.out_dir, exist_ok=True)
+  stem = os.path.join(FLAGS.out_dir, f"strategies_{data_name}")
+  with open(stem + ".md", "w") as f:
+    f.write(text)
+  with open(stem + ".json", "w") as f:
+    json.dump({"settings": {"seeds": FLAGS.seeds, "epochs": FLAGS.epochs,
+                            "batch_size": FLAGS.batch_size,
+                            "learning_rate": FLAGS.learning_rate, "hparams": HPARAMS,
+                            "event_weights": event_weights},
+               "table": table, "runs": runs}, f, indent=1)
+  plot(table, stem + ".png", f"Ranking strategies on {data_name}: CTR vs CVR AUC of each "
+       "ranking score\n(dashed: pCTR x pCVR^w for w in " +
+       ", ".join(f"{w:g}" for w in CURVE_WEIGHTS) + ")")
+  print(f"Wrote {stem}.md, .json, .png")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,370 @@
+"""Distributed training on localhost and recovery from a killed run, with real
+processes; plus the helpers behind them, in-process.
+
+Each multi-process test bounds its own time (every wait has a timeout), kills
+whatever it started in a `finally`, and uses only 127.0.0.1 on free ports.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO
+from mtl_zoo import distribute
+from mtl_zoo import metrics as metrics_lib
+from mtl_zoo._keras import keras
+from pipelines import reader
+from pipelines import schema as schema_lib
+from pipelines.datasets import synthetic_ads
+
+TIMEOUT = 240  # seconds for any one training process, on a loaded 2-core machine
+ENV = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+ENV["TF_CPP_MIN_LOG_LEVEL"] = "2"
+
+
+@pytest.fixture(scope="module")
+def two_shards(tmp_path_factory):
+  """1,000 training impressions in two shards of 500; 400 for evaluation."""
+  out = str(tmp_path_factory.mktemp("dist") / "ads")
+  synthetic_ads.write(out, num_train_requests=100, num_eval_requests=40, num_users=200,
+                      num_items=100, seed=1, num_shards=2)
+  return out
+
+
+def free_ports(n: int) -> list:
+  sockets = [socket.socket() for _ in range(n)]
+  try:
+    for s in sockets:
+      s.bind(("127.0.0.1", 0))
+    return [s.getsockname()[1] for s in sockets]
+  finally:
+    for s in sockets:
+      s.close()
+
+
+class Processes:
+  """The training processes of one test, each logging to its own file."""
+
+  def __init__(self, log_dir):
+    self.log_dir, self.procs = log_dir, {}
+
+  def start(self, name: str, *flags: str, cluster: dict = None, task=None):
+    env = dict(ENV)
+    if cluster:
+      env["TF_CONFIG"] = json.dumps({"cluster": cluster,
+                                     "task": {"type": task[0], "index": task[1]}})
+    log = open(os.path.join(self.log_dir, f"{name}.log"), "w")
+    self.procs[name] = (subprocess.Popen([sys.executable, "-m", "mtl_zoo.train", *flags],
+                                         cwd=REPO, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT), log)
+    return self.procs[name][0]
+
+  def wait(self, name: str, timeout: float = TIMEOUT) -> tuple:
+    """(exit code, log text); kills the process if it overruns."""
+    proc, log = self.procs[name]
+    try:
+      code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+      code = None
+    log.close()
+    with open(log.name) as f:
+      return code, f.read()
+
+  def stop(self):
+    for proc, log in self.procs.values():
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+      log.close()
+
+
+@pytest.fixture
+def processes(tmp_path):
+  procs = Processes(str(tmp_path))
+  try:
+    yield procs
+  finally:
+    procs.stop()
+
+
+def full_batch_flags(data_dir: str, model_dir: str) -> list:
+  """One step per epoch over all 1,000 examples: the gradient is the same mean
+  however the batch is split, so runs are comparable to float precision."""
+  return [f"--train_files={data_dir}/train-*", f"--eval_files={data_dir}/eval-*",
+          "--epochs=4", "--batch_size=1000", "--learning_rate=0.02",
+          f"--model_dir={model_dir}", "--export_dir="]
+
+
+def load_weights(model_dir) -> list:
+  return keras.models.load_model(os.path.join(model_dir, "model.keras")).get_weights()
+
+
+def eval_metrics(model_dir) -> dict:
+  with open(os.path.join(model_dir, "metrics.json")) as f:
+    return json.load(f)
+
+
+def assert_same_run(a_dir, b_dir, atol: float) -> None:
+  for wa, wb in zip(load_weights(a_dir), load_weights(b_dir), strict=True):
+    np.testing.assert_allclose(wa, wb, rtol=0, atol=atol)
+  a, b = eval_metrics(a_dir)["eval"], eval_metrics(b_dir)["eval"]
+  for task in a:
+    for name in ("auc", "logloss"):
+      assert abs(a[task][name] - b[task][name]) <= atol, (task, name, a[task], b[task])
+
+
+@pytest.fixture(scope="module")
+def single_worker_run(two_shards, tmp_path_factory):
+  model_dir = str(tmp_path_factory.mktemp("single") / "run")
+  result = subprocess.run([sys.executable, "-m", "mtl_zoo.train",
+                           *full_batch_flags(two_shards, model_dir)],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return model_dir
+
+
+@pytest.mark.slow
+def test_mirrored_on_the_cpu_matches_no_strategy(two_shards, single_worker_run, processes,
+                                                  tmp_path):
+  model_dir = str(tmp_path / "mirrored")
+  processes.start("mirrored", *full_batch_flags(two_shards, model_dir),
+                  "--distribution=mirrored")
+  code, log = processes.wait("mirrored")
+  assert code == 0, log[-3000:]
+  assert "(1 replica)" in log
+  assert eval_metrics(model_dir)["distribution"] == "mirrored"
+  assert_same_run(model_dir, single_worker_run, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_multi_worker_processes_match_one_worker_with_the_same_global_batch(
+    two_shards, single_worker_run, processes, tmp_path):
+  model_dir = str(tmp_path / "multi")
+  cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
+  for index in (0, 1):
+    processes.start(f"worker{index}", *full_batch_flags(two_shards, model_dir),
+                    "--distribution=multi_worker", cluster=cluster, task=("worker", index))
+  (code0, log0), (code1, log1) = processes.wait("worker0"), processes.wait("worker1")
+  assert code0 == 0 and code1 == 0, log0[-3000:] + log1[-3000:]
+  # Each worker read its own shard, 500 examples per step, of the global 1,000.
+  assert "reader 0 of 2 reads 1 of the 2 training files" in log0
+  assert "reader 1 of 2 reads 1 of the 2 training files" in log1
+  assert "on 2 workers (2 replicas), 1 steps of 1000 per epoch" in log0
+  assert "Task worker 1 finished; the chief writes the outputs" in log1
+  metrics = eval_metrics(model_dir)
+  assert metrics["workers"] == 2 and metrics["distribution"] == "multi_worker"
+  # Only the chief wrote; the other worker's temporary checkpoint copies are gone.
+  leftovers = [d for _, dirs, _ in os.walk(model_dir) for d in dirs if "workertemp" in d]
+  assert not leftovers
+  # Same global batch: the all-reduced mean gradient equals the single worker's,
+  # up to float32 summation order.
+  assert_same_run(model_dir, single_worker_run, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_parameter_server_cluster_trains_and_exports_a_round_tripping_model(
+    two_shards, processes, tmp_path):
+  chief, worker0, worker1, ps = (f"127.0.0.1:{p}" for p in free_ports(4))
+  cluster = {"chief": [chief], "worker": [worker0, worker1], "ps": [ps]}
+  for task in (("worker", 0), ("worker", 1), ("ps", 0)):
+    processes.start(f"{task[0]}{task[1]}", "--distribution=parameter_server",
+                    cluster=cluster, task=task)
+  model_dir, export_dir = str(tmp_path / "run"), str(tmp_path / "export")
+  # Tables of at least 1 KiB split in two, so even one ps holds sharded variables.
+  processes.start("chief", f"--train_files={two_shards}/train-*",
+                  f"--eval_files={two_shards}/eval-*", "--epochs=2", "--batch_size=250",
+                  "--distribution=parameter_server", "--ps_shards=2",
+                  "--ps_min_shard_bytes=1024", f"--model_dir={model_dir}",
+                  f"--export_dir={export_dir}", cluster=cluster, task=("chief", 0))
+  code, log = processes.wait("chief")
+  assert code == 0, log[-3000:]
+  assert "Variables split over the parameter servers: feature_embedding/embeddings" in log
+  assert "Input: the 2 workers read disjoint shares of the 2 training files" in log
+  metrics = eval_metrics(model_dir)
+  assert metrics["distribution"] == "parameter_server" and metrics["workers"] == 2
+  assert np.isfinite(metrics["train_loss"]["loss"])
+
+  schema = schema_lib.Schema.load(model_dir)
+  columns = reader.read_columns(f"{two_shards}/eval-*", schema)
+  serialized = tf.constant(schema.serving_examples(columns))
+  (version,) = os.listdir(export_dir)
+  served = tf.saved_model.load(os.path.join(export_dir, version)).signatures[
+      "serving_default"](examples=serialized)
+  keras_model = keras.models.load_model(os.path.join(model_dir, "model.keras"))
+  direct = keras_model(schema.parse_serving_examples(serialized), training=False)
+  for task in schema.task_names:
+    np.testing.assert_allclose(served[task].numpy(), direct[task].numpy().ravel(),
+                               rtol=0, atol=1e-6)
+  # The export holds the trained (sharded) weights joined back correctly: its
+  # eval AUC is the one the chief measured on the distributed model.
+  assert metrics_lib.auc(columns["click"], served["ctr"].numpy()) == pytest.approx(
+      metrics["eval"]["ctr"]["auc"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_its_last_backup_and_ends_as_if_never_killed(
+    ads_dir, processes, tmp_path):
+  def flags(model_dir, *extra):
+    # 3,000 examples / 32 = 94 steps per epoch, a backup every 10.
+    return [f"--train_files={ads_dir}/train-*", f"--eval_files={ads_dir}/eval-*",
+            "--epochs=2", "--batch_size=32", "--backup_every_steps=10", "--export_dir=",
+            f"--model_dir={model_dir}", *extra]
+
+  reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
+  processes.start("reference", *flags(reference))
+  victim = processes.start("victim", *flags(killed))
+  marker = os.path.join(killed, "backup", "chief", "checkpoint")
+  deadline = time.monotonic() + TIMEOUT
+  while not os.path.exists(marker):
+    assert victim.poll() is None and time.monotonic() < deadline, "no backup appeared"
+    time.sleep(0.01)
+  victim.send_signal(signal.SIGKILL)
+  assert processes.wait("victim")[0] == -signal.SIGKILL
+  # Nothing that looks finished was left behind.
+  assert not os.path.exists(os.path.join(killed, "metrics.json"))
+  assert not os.path.exists(os.path.join(killed, "model.keras"))
+  epoch, step = distribute.backup_resume_point(os.path.join(killed, "backup"), 94, True)
+  assert (epoch, step) != (0, 0) and step > 0  # killed mid-epoch, after a backup
+
+  processes.start("other", *flags(killed, "--learning_rate=0.01"))
+  code, log = processes.wait("other")
+  assert code != 0 and "unfinished run with other settings (learning_rate)" in log
+
+  processes.start("resumed", *flags(killed))
+  code, log = processes.wait("resumed")
+  assert code == 0, log[-3000:]
+  assert f"Resuming from the backup in {killed}/backup: epoch {epoch + 1}, step {step} " \
+         "of 94." in log
+  assert eval_metrics(killed)["resumed_from"] == {"epoch": epoch + 1, "step": step}
+  assert not os.path.exists(os.path.join(killed, "backup"))  # done: a rerun starts afresh
+  code, log = processes.wait("reference")
+  assert code == 0, log[-3000:]
+  # The resumed run skipped the batches already trained on and read the data in
+  # the same deterministic order, so it ends where the uninterrupted run does,
+  # up to float rounding in multi-threaded kernels (1e-5 measured at worst).
+  assert_same_run(killed, reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("flags, cluster, message", [
+    (["--distribution=mirrored", "--loss_weighting=pcgrad"], None,
+     "--loss_weighting=pcgrad trains with its own train step"),
+    (["--distribution=parameter_server", "--train_files={ads}/train-*"], None,
+     "needs TF_CONFIG with 'chief', 'worker' and 'ps' tasks"),
+    # Checked before the strategy waits for the other worker, which never comes.
+    (["--distribution=multi_worker", "--train_files={ads}/train-00000-of-00003.tfrecord"],
+     {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+     "matches 1 file(s) but 2 workers read whole files"),
+])
+def test_distribution_errors_name_the_problem(flags, cluster, message, ads_dir, processes,
+                                              tmp_path):
+  processes.start("run", *[f.format(ads=ads_dir) for f in flags],
+                  f"--model_dir={tmp_path}/run", "--export_dir=", cluster=cluster,
+                  task=("worker", 0))
+  code, log = processes.wait("run", timeout=120)
+  assert code not in (0, None) and message in log, log[-3000:]
+  assert "Traceback" not in log
+
+
+# ------------------------------------------------------------- in-process
+
+
+def test_resume_point_is_where_keras_resumes(tmp_path):
+  """backup_resume_point predicts the (epoch, step) BackupAndRestore resumes at,
+  read from a real Keras backup."""
+  x, y = np.ones((40, 2), np.float32), np.zeros((40, 1), np.float32)
+
+  def fit(callbacks):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    steps = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_begin=lambda batch, logs: steps.append((epochs[-1], batch)),
+        on_epoch_begin=lambda epoch, logs: epochs.append(epoch))
+    epochs = []
+    model.fit(x, y, batch_size=4, epochs=3, verbose=0, callbacks=[*callbacks, record])
+    return steps
+
+  class Interrupt(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+      if self._epoch == 1 and batch == 6:
+        raise RuntimeError("interrupted")
+
+    def on_epoch_begin(self, epoch, logs=None):
+      self._epoch = epoch
+
+  backup = str(tmp_path / "backup")
+  with pytest.raises(RuntimeError):
+    fit([distribute.Backup(backup, save_freq=3), Interrupt()])
+  predicted = distribute.backup_resume_point(backup, steps_per_epoch=10, per_step=True)
+  # Backups after 3, 6, 9 steps, at epoch 0's end (10), then after 13 and 16:
+  # epoch 1's step 5 was the last one backed up.
+  assert predicted == (1, 6)
+  assert fit([distribute.Backup(backup, save_freq=3)])[0] == predicted
+  assert distribute.backup_resume_point(backup, 10, True) is None  # deleted when done
+
+
+def test_tf_config_roles_and_errors(monkeypatch):
+  monkeypatch.delenv("TF_CONFIG", raising=False)
+  assert distribute.tf_config() == {} and distribute.is_chief({})
+  cluster = {"chief": ["a:1"], "worker": ["b:1", "c:1"], "ps": ["d:1"]}
+  assert distribute.is_chief({"cluster": cluster, "task": {"type": "chief", "index": 0}})
+  assert not distribute.is_chief({"cluster": cluster, "task": {"type": "worker", "index": 0}})
+  workers_only = {"cluster": {"worker": ["b:1", "c:1"]}, "task": {"type": "worker", "index": 0}}
+  assert distribute.is_chief(workers_only)
+  monkeypatch.setenv("TF_CONFIG", "{not json")
+  with pytest.raises(distribute.ClusterError, match="TF_CONFIG is not valid JSON"):
+    distribute.tf_config()
+  monkeypatch.setenv("TF_CONFIG", json.dumps(workers_only))
+  with pytest.raises(distribute.ClusterError, match=r"lacks \['chief', 'ps'\]"):
+    distribute.make_strategy("parameter_server")
+  monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster,
+                                              "task": {"type": "chief", "index": 0}}))
+  with pytest.raises(distribute.ClusterError, match="multi_worker takes 'chief' and 'worker'"):
+    distribute.make_strategy("multi_worker")
+
+
+def test_weight_values_join_the_parts_of_sharded_variables():
+  class Weight:
+    def __init__(self, name):
+      self.name = name
+
+  class Sharded:
+    weights = [Weight("emb/table/part_0:0"), Weight("emb/table/part_1:0"),
+               Weight("dense/kernel:0"), Weight("other/part_0:0")]
+
+    def get_weights(self):
+      return [np.zeros((3, 2)), np.ones((2, 2)), np.full((2, 1), 5.0), np.ones(4)]
+
+  values = distribute.weight_values(Sharded())
+  assert [v.shape for v in values] == [(5, 2), (2, 1), (4,)]
+  np.testing.assert_array_equal(values[0][3:], np.ones((2, 2)))
+  assert distribute.sharded_variables(Sharded()) == {"emb/table:0": 2, "other:0": 1}
+
+
+def test_model_save_is_atomic(tmp_path, monkeypatch):
+  from mtl_zoo import train
+  model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+  path = str(tmp_path / "model.keras")
+  train.save_model_atomically(model, path)
+  good = open(path, "rb").read()
+
+  def crash(self, filepath, *args, **kwargs):
+    with open(filepath, "wb") as f:
+      f.write(b"half a model")
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(keras.Model, "save", crash)
+  with pytest.raises(KeyboardInterrupt):
+    train.save_model_atomically(model, path)
+  assert open(path, "rb").read() == good
+  assert os.listdir(tmp_path) == ["model.keras"]
