@@ -492,7 +492,9 @@ def fit_model(name: str, schema: schema_lib.Schema, model_name: str, hparams: di
   duplicate_task = strategies.ENGAGEMENT_TASK if FLAGS.duplicate else None
   train_files = reader.list_files(train_pattern)
   skipped = {"train": reader.SkippedRecords()}
-  if not FLAGS.steps_per_epoch:
+  # The counting pass also finds damaged shards, empty data and, with
+  # --bad_records=skip, what is left out (counted even with --steps_per_epoch).
+  if not FLAGS.steps_per_epoch or FLAGS.bad_records == reader.SKIP:
     try:
       examples = count_examples(train_pattern, schema, duplicate_task, skipped["train"])
     except reader.BadRecordError as e:
@@ -551,14 +553,17 @@ def fit_model(name: str, schema: schema_lib.Schema, model_name: str, hparams: di
 
   try:
     train_input = distribute.training_input(strategy, dataset_fn)
-    eval_ds = None
-    if eval_pattern and chief:
-      skipped["eval"] = reader.SkippedRecords()
+  except reader.BadRecordError as e:
+    raise DataError(f"--train_files: {e}") from None
+  eval_ds = None
+  if eval_pattern and chief:
+    skipped["eval"] = reader.SkippedRecords()
+    try:
       eval_ds = reader.make_dataset(eval_pattern, schema, 8192, shuffle=False, cache=True,
                                     group_lists=False, bad_records=FLAGS.bad_records,
                                     skipped=skipped["eval"])
-  except reader.BadRecordError as e:
-    raise DataError(str(e)) from None
+    except reader.BadRecordError as e:
+      raise DataError(f"--eval_files: {e}") from None
   # Fused per-task models need distinct names to be combined into one model.
   hparams = {**hparams, "name": model_name if name == model_name else f"{name}_{model_name}"}
   with strategy.scope() if strategy else contextlib.nullcontext():

@@ -11,6 +11,7 @@ and where the readable records resume after it.
 import dataclasses
 import gzip
 import struct
+import zlib
 from typing import List, Optional, Sequence, Tuple
 
 import tensorflow as tf
@@ -190,7 +191,7 @@ def _scan_damaged(path: str, compression: Optional[str]) -> ShardScan:
                "be located; the rest of the shard is unreadable")
           break
         body = stream.read(length + FOOTER_BYTES)
-      except (OSError, EOFError, gzip.BadGzipFile) as e:
+      except (OSError, EOFError, zlib.error) as e:  # GZIP streams
         lost(f"the GZIP stream is corrupt here ({e}); the rest of the shard is unreadable")
         break
       if len(body) < length + FOOTER_BYTES:

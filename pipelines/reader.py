@@ -286,7 +286,7 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
       block ("from record <first>"), and `first_unparsable` names the record.
       "skip": such records are left out one by one, never the good records
       around them, and counted into `skipped`; the first pass over the data
-      then costs ~25% more (blocks are parsed in nested datasets that can fall
+      then costs ~30% more (blocks are parsed in nested datasets that can fall
       back to parsing record by record).
     skipped: with "skip", receives what was left out (None: nothing is counted,
       e.g. where no variable may be created, as in a parameter-server

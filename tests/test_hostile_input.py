@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import mtl_zoo
 from conftest import REPO, mixed_columns, mixed_schema
 from mtl_zoo import export, layers
-from pipelines import reader
+from pipelines import integrity, reader
 from pipelines import schema as schema_lib
 
 SCHEMA = mixed_schema()
@@ -149,7 +149,7 @@ def test_damaged_gzip_shard_is_named_and_its_readable_part_skipped_to(tmp_path):
   # TensorFlow alone reads some truncated GZIP shards quietly as complete ones.
   for cut in range(20, len(data), len(data) // 12):
     path.write_bytes(data[:cut])
-    assert reader.integrity.scan_shards([str(path)])[0].damage, cut
+    assert integrity.scan_shards([str(path)])[0].damage, cut
   path.write_bytes(data[:len(data) * 2 // 3])
   with pytest.raises(reader.BadRecordError, match=f"{re.escape(str(path))}: record .*GZIP"):
     reader.make_dataset(str(path), SCHEMA, 8)
