@@ -25,13 +25,18 @@ from pipelines import reader
 from pipelines import schema as schema_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("saved_model", None, "An export version directory.", required=True)
-flags.DEFINE_string("input", None, "Glob(s) of TFRecord files to score.", required=True)
-flags.DEFINE_string("output", None, "CSV file to write.", required=True)
-flags.DEFINE_enum("input_layout", "training", ["training", "serving"],
-                  "training: shards written by pipelines.convert; serving: tf.Examples "
-                  "with one feature per schema feature.")
-flags.DEFINE_integer("batch_size", 4096, "Records scored per call.", lower_bound=1)
+
+
+def define_flags() -> None:
+  """The CLI's flags; defined only when run as a program, so importing `score`
+  next to another CLI (e.g. mtl_zoo.train, which also has --batch_size) is safe."""
+  flags.DEFINE_string("saved_model", None, "An export version directory.", required=True)
+  flags.DEFINE_string("input", None, "Glob(s) of TFRecord files to score.", required=True)
+  flags.DEFINE_string("output", None, "CSV file to write.", required=True)
+  flags.DEFINE_enum("input_layout", "training", ["training", "serving"],
+                    "training: shards written by pipelines.convert; serving: tf.Examples "
+                    "with one feature per schema feature.")
+  flags.DEFINE_integer("batch_size", 4096, "Records scored per call.", lower_bound=1)
 
 
 def score(saved_model: str, pattern: str, output: str, layout: str = "training",
@@ -100,4 +105,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -328,8 +328,8 @@ def test_nan_numeric_means_missing_and_infinite_is_clipped():
 
 # ------------------------------------------------------------------------- CLI
 
-# Every CLI case runs in one fresh interpreter, in process there (absl flags are
-# global, and another test module imports mtl_zoo.predict, whose flags clash).
+# Every CLI case runs in one fresh interpreter, in process there: absl flags are
+# global, and parsing them for one case must not leak into the next test module.
 _CLI_DRIVER = """
 import contextlib, io, json, sys
 from absl import app, flags
