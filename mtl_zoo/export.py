@@ -307,7 +307,7 @@ def prune_versions(export_dir: str, keep: int) -> list:
 def _main(argv):
   """`python -m mtl_zoo.export`: export a trained model directory again."""
   import sys
-  from absl import app, flags
+  from absl import flags
   del argv
   FLAGS = flags.FLAGS
   trained = []

@@ -23,7 +23,7 @@ no training-only state). Per-task weights are returned as `weight_<task>` logs,
 so Keras' TensorBoard callback records them.
 """
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import tensorflow as tf
 

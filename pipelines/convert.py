@@ -14,7 +14,6 @@ import sys
 
 from absl import app, flags
 
-from pipelines import schema as schema_lib
 from pipelines.datasets import census, csv_source, synthetic_ads
 
 FLAGS = flags.FLAGS

@@ -92,7 +92,7 @@ def main(argv):
         print(f"p={p} {model} seed {seed}: test loss "
               f"{test_loss(result['metrics']['test']):.4f}", flush=True)
 
-  lines = [f"# MMoE synthetic experiment\n",
+  lines = ["# MMoE synthetic experiment\n",
            f"{FLAGS.runs} runs per cell, {FLAGS.epochs} epochs, batch {FLAGS.batch_size}, "
            f"lr {FLAGS.learning_rate}, {FLAGS.num_train} training examples, one data draw "
            f"per correlation (seed {FLAGS.data_seed}). Final test loss = mean of the two "

@@ -1,7 +1,5 @@
 """Entire-space probability: the product of conditional stage probabilities."""
 
-import tensorflow as tf
-
 from mtl_zoo._keras import keras
 
 
