@@ -5,7 +5,7 @@ it) is invisible in task metrics but wastes capacity; these summaries make it
 visible in metrics.json and TensorBoard.
 """
 
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
 import tensorflow as tf
@@ -18,8 +18,16 @@ from mtl_zoo._keras import keras
 STARVED_FRACTION = 0.1
 
 
-def gate_layers(model: keras.Model) -> List[layers.SoftmaxGate]:
-  return [l for l in model.layers if isinstance(l, layers.SoftmaxGate)]
+def gate_outputs(model: keras.Model) -> Dict[str, tf.Tensor]:
+  """Every gate's [batch, num_experts] weights in `model`'s graph, by gate name
+  (a `SoftmaxGate` layer's name, or a name within a `SoftmaxGates` layer)."""
+  found = {}
+  for layer in model.layers:
+    if isinstance(layer, layers.SoftmaxGate):
+      found[layer.name] = layer.output
+    elif isinstance(layer, layers.SoftmaxGates):
+      found.update(layer.output)
+  return found
 
 
 def summarize(mean_weights: np.ndarray) -> Dict[str, object]:
@@ -39,11 +47,11 @@ GATE_PREFIX = "gate:"
 def with_gate_outputs(model: keras.Model) -> keras.Model:
   """`model` with every gate's weights as extra outputs (`gate:<layer name>`), so
   one pass over eval data yields task predictions and gate weights together."""
-  gates = gate_layers(model)
+  gates = gate_outputs(model)
   if not gates:
     return model
   return keras.Model(model.inputs, {**dict(zip(model.output_names, model.outputs)),
-                                    **{GATE_PREFIX + g.name: g.output for g in gates}})
+                                    **{GATE_PREFIX + name: g for name, g in gates.items()}})
 
 
 def gate_report(collected: Dict[str, Dict[str, np.ndarray]]) -> Dict[str, dict]:

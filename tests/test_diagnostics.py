@@ -21,10 +21,12 @@ def test_summary_flags_collapsed_gates_and_starved_experts():
 def test_gate_report_averages_gate_weights_over_the_data(ads_dir, ads_schema):
   model = mtl_zoo.build_mmoe(ads_schema, num_experts=3)
   ds = reader.make_dataset(os.path.join(ads_dir, "eval-*"), ads_schema, 256, shuffle=False)
-  gate = model.get_layer("gate_ctr")
+  logits = model.get_layer("gates")._logits  # gate_ctr's 3 logits, then gate_cvr's
   # Force the ctr gate onto expert 2 whatever the input.
-  gate._logits.kernel.assign(tf.zeros_like(gate._logits.kernel))
-  gate._logits.bias.assign([0.0, 0.0, 20.0])
+  kernel = logits.kernel.numpy()
+  kernel[:, :3] = 0.0
+  logits.kernel.assign(kernel)
+  logits.bias.assign([0.0, 0.0, 20.0, 0.0, 0.0, 0.0])
   probe = diagnostics.with_gate_outputs(model)
   collected = metrics.collect(probe, ds)
   report = diagnostics.gate_report(collected)

@@ -267,6 +267,12 @@ def test_rank_signature_fuses_scores_and_takes_per_request_weights(ads_dir, ads_
   np.testing.assert_allclose(reranked["score"], cvr, rtol=1e-5)
   np.testing.assert_allclose(reranked["ctr"], ctr, atol=1e-6)  # task scores unchanged
   np.testing.assert_allclose(reranked["cvr"], cvr, atol=1e-6)
+  # A client's NaN or infinite weight counts as missing; a huge one saturates.
+  hostile = [client.with_fusion_weights(e, w) for e, w in zip(
+      examples[:3], [[float("nan"), 0.5, 1.0], [1.0, float("inf"), 1.0], [1.0, 1.0, 1e30]])]
+  hostile_scores = loaded.signatures["rank"](examples=tf.constant(hostile))["score"].numpy()
+  assert np.all(np.isfinite(hostile_scores))
+  np.testing.assert_allclose(hostile_scores[:2], ranked["score"][:2], rtol=1e-5)
   with pytest.raises(ValueError, match="neither tasks"):
     export.export_saved_model(model, ads_schema, str(tmp_path / "bad"),
                               fusion=layers.parse_fusion("sum:ctr=1,dwell=2"))

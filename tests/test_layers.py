@@ -67,10 +67,26 @@ def test_gate_sums_to_one_and_mixture_weights_experts():
   np.testing.assert_allclose(mixed, np.einsum("beu,be->bu", experts.numpy(), w), rtol=1e-5)
 
 
+def test_fused_gates_equal_separate_gates():
+  gates = layers.SoftmaxGates(3, ["a", "b"])
+  x = tf.random.stateless_normal([5, 4], seed=[4, 5])
+  fused = gates(x)
+  assert list(fused) == ["a", "b"]
+  kernel, bias = gates._logits.kernel.numpy(), gates._logits.bias.numpy()
+  for i, name in enumerate(["a", "b"]):
+    single = layers.SoftmaxGate(3)
+    single(x)
+    single._logits.set_weights([kernel[:, 3 * i:3 * i + 3], bias[3 * i:3 * i + 3]])
+    np.testing.assert_allclose(fused[name].numpy(), single(x).numpy(), rtol=1e-6)
+  with pytest.raises(ValueError, match="distinct gate names"):
+    layers.SoftmaxGates(3, ["a", "a"])
+
+
 @pytest.mark.parametrize("make", [
     lambda: layers.MLP([4, 2], "tanh", 0.1, kernel_l2=1e-4, name="m"),
     lambda: layers.ExpertBank(3, [4], dropout=0.2, name="e"),
     lambda: layers.SoftmaxGate(3, name="g"),
+    lambda: layers.SoftmaxGates(3, ["a", "b"], name="gs"),
     lambda: layers.TaskHead("regression", name="t"),
     lambda: layers.ExpertMixture(name="x"),
     lambda: layers.feature_embedding(mixed_schema(), embeddings_l2=1e-5),
@@ -133,6 +149,15 @@ def test_score_fusion_sum_and_product_follow_their_formulas():
                              rtol=1e-5)
   override = tf.constant([[2.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
   np.testing.assert_allclose(product(scores, override), [0.1 ** 2 * 10, 0.5 * 0.04], rtol=1e-5)
+  # Client weights that are not finite count as missing; scores saturate.
+  hostile = tf.constant([[np.nan, np.inf, 1.0], [1.0, 1.0, 1e30]])
+  np.testing.assert_allclose(product(scores, hostile)[0], product(scores)[0], rtol=1e-5)
+  assert float(product(scores, hostile)[1]) == pytest.approx(np.finfo(np.float32).max, rel=1e-2)
+  tiny = product(scores, tf.constant([[1.0, 1.0, -1e30]] * 2)).numpy()
+  assert np.all(tiny > 0) and np.all(tiny < 1e-37)
+  summed_hostile = layers.ScoreFusion("sum", ["ctr", "price"], [1.0, 1.0])(
+      scores, tf.constant([[-np.inf, 1e38], [1e38, -1e38]])).numpy()
+  assert np.all(np.isfinite(summed_hostile)) and summed_hostile[0] > 1e37
   assert layers.parse_fusion("product:ctr=1,cvr=0.5,price=1") == {
       "mode": "product", "terms": ["ctr", "cvr", "price"], "weights": [1.0, 0.5, 1.0]}
   with pytest.raises(ValueError, match="should look like"):

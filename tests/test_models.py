@@ -36,14 +36,19 @@ def test_builders_have_feature_inputs_and_task_named_outputs(name, ads_schema):
 def test_mmoe_structure(ads_dir, ads_schema):
   model = mtl_zoo.build_mmoe(ads_schema, num_experts=5, expert_units=[6])
   banks = _layers_of(model, layers.ExpertBank)
-  gates = _layers_of(model, layers.SoftmaxGate)
+  (gates,) = _layers_of(model, layers.SoftmaxGates)
   assert len(banks) == 1 and banks[0].num_experts == 5  # experts shared by all tasks
-  assert sorted(g.name for g in gates) == ["gate_ctr", "gate_cvr"]  # one gate per task
-  gate_outputs = keras.Model(model.inputs, [g.output for g in gates])
+  assert gates.gate_names == ["gate_ctr", "gate_cvr"]  # one gate per task
+  # Each task's mixture reads its own gate.
+  for task in ("ctr", "cvr"):
+    assert model.get_layer(f"mixture_{task}").input[1] is gates.output[f"gate_{task}"]
+  gate_outputs = keras.Model(model.inputs, gates.output)
   ds = reader.make_dataset(os.path.join(ads_dir, "eval-*"), ads_schema, 64, shuffle=False)
-  for weights in gate_outputs(next(iter(ds))[0]):
-    assert weights.shape == (64, 5)
-    np.testing.assert_allclose(weights.numpy().sum(axis=1), 1.0, rtol=1e-5)
+  weights = gate_outputs(next(iter(ds))[0])
+  for w in weights.values():
+    assert w.shape == (64, 5)
+    np.testing.assert_allclose(w.numpy().sum(axis=1), 1.0, rtol=1e-5)
+  assert not np.allclose(weights["gate_ctr"], weights["gate_cvr"])  # separate parameters
   assert all(v.trainable for v in model.variables)
 
 

@@ -2,11 +2,16 @@
 
 from typing import Dict, Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from mtl_zoo._keras import keras
 
 FUSION_MODES = ("sum", "product")
+# Just inside float32's normal range: exp of the exact logs rounds past it (to
+# inf, or to a denormal that CPUs flush to 0).
+_LOG_FLOAT32_TINY = float(np.log(np.finfo(np.float32).tiny)) + 1e-3
+_LOG_FLOAT32_MAX = float(np.log(np.finfo(np.float32).max)) - 1e-3
 
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
@@ -20,6 +25,9 @@ class ScoreFusion(keras.layers.Layer):
 
   Call with `scores` (dict term -> [batch] or [batch, 1]) and optionally
   `weights` [batch, num_terms] that override the configured ones per example.
+  Those come from clients, so a NaN or infinite weight counts as missing (the
+  configured weight), and scores saturate at float32's limits instead of
+  overflowing: every output is finite, and a ranking never meets NaN.
   Output: [batch].
   """
 
@@ -39,12 +47,15 @@ class ScoreFusion(keras.layers.Layer):
            weights: Optional[tf.Tensor] = None) -> tf.Tensor:
     values = tf.stack([tf.reshape(tf.cast(scores[t], tf.float32), [-1]) for t in self.terms],
                       axis=1)
-    if weights is None:
-      weights = tf.constant(self.weights_config)[None, :]
+    configured = tf.constant(self.weights_config)[None, :]
+    weights = configured if weights is None else tf.where(
+        tf.math.is_finite(weights), weights, configured)
     if self.mode == "sum":
-      return tf.reduce_sum(weights * values, axis=1)
-    return tf.exp(tf.reduce_sum(weights * tf.math.log(tf.maximum(values, self.epsilon)),
-                                axis=1))
+      # Each term within max/num_terms, so no sum of finite terms overflows.
+      bound = np.finfo(np.float32).max / len(self.terms)
+      return tf.reduce_sum(tf.clip_by_value(weights * values, -bound, bound), axis=1)
+    log_score = tf.reduce_sum(weights * tf.math.log(tf.maximum(values, self.epsilon)), axis=1)
+    return tf.exp(tf.clip_by_value(log_score, _LOG_FLOAT32_TINY, _LOG_FLOAT32_MAX))
 
   def get_config(self):
     return {**super().get_config(), "mode": self.mode, "terms": self.terms,

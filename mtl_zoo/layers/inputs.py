@@ -18,11 +18,13 @@ def _local_ids(ids: tf.Tensor, vocab_sizes: Sequence[int], hashed: Sequence[bool
   """Row of each id inside its feature's table (the last axis of `ids` runs over
   features, or `ids` holds one feature): hashed ids fold into the buckets, others
   outside [0, vocab_size) go to the extra OOV row at index vocab_size."""
-  vocab = tf.constant(vocab_sizes if len(vocab_sizes) > 1 else vocab_sizes[0], tf.int64)
-  in_vocab = tf.logical_and(ids >= 0, ids < vocab)
-  rows = tf.where(in_vocab, ids, vocab)
+  sizes = vocab_sizes if len(vocab_sizes) > 1 else vocab_sizes[0]
+  # One unsigned minimum does the range check: a negative id reads as a huge
+  # unsigned one. Four int64 ops (two compares, and, select) cost ~4x as much.
+  rows = tf.bitcast(tf.minimum(tf.bitcast(ids, tf.uint64), tf.constant(sizes, tf.uint64)),
+                    tf.int64)
   if any(hashed):  # int64 floormod is slow on CPU: only pay it when a feature hashes
-    folded = tf.math.floormod(ids, vocab)
+    folded = tf.math.floormod(ids, tf.constant(sizes, tf.int64))
     rows = folded if all(hashed) else tf.where(
         tf.constant(hashed if len(hashed) > 1 else hashed[0]), folded, rows)
   return rows

@@ -19,16 +19,16 @@ def build_mmoe(schema: schema_lib.Schema,
                name: str = "mmoe") -> keras.Model:
   """Multi-gate Mixture-of-Experts.
 
-  Every task reads the same bank of experts through its own gate
-  (layer `gate_<task>`), so tasks share what helps them and keep apart where
+  Every task reads the same bank of experts through its own gate (`gate_<task>`
+  of the `gates` layer), so tasks share what helps them and keep apart where
   they conflict. Returns an uncompiled model with outputs task name -> [batch, 1].
   """
   inputs, x = common.embedded_inputs(schema, embeddings_l2, cross_layers)
   experts = layers.ExpertBank(num_experts, expert_units, activation, dropout,
                               name="experts")(x)
-  mixed = {}
-  for task in schema.task_names:
-    weights = layers.SoftmaxGate(num_experts, name=f"gate_{task}")(x)
-    mixed[task] = layers.ExpertMixture(name=f"mixture_{task}")([experts, weights])
+  gates = layers.SoftmaxGates(num_experts, [f"gate_{t}" for t in schema.task_names],
+                              name="gates")(x)
+  mixed = {task: layers.ExpertMixture(name=f"mixture_{task}")([experts, gates[f"gate_{task}"]])
+           for task in schema.task_names}
   outputs = common.task_towers(schema, mixed, tower_units, dropout, activation)
   return keras.Model(inputs, outputs, name=name)
