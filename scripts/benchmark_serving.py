@@ -29,6 +29,7 @@ from pipelines import reader  # noqa: E402
 from pipelines.datasets import census  # noqa: E402
 
 import tensorflow as tf  # noqa: E402
+from tensorflow.core.protobuf import saved_model_pb2  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
@@ -102,13 +103,15 @@ def session_calls(path: str, examples: list, spec: dict):
   """The signature and the parse alone, each one `Session.run` over a graph that
   reads the examples from a variable: no per-call Python conversion, and no
   constant for Grappler to fold the parse away."""
+  saved = saved_model_pb2.SavedModel.FromString(
+      tf.io.gfile.GFile(os.path.join(path, "saved_model.pb"), "rb").read())
+  placeholder = saved.meta_graphs[0].signature_def["serving_default"].inputs["examples"].name
   graph = tf.Graph()
   with graph.as_default():
     held = tf.compat.v1.Variable(examples, trainable=False, use_resource=True)
     session = tf.compat.v1.Session(graph=graph)
     signature = tf.compat.v1.saved_model.loader.load(
-        session, ["serve"], path,
-        input_map={"serving_default_examples:0": held.read_value()}
+        session, ["serve"], path, input_map={placeholder: held.read_value()}
     ).signature_def["serving_default"]
     session.run(held.initializer)
     outputs = [graph.get_tensor_by_name(t.name) for t in signature.outputs.values()]
