@@ -6,6 +6,8 @@ from setuptools import find_packages, setup
 # protobuf 6, which TF needs). Beam's TFRecord sink needs a crc32c library:
 # google-crc32c ships wheels, apache-beam[tfrecord]'s crcmod only a source archive.
 BEAM = ["apache-beam>=2.77,<3", "google-crc32c>=1.5"]
+# `python -m mtl_zoo.predict --output=scores.parquet`.
+PARQUET = ["pyarrow>=10"]
 
 setup(
     name="mtl_zoo",
@@ -26,10 +28,11 @@ setup(
     ],
     extras_require={
         # Beam is in the test extra so that CI runs the Beam converter's test.
-        "test": ["pytest>=7", "hypothesis>=6", *BEAM],
+        "test": ["pytest>=7", "hypothesis>=6", *BEAM, *PARQUET],
         # Only the experiment scripts in scripts/ draw plots.
         "experiments": ["matplotlib>=3.5"],
         "beam": BEAM,
+        "parquet": PARQUET,
     },
     entry_points={"console_scripts": ["mtl-zoo-train=mtl_zoo.train:run"]},
 )

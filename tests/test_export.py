@@ -230,6 +230,37 @@ def test_predict_scores_files_in_both_layouts(exported, ads_dir, ads_schema, tmp
                              rtol=1e-4)
 
 
+def test_predict_writes_tfrecord_and_parquet_like_csv(exported, ads_dir, tmp_path):
+  import csv
+  import pyarrow.parquet
+  from mtl_zoo import predict
+  _, _, path = exported
+  pattern = os.path.join(ads_dir, "eval-*")
+  outputs = {fmt: str(tmp_path / f"scores.{fmt}") for fmt in ("csv", "tfrecord", "parquet")}
+  for out in outputs.values():
+    predict.score(path, pattern, out, batch_size=300)
+  rows = list(csv.DictReader(open(outputs["csv"])))
+  table = pyarrow.parquet.read_table(outputs["parquet"])
+  assert table.column_names == ["index", "request_id", "ctr", "cvr"]
+  assert str(table.schema.field("ctr").type) == "float" and table.num_rows == 1000
+  spec = {"index": tf.io.FixedLenFeature([], tf.int64),
+          "request_id": tf.io.FixedLenFeature([], tf.int64),
+          "ctr": tf.io.FixedLenFeature([], tf.float32),
+          "cvr": tf.io.FixedLenFeature([], tf.float32)}
+  records = tf.io.parse_example(
+      tf.data.TFRecordDataset(outputs["tfrecord"]).batch(2000).get_single_element(), spec)
+  for column in ("index", "request_id"):
+    expected = [int(r[column]) for r in rows]
+    assert table.column(column).to_pylist() == expected
+    assert records[column].numpy().tolist() == expected
+  np.testing.assert_allclose(table.column("ctr").to_numpy(), records["ctr"].numpy())
+  np.testing.assert_allclose(records["cvr"], [float(r["cvr"]) for r in rows], rtol=1e-5)
+  assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+  with pytest.raises(ValueError, match="name it .csv, .tfrecord or .parquet"):
+    predict.score(path, pattern, str(tmp_path / "scores.txt"))
+  assert not os.path.exists(tmp_path / "scores.txt")
+
+
 def test_serving_config_lists_every_exported_model(ads_schema, tmp_path):
   for name in ("ctr_model", "cvr_model"):
     export.export_saved_model(mtl_zoo.build_shared_bottom(ads_schema), ads_schema,
