@@ -353,16 +353,19 @@ def save_model_atomically(model: keras.Model, path: str) -> None:
 
 
 def count_examples(pattern: str, schema: schema_lib.Schema, duplicate_task: Optional[str],
-                   skipped: reader.SkippedRecords) -> int:
+                   skipped: reader.SkippedRecords,
+                   list_overflow: Optional[reader.ListOverflow] = None) -> int:
   """Training examples in one pass: records, copies with --duplicate, or list
-  slots (padding included) for ranking tasks; with --bad_records=skip, of the
-  good records only, and `skipped` counts the others."""
+  slots (padding included) for ranking tasks, whose examples past list_size
+  `list_overflow` counts; with --bad_records=skip, of the good records only, and
+  `skipped` counts the others."""
   skip = FLAGS.bad_records == reader.SKIP
   if not duplicate_task and not schema.list_size and not skip:
     return reader.count_records(pattern)
   ds = reader.make_dataset(pattern, schema, 8192, shuffle=False, cache=False,
                            check_values=skip, duplicate_task=duplicate_task,
-                           bad_records=FLAGS.bad_records, skipped=skipped)
+                           bad_records=FLAGS.bad_records, skipped=skipped,
+                           list_overflow=list_overflow)
   return sum(int(tf.shape(next(iter(labels.values())))[0]) for _, labels, _ in ds)
 
 
@@ -492,11 +495,14 @@ def fit_model(name: str, schema: schema_lib.Schema, model_name: str, hparams: di
   duplicate_task = strategies.ENGAGEMENT_TASK if FLAGS.duplicate else None
   train_files = reader.list_files(train_pattern)
   skipped = {"train": reader.SkippedRecords()}
+  list_overflow = reader.ListOverflow() if schema.list_size else None
   # The counting pass also finds damaged shards, empty data and, with
   # --bad_records=skip, what is left out (counted even with --steps_per_epoch).
-  if not FLAGS.steps_per_epoch or FLAGS.bad_records == reader.SKIP:
+  counted = not FLAGS.steps_per_epoch or FLAGS.bad_records == reader.SKIP
+  if counted:
     try:
-      examples = count_examples(train_pattern, schema, duplicate_task, skipped["train"])
+      examples = count_examples(train_pattern, schema, duplicate_task, skipped["train"],
+                                list_overflow)
     except reader.BadRecordError as e:
       raise DataError(f"--train_files: {e}") from None
     except (tf.errors.OpError, UnicodeDecodeError) as e:
@@ -506,6 +512,10 @@ def fit_model(name: str, schema: schema_lib.Schema, model_name: str, hparams: di
       raise DataError(f"--train_files={train_pattern} holds no training examples"
                       + (f" ({left_out} bad records were skipped)" if left_out else
                          ": the files hold no records") + ".")
+    if list_overflow and list_overflow.count:
+      print(f"Warning: {list_overflow.count} training examples are past --list_size="
+            f"{schema.list_size} in their request and are left out of training; raise "
+            "--list_size to keep them.")
   steps_per_epoch = FLAGS.steps_per_epoch or max(1, math.ceil(
       examples / examples_per_step(schema)))
 
@@ -621,7 +631,11 @@ def fit_model(name: str, schema: schema_lib.Schema, model_name: str, hparams: di
           "eval": evaluator.latest if evaluator else {},
           "gates": evaluator.gates if evaluator else {},
           # Training data: the counting pass; eval data: its cached first pass.
-          "skipped": skipped}
+          "skipped": skipped,
+          # Ranking tasks: training examples past list_size, from the counting
+          # pass (None: not counted, with --steps_per_epoch).
+          "examples_past_list_size": (list_overflow.count if list_overflow and counted
+                                      else None)}
 
 
 def bad_records_report(fitted: List[dict]) -> dict:
@@ -701,6 +715,8 @@ def train(argv_rest: Optional[list] = None) -> dict:
                               if t.events and t.type == schema_lib.BINARY},
             "grades": {t.name: t.events for t in schema.tasks
                        if t.type == schema_lib.RANKING},
+            "examples_past_list_size": (_merged(fitted, "examples_past_list_size")
+                                        if schema.list_size else None),
             "fusion": fusion,
             "hyperparameters": models.hyperparameters_of(model_name, hparams),
             "tasks": schema.task_names,

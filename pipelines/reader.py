@@ -161,6 +161,24 @@ class SkippedRecords:
     return "\n".join(lines)
 
 
+class ListOverflow:
+  """Examples that `make_dataset` left out of request lists because their request
+  already had `list_size` examples in the block; counted once per pass over the
+  data that is not cached."""
+
+  def __init__(self):
+    with tf.init_scope():  # a plain CPU variable, also when built inside a function
+      self._count = tf.Variable(tf.constant(0, tf.int64), trainable=False,
+                                name="list_overflow")
+
+  def add(self, examples: tf.Tensor) -> tf.Operation:
+    return self._count.assign_add(tf.cast(examples, tf.int64))
+
+  @property
+  def count(self) -> int:
+    return int(self._count.numpy())
+
+
 _BINARY, _FINITE, _NOT_INFINITE = 0, 1, 2
 
 
@@ -234,7 +252,8 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
                  shard: Optional[Tuple[int, Union[int, tf.Tensor]]] = None,
                  deterministic: Optional[bool] = None,
                  bad_records: str = FAIL,
-                 skipped: Optional[SkippedRecords] = None) -> tf.data.Dataset:
+                 skipped: Optional[SkippedRecords] = None,
+                 list_overflow: Optional[ListOverflow] = None) -> tf.data.Dataset:
   """A dataset of `(features, labels, sample_weights)` batches for Keras `fit`.
 
   Records are read and parsed in blocks of `shuffle_block` examples (one batched
@@ -271,7 +290,8 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
       `batch_size // list_size` lists, flattened to [lists * list_size, ...]
       so the model scores examples as usual; padding weighs 0 for every task.
       A request whose examples fall in two blocks becomes two lists, so write
-      a request's examples together (the converters do).
+      a request's examples together (the converters do). Examples past
+      `list_size` are left out; `list_overflow` counts them.
     shard: (num_shards, index): read only every num_shards-th file from the
       index-th on (sorted order), so distributed workers read disjoint files.
       The index may be a tensor, e.g. a parameter-server worker's index.
@@ -291,6 +311,8 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
     skipped: with "skip", receives what was left out (None: nothing is counted,
       e.g. where no variable may be created, as in a parameter-server
       dataset_fn).
+    list_overflow: with request lists, counts the examples left out past
+      `list_size` (None: not counted).
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -314,7 +336,7 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
     ds = ds.map(_duplicator(schema, duplicate_task), num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=deterministic)
   if list_size:
-    ds = ds.map(lambda block: group_by_request(block, list_size),
+    ds = ds.map(lambda block: group_by_request(block, list_size, list_overflow),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
   if cache:
     ds = ds.cache(cache if isinstance(cache, str) else "")
@@ -500,11 +522,13 @@ def _duplicator(schema: schema_lib.Schema, task_name: str):
   return duplicate
 
 
-def group_by_request(block: Dict[str, tf.Tensor], list_size: int) -> Dict[str, tf.Tensor]:
+def group_by_request(block: Dict[str, tf.Tensor], list_size: int,
+                     overflow: Optional[ListOverflow] = None) -> Dict[str, tf.Tensor]:
   """Packed examples [n, ...] -> request lists [requests, list_size, ...], plus
   LIST_MASK [requests, list_size] (1 for real examples, 0 for padding).
 
-  Requests keep their examples' order; examples past `list_size` are dropped.
+  Requests keep their examples' order; examples past `list_size` are dropped
+  (and counted into `overflow`).
   """
   request_ids = block[schema_lib.PACKED_REQUEST_ID]
   order = tf.argsort(request_ids, stable=True)
@@ -525,7 +549,10 @@ def group_by_request(block: Dict[str, tf.Tensor], list_size: int) -> Dict[str, t
 
   lists = {key: to_lists(values) for key, values in block.items()}
   lists[LIST_MASK] = to_lists(tf.ones_like(order, tf.float32))
-  return lists
+  if overflow is None:
+    return lists
+  with tf.control_dependencies([overflow.add(count - tf.size(source))]):
+    return {key: tf.identity(values) for key, values in lists.items()}
 
 
 def _flatten_lists(lists: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:

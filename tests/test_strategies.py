@@ -58,6 +58,22 @@ def test_ranking_batches_hold_whole_requests_with_grades_and_padding(ads_dir, lt
   assert all_seen == sorted(g for grades in expected_grade.values() for g in grades)
 
 
+def test_examples_past_list_size_are_counted(ads_dir, ads_schema):
+  short = strategies.learning_to_rank_schema(ads_schema, {"conversion": 2, "click": 1},
+                                             list_size=4)
+  expected = 0
+  for path in reader.list_files(f"{ads_dir}/train-*"):  # a shard is read in one block
+    requests = reader.read_columns(path, short)["request_id"].tolist()
+    expected += sum(max(0, requests.count(r) - 4) for r in set(requests))
+  assert expected > 0
+  overflow = reader.ListOverflow()
+  ds = reader.make_dataset(f"{ads_dir}/train-*", short, batch_size=40, shuffle=False,
+                           shuffle_block=100_000, list_overflow=overflow)
+  kept = sum(float(tf.reduce_sum(w["relevance"])) for _, _, w in ds)
+  assert overflow.count == expected
+  assert kept == len(reader.read_columns(f"{ads_dir}/train-*", short)["request_id"]) - expected
+
+
 def test_a_ranking_model_trains_with_the_list_loss(ads_dir, ltr_schema):
   model = models.build("single_task", ltr_schema, bottom_units=[16], tower_units=[])
   models.compile_model(model, ltr_schema, learning_rate=5e-3)

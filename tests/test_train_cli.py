@@ -174,6 +174,8 @@ def test_cli_strategies_train_report_and_export(strategy, tasks, signatures, ads
   assert result.returncode == 0, result.stderr[-3000:]
   metrics = json.load(open(tmp_path / "run" / "metrics.json"))
   assert metrics["strategy"] == strategy and metrics["tasks"] == tasks
+  # The log's requests hold 10 impressions, the default --list_size.
+  assert metrics["examples_past_list_size"] == (0 if strategy == "learning_to_rank" else None)
   ranking = metrics["ranking"]
   assert set(ranking) == {"ctr_auc", "cvr_auc", "cvr_entire_auc", "gauc", "ndcg@10"}
   # Every strategy's score learns something about clicks or conversions.
