@@ -128,11 +128,19 @@ class _ParquetSink:
 SINKS = {"csv": _CsvSink, "tfrecord": _TFRecordSink, "parquet": _ParquetSink}
 
 
+class OutputError(Exception):
+  """The output file cannot be written (its directory, permissions)."""
+
+
 def score(saved_model: str, pattern: str, output: str, layout: str = "training",
           batch_size: int = 4096, log=sys.stderr, output_format: Optional[str] = None) -> dict:
   """Scores every record into `output` (format: `output_format`, else its
   extension); returns {"examples": n, "seconds": s, "examples_per_second": r}."""
   sink_class = SINKS[format_of(output, output_format)]
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  except OSError as e:
+    raise OutputError(f"cannot create the directory of --output={output}: {e}") from None
   schema = schema_lib.Schema.load(os.path.join(saved_model, export.SCHEMA_ASSET))
   loaded = tf.saved_model.load(saved_model)
   files = reader.list_files(pattern)
@@ -149,7 +157,10 @@ def score(saved_model: str, pattern: str, output: str, layout: str = "training",
              **{task: np.float32 for task in schema.task_names}}
   tmp = output + ".tmp"
   count, start, last_report = 0, time.perf_counter(), time.perf_counter()
-  sink = sink_class(tmp, columns)
+  try:
+    sink = sink_class(tmp, columns)
+  except (OSError, tf.errors.OpError) as e:  # pyarrow's and TensorFlow's file errors
+    raise OutputError(f"cannot write --output={output}: {e}") from None
   try:
     for batch in ds:
       if layout == "training":
@@ -184,7 +195,8 @@ def main(argv):
   try:
     stats = score(FLAGS.saved_model, FLAGS.input, FLAGS.output, FLAGS.input_layout,
                   FLAGS.batch_size, output_format=FLAGS.output_format)
-  except (FileNotFoundError, ImportError, ValueError, schema_lib.SchemaError) as e:
+  except (FileNotFoundError, ImportError, ValueError, OutputError,
+          schema_lib.SchemaError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   except tf.errors.OpError as e:

@@ -259,6 +259,12 @@ def test_predict_writes_tfrecord_and_parquet_like_csv(exported, ads_dir, tmp_pat
   with pytest.raises(ValueError, match="name it .csv, .tfrecord or .parquet"):
     predict.score(path, pattern, str(tmp_path / "scores.txt"))
   assert not os.path.exists(tmp_path / "scores.txt")
+  nested = tmp_path / "new" / "dir" / "scores.parquet"
+  assert predict.score(path, pattern, str(nested))["examples"] == 1000  # directory made
+  for fmt in outputs:  # a directory where the file must go
+    os.makedirs(tmp_path / f"blocked.{fmt}.tmp")
+    with pytest.raises(predict.OutputError, match=f"cannot write --output=.*blocked.{fmt}"):
+      predict.score(path, pattern, str(tmp_path / f"blocked.{fmt}"))
 
 
 def test_serving_config_lists_every_exported_model(ads_schema, tmp_path):
