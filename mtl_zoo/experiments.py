@@ -6,7 +6,7 @@ same way to compare architectures or weighting methods on your own data.
 
 import math
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -19,21 +19,6 @@ from pipelines import schema as schema_lib
 _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201,
         2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074,
         2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-
-
-class EpochEvaluator(keras.callbacks.Callback):
-  """Exact metrics on one dataset after every epoch (learning curves)."""
-
-  def __init__(self, model, schema, dataset, steps_per_epoch: int):
-    super().__init__()
-    self.task_model, self.schema, self.dataset = model, schema, dataset
-    self.steps_per_epoch = steps_per_epoch
-    self.curve: List[dict] = []
-    self._predict = metrics.predict_function(model)
-
-  def on_epoch_end(self, epoch, logs=None):
-    result = metrics.evaluate(self.task_model, self.schema, self.dataset, self._predict)
-    self.curve.append({"step": (epoch + 1) * self.steps_per_epoch, "metrics": result})
 
 
 def run_trial(schema: schema_lib.Schema, train_pattern: str,
@@ -58,7 +43,7 @@ def run_trial(schema: schema_lib.Schema, train_pattern: str,
   callbacks = []
   if curve_split:
     steps = math.ceil((num_train_examples or 0) / batch_size)
-    callbacks.append(EpochEvaluator(model, schema, heldout[curve_split], steps))
+    callbacks.append(metrics.EpochEvaluation(model, schema, heldout[curve_split], steps))
   start = time.perf_counter()
   trainable.fit(train, epochs=epochs, verbose=0, callbacks=callbacks)
   seconds = time.perf_counter() - start

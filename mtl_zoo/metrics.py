@@ -9,6 +9,8 @@ from typing import Dict, Iterable, List, Optional
 import numpy as np
 import tensorflow as tf
 
+from mtl_zoo import diagnostics
+from mtl_zoo._keras import keras
 from pipelines import schema as schema_lib
 
 
@@ -178,3 +180,48 @@ def format_table(results: Dict[str, Dict[str, float]],
       cells.append(f"{v:.4f}" if isinstance(v, float) else str(v))
     lines.append(f"| {task} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+class EpochEvaluation(keras.callbacks.Callback):
+  """Exact per-task metrics on one dataset after every epoch.
+
+  Keeps `latest` (task -> metric -> value), `curve` (per epoch: its training
+  `step`, with `steps_per_epoch`, and the metrics) and, for gated models,
+  `gates` (`diagnostics.gate_report`: one pass yields predictions and gate
+  weights). With `report`, also into the fit logs as `eval_<task>_<metric>`
+  (so TensorBoard and the progress line show them) and printed; with `log_dir`,
+  the gates' weights go to TensorBoard there. Pass the functional model, not a
+  loss-weighting wrapper that `fit` trains.
+  """
+
+  def __init__(self, model, schema: schema_lib.Schema, dataset: tf.data.Dataset,
+               steps_per_epoch: Optional[int] = None, log_dir: Optional[str] = None,
+               report: bool = False):
+    super().__init__()
+    self.schema, self.dataset = schema, dataset
+    self.steps_per_epoch, self.report = steps_per_epoch, report
+    self.latest: Dict[str, Dict[str, float]] = {}
+    self.gates: Dict[str, dict] = {}
+    self.curve: List[dict] = []
+    self._probe = diagnostics.with_gate_outputs(model)
+    self._predict = predict_function(self._probe)
+    self._writer = tf.summary.create_file_writer(log_dir) if log_dir else None
+
+  def on_epoch_end(self, epoch, logs=None):
+    collected = collect(self._probe, self.dataset, self._predict)
+    self.latest = task_metrics(self.schema, collected)
+    self.gates = diagnostics.gate_report(collected)
+    self.curve.append({"step": (epoch + 1) * (self.steps_per_epoch or 0),
+                       "metrics": self.latest})
+    if self._writer:
+      diagnostics.write_summaries(self.gates, self._writer, epoch + 1)
+    if not self.report:
+      return
+    summary = []
+    for task, values in self.latest.items():
+      for name, value in values.items():
+        if name in ("auc", "logloss", "mse"):
+          if logs is not None:
+            logs[f"eval_{task}_{name}"] = value
+          summary.append(f"{task} {name} {value:.4f}")
+    print(f"  epoch {epoch + 1} eval: " + ", ".join(summary), flush=True)

@@ -30,7 +30,6 @@ from typing import Dict, List, Optional
 
 from absl import app, flags
 
-from mtl_zoo import diagnostics
 from mtl_zoo import distribute
 from mtl_zoo import layers
 from mtl_zoo import metrics as metrics_lib
@@ -297,39 +296,6 @@ def event_weights(schema: schema_lib.Schema, spec: Optional[str],
     raise schema_lib.SchemaError(f"--event_weights: {e}") from None
   except (tf.errors.OpError, UnicodeDecodeError) as e:
     raise DataError(explain_data_error(e, train_pattern, schema)) from None
-
-
-class EvalMetrics(keras.callbacks.Callback):
-  """Exact per-task metrics on the eval data after every epoch, into the logs
-  (so TensorBoard and the progress line show them), and for gated models the
-  gates' mean expert weights (TensorBoard `gates/...` under `log_dir`)."""
-
-  def __init__(self, model: keras.Model, schema: schema_lib.Schema,
-               dataset: tf.data.Dataset, log_dir: str):
-    super().__init__()
-    # `model` is the functional model, not what `fit` trains (maybe a
-    # loss-weighting wrapper).
-    self.schema, self.dataset = schema, dataset
-    self.latest: Dict[str, Dict[str, float]] = {}
-    self.gates: Dict[str, dict] = {}
-    # One pass per epoch gives both the task predictions and the gate weights.
-    self._probe = diagnostics.with_gate_outputs(model)
-    self._predict = metrics_lib.predict_function(self._probe)
-    self._writer = tf.summary.create_file_writer(log_dir)
-
-  def on_epoch_end(self, epoch, logs=None):
-    collected = metrics_lib.collect(self._probe, self.dataset, self._predict)
-    self.latest = metrics_lib.task_metrics(self.schema, collected)
-    self.gates = diagnostics.gate_report(collected)
-    diagnostics.write_summaries(self.gates, self._writer, epoch + 1)
-    summary = []
-    for task, values in self.latest.items():
-      for name, value in values.items():
-        if name in ("auc", "logloss", "mse"):
-          if logs is not None:
-            logs[f"eval_{task}_{name}"] = value
-          summary.append(f"{task} {name} {value:.4f}")
-    print(f"  epoch {epoch + 1} eval: " + ", ".join(summary), flush=True)
 
 
 def write_json_atomically(path: str, data: dict) -> None:
@@ -600,9 +566,9 @@ def fit_model(name: str, schema: schema_lib.Schema, model_name: str, hparams: di
   if backup_dir:
     callbacks.append(distribute.Backup(
         backup_dir, save_freq=FLAGS.backup_every_steps if per_step_backups else "epoch"))
-  evaluator = (EvalMetrics(model, schema, eval_ds,
-                           os.path.join(model_dir, "logs", "eval_gates"))
-               if eval_ds is not None else None)
+  evaluator = (metrics_lib.EpochEvaluation(
+      model, schema, eval_ds, log_dir=os.path.join(model_dir, "logs", "eval_gates"),
+      report=True) if eval_ds is not None else None)
   if evaluator:
     callbacks.insert(0, evaluator)  # first, so later callbacks log its metrics
   start = time.perf_counter()

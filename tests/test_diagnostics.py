@@ -2,7 +2,6 @@ import os
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import mtl_zoo
 from mtl_zoo import diagnostics, metrics

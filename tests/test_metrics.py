@@ -34,3 +34,28 @@ def test_ndcg_matches_hand_computed_values():
   assert metrics.ndcg_at_k(relevance, scores, groups, k=3) == pytest.approx(dcg3 / ideal)
   # Perfect order gives 1; a group with nothing relevant is skipped.
   assert metrics.ndcg_at_k([2, 1, 0, 0, 0], [5, 4, 3, 2, 1], [1, 1, 1, 2, 2]) == 1.0
+
+
+def test_epoch_evaluation_records_a_curve_logs_and_gates(ads_dir, ads_schema, tmp_path,
+                                                         capsys):
+  import os
+  import mtl_zoo
+  from pipelines import reader
+  mtl_zoo.keras.utils.set_random_seed(0)
+  model = mtl_zoo.build_mmoe(ads_schema, num_experts=3)
+  mtl_zoo.compile_model(model, ads_schema)
+  heldout = reader.make_dataset(os.path.join(ads_dir, "eval-*"), ads_schema, 500,
+                                shuffle=False)
+  evaluation = metrics.EpochEvaluation(model, ads_schema, heldout, steps_per_epoch=4,
+                                       log_dir=str(tmp_path / "logs"), report=True)
+  history = model.fit(reader.make_dataset(os.path.join(ads_dir, "train-*"), ads_schema, 256),
+                      epochs=2, steps_per_epoch=4, callbacks=[evaluation], verbose=0)
+  assert [point["step"] for point in evaluation.curve] == [4, 8]
+  assert evaluation.curve[-1]["metrics"] == evaluation.latest
+  # The last epoch's figures are exact metrics of the trained model on that data.
+  expected = metrics.evaluate(model, ads_schema, heldout)
+  assert evaluation.latest["ctr"]["auc"] == pytest.approx(expected["ctr"]["auc"], abs=1e-6)
+  assert history.history["eval_ctr_auc"][-1] == evaluation.latest["ctr"]["auc"]
+  assert sorted(evaluation.gates) == ["gate_ctr", "gate_cvr"]
+  assert "epoch 2 eval: ctr auc" in capsys.readouterr().out
+  assert os.listdir(tmp_path / "logs")  # gate summaries for TensorBoard
