@@ -21,7 +21,6 @@ import time
 from typing import Dict, Optional
 
 import numpy as np
-
 from absl import app, flags
 
 import tensorflow as tf
