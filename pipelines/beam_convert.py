@@ -293,7 +293,8 @@ def _move_files(paths: Sequence[str], directory: str, schema_first: bool) -> Non
 def publish(tmp_dir: str, out_dir: str, by_file: Optional[bool] = None) -> None:
   """Moves the finished dataset in `tmp_dir` to `out_dir`, replacing any old one.
 
-  Local directories are renamed whole (atomic). Object stores have no directory
+  Local directories are renamed whole, replacing an old one in one atomic
+  exchange on Linux (`writer.exchange_paths`). Object stores have no directory
   rename, so there (or with `by_file`) files move one batch at a time: the old
   dataset is first moved aside, its schema.json first, the new one moved in with
   its schema.json last, and the old one deleted only then. A crash in between
@@ -310,12 +311,15 @@ def publish(tmp_dir: str, out_dir: str, by_file: Optional[bool] = None) -> None:
     _make_dir(out_dir)
     _move_files(_files(tmp_dir), out_dir, schema_first=False)
     _remove(tmp_dir)
-  else:
-    old = os.path.exists(out_dir)
     if old:
-      os.rename(out_dir, backup)
+      _remove(backup)
+  elif not os.path.exists(out_dir):
     os.rename(tmp_dir, out_dir)
-  if old:
+  elif writer_lib.exchange_paths(tmp_dir, out_dir):  # the old dataset is now at tmp_dir
+    _remove(tmp_dir)
+  else:  # two renames: for an instant out_dir is absent (the old copy is whole)
+    os.rename(out_dir, backup)
+    os.rename(tmp_dir, out_dir)
     _remove(backup)
 
 

@@ -4,12 +4,14 @@ A dataset directory holds `<split>-NNNNN-of-MMMMM.tfrecord[.gz]` shards and the
 schema. Everything is first written into a hidden temporary directory beside the
 target and renamed into place only when complete, so a crash never leaves a
 dataset that looks finished, and an existing dataset is only replaced (with
-`overwrite=True`) once its successor is whole.
+`overwrite=True`) once its successor is whole, in one atomic exchange on Linux.
 """
 
+import ctypes
 import dataclasses
 import os
 import shutil
+import sys
 import uuid
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -19,6 +21,21 @@ import tensorflow as tf
 from pipelines import schema as schema_lib
 
 COMPRESSION_SUFFIX = {None: ".tfrecord", "": ".tfrecord", "GZIP": ".tfrecord.gz"}
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def exchange_paths(a: str, b: str) -> bool:
+  """Swaps two existing local paths in one atomic step (Linux `renameat2` with
+  RENAME_EXCHANGE), so a reader sees the old directory or the new one, never
+  neither. False, with nothing changed, where the OS or filesystem cannot."""
+  if not sys.platform.startswith("linux"):
+    return False
+  try:
+    renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+  except (OSError, AttributeError):  # a C library without it (glibc < 2.28)
+    return False
+  return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
+                   _RENAME_EXCHANGE) == 0
 
 
 def encode_vocabulary(values: Sequence[str],
@@ -146,10 +163,12 @@ class DatasetWriter:
       shutil.rmtree(self._tmp_dir, ignore_errors=True)
       return
     self.schema.save(os.path.join(self._tmp_dir, schema_lib.SCHEMA_FILENAME))
-    backup = None
-    if tf.io.gfile.exists(self.out_dir):
+    if not tf.io.gfile.exists(self.out_dir):
+      os.rename(self._tmp_dir, self.out_dir)
+    elif exchange_paths(self._tmp_dir, self.out_dir):  # the old dataset is now at tmp
+      shutil.rmtree(self._tmp_dir, ignore_errors=True)
+    else:  # two renames: for an instant out_dir is absent (the old copy is intact)
       backup = self._tmp_dir + ".old"
       os.rename(self.out_dir, backup)
-    os.rename(self._tmp_dir, self.out_dir)
-    if backup:
+      os.rename(self._tmp_dir, self.out_dir)
       shutil.rmtree(backup, ignore_errors=True)

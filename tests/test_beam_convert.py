@@ -152,3 +152,17 @@ def test_publishing_file_by_file_moves_schema_last_and_replaces_old_dataset(tmp_
   assert moved[0][0] == str(old / "schema.json")
   assert moved[-1] == (str(new / "schema.json"), str(old / "schema.json"))
   assert len(moved) == 4
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_publishing_a_local_directory_replaces_the_old_dataset(tmp_path, monkeypatch,
+                                                               exchange):
+  old, new = tmp_path / "data", tmp_path / ".data.tmp-1"
+  for directory, content in ((old, b"old"), (new, b"new")):
+    directory.mkdir()
+    (directory / "schema.json").write_bytes(content)
+  if not exchange:  # where the OS cannot swap: the two-rename path
+    monkeypatch.setattr(beam_convert.writer_lib, "exchange_paths", lambda a, b: False)
+  beam_convert.publish(str(new), str(old), by_file=False)
+  assert (old / "schema.json").read_bytes() == b"new"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

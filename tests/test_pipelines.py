@@ -2,6 +2,7 @@ import glob
 import gzip
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -117,6 +118,33 @@ def test_failed_write_leaves_nothing_and_keeps_old_data(tmp_path):
   assert len(reader.read_columns(os.path.join(out, "train-*"), schema)["user"]) == 30
   with pytest.raises(FileExistsError, match="overwrite"):
     writer_lib.DatasetWriter(out, schema)
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_overwrite_replaces_the_dataset_whole(tmp_path, monkeypatch, exchange):
+  schema = mixed_schema()
+  out = str(tmp_path / "d")
+  with writer_lib.DatasetWriter(out, schema) as w:
+    w.write_split("train", mixed_columns(30))
+  if not exchange:  # where the OS cannot swap: the two-rename path
+    monkeypatch.setattr(writer_lib, "exchange_paths", lambda a, b: False)
+  with writer_lib.DatasetWriter(out, schema, overwrite=True) as w:
+    w.write_split("train", mixed_columns(40), num_shards=2)
+  assert os.listdir(tmp_path) == ["d"]  # nothing left beside it
+  assert sorted(os.listdir(out)) == ["schema.json", "train-00000-of-00002.tfrecord",
+                                     "train-00001-of-00002.tfrecord"]
+  assert len(reader.read_columns(os.path.join(out, "train-*"), schema)["user"]) == 40
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
+def test_exchange_paths_swaps_two_directories_in_one_step(tmp_path):
+  for name in ("a", "b"):
+    os.makedirs(tmp_path / name)
+    (tmp_path / name / f"from_{name}").write_text(name)
+  assert writer_lib.exchange_paths(str(tmp_path / "a"), str(tmp_path / "b"))
+  assert os.listdir(tmp_path / "a") == ["from_b"] and os.listdir(tmp_path / "b") == ["from_a"]
+  assert not writer_lib.exchange_paths(str(tmp_path / "a"), str(tmp_path / "missing"))
+  assert os.listdir(tmp_path / "a") == ["from_b"]
 
 
 def test_synthetic_log_is_deterministic_and_conversions_follow_clicks():
