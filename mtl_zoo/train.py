@@ -290,8 +290,8 @@ def event_weights(schema: schema_lib.Schema, spec: Optional[str],
     raise schema_lib.SchemaError(f"--event_weights: {missing or events} are not label "
                                  f"columns {schema.labels}.")
   try:
-    return reader.default_event_weights(
-        reader.read_columns(train_pattern, schema, bad_records=FLAGS.bad_records), events)
+    return reader.event_weights_from_counts(
+        reader.count_events(train_pattern, schema, events, bad_records=FLAGS.bad_records))
   except ValueError as e:  # BadRecordError too
     raise schema_lib.SchemaError(f"--event_weights: {e}") from None
   except (tf.errors.OpError, UnicodeDecodeError) as e:

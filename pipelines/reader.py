@@ -108,10 +108,30 @@ def relevance_grade(task: schema_lib.Task, columns: Dict[str, tf.Tensor]) -> tf.
 
 def default_event_weights(columns: Dict[str, np.ndarray], events: Sequence[str]
                           ) -> Dict[str, float]:
-  """Event weights from the data: the deepest event (the rarest) weighs 1 and
-  every other event the ratio of their counts, e.g. conversions / clicks, so
+  """Event weights from label columns in memory (see `event_weights_from_counts`)."""
+  return event_weights_from_counts(
+      {e: float(np.sum(np.asarray(columns[e]) > 0.5)) for e in events})
+
+
+def count_events(file_pattern: Union[str, Sequence[str]], schema: schema_lib.Schema,
+                 events: Sequence[str], bad_records: str = FAIL) -> Dict[str, float]:
+  """Records with each event label column set (> 0.5), in one streaming pass
+  that keeps only the counts (not the data, as `read_columns` would)."""
+  files = list_files(file_pattern)
+  detect_compression(files)
+  columns = [schema.labels.index(e) for e in events]
+  ds = _parsed_blocks(files, schema, 8192, bad_records, None, check_values=False,
+                      shuffle=False)
+  ds = ds.map(lambda packed: tf.reduce_sum(tf.cast(
+      tf.gather(packed[schema_lib.PACKED_LABELS], columns, axis=1) > 0.5, tf.int64), axis=0))
+  totals = ds.reduce(tf.zeros([len(events)], tf.int64), lambda total, block: total + block)
+  return {e: float(n) for e, n in zip(events, totals.numpy())}
+
+
+def event_weights_from_counts(counts: Dict[str, float]) -> Dict[str, float]:
+  """Event weights from event counts: the deepest event (the rarest) weighs 1
+  and every other event the ratio of their counts, e.g. conversions / clicks, so
   each event type adds up to the same total weight."""
-  counts = {e: float(np.sum(np.asarray(columns[e]) > 0.5)) for e in events}
   rarest = min(counts.values())
   if rarest == 0:
     raise ValueError(f"event columns {[e for e, n in counts.items() if n == 0]} are never 1; "

@@ -182,9 +182,8 @@ def main(argv):
                           num_eval_requests=max(1, FLAGS.synthetic_requests // 4))
   schema = schema_lib.Schema.load(data_dir)
   columns = reader.read_columns(os.path.join(data_dir, "eval-*"), schema)
-  event_weights = reader.default_event_weights(
-      reader.read_columns(os.path.join(data_dir, "train-*"), schema),
-      [t.label for t in strategies.funnel(schema)])
+  event_weights = reader.event_weights_from_counts(reader.count_events(
+      os.path.join(data_dir, "train-*"), schema, [t.label for t in strategies.funnel(schema)]))
   start = time.perf_counter()
   runs = {}
   for name, (strategy, architecture, options) in STRATEGY_RUNS.items():

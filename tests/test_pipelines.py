@@ -262,6 +262,16 @@ def test_default_event_weights_come_from_event_counts():
     reader.default_event_weights({"click": np.zeros(3)}, ["click"])
 
 
+def test_event_counts_stream_the_same_counts_as_the_columns(ads_dir, ads_schema):
+  pattern = os.path.join(ads_dir, "train-*")
+  columns = reader.read_columns(pattern, ads_schema)
+  counts = reader.count_events(pattern, ads_schema, ["conversion", "click"])
+  assert counts == {e: float(np.sum(columns[e] > 0.5)) for e in ("conversion", "click")}
+  assert 0 < counts["conversion"] < counts["click"]
+  assert reader.event_weights_from_counts(counts) == reader.default_event_weights(
+      columns, ["conversion", "click"])
+
+
 def test_event_weights_are_validated():
   with pytest.raises(schema_lib.SchemaError, match="events must map label columns"):
     _engagement_schema().from_dict({**_engagement_schema().to_dict(), "tasks": [
