@@ -146,7 +146,8 @@ def test_cgc_task_gate_sees_only_own_and_shared_experts(ads_schema):
   model = mtl_zoo.build_cgc(ads_schema, num_task_experts=3, num_shared_experts=2)
   assert _gate_inputs(model, "gate_ctr_0") == ["experts_ctr_0", "experts_shared_0"]
   assert _gate_inputs(model, "gate_cvr_0") == ["experts_cvr_0", "experts_shared_0"]
-  assert model.get_layer("gate_ctr_0").num_experts == 5
+  gates = model.get_layer("gates_0")  # both task gates read the embeddings: one layer
+  assert gates.num_experts == 5 and gates.gate_names == ["gate_ctr_0", "gate_cvr_0"]
   assert not [l for l in model.layers if l.name.startswith("gate_shared")]
 
 
@@ -156,6 +157,9 @@ def test_ple_stacks_levels_with_shared_gates_below_the_top(ads_schema):
   shared_gates = sorted(l.name for l in model.layers if l.name.startswith("gate_shared"))
   assert shared_gates == ["gate_shared_0", "gate_shared_1"]
   assert model.get_layer("gate_shared_0").num_experts == 2 * 2 + 1  # all experts
+  # Above the first level each task gate reads its own task's input: a layer each.
+  assert model.get_layer("gate_ctr_1").num_experts == 2 + 1
+  assert model.get_layer("gates_0").gate_names == ["gate_ctr_0", "gate_cvr_0"]
   assert _gate_inputs(model, "mixture_shared_1".replace("mixture_", "gate_")) == [
       "experts_ctr_1", "experts_cvr_1", "experts_shared_1"]
   # Level 1's shared experts read level 0's shared mixture.

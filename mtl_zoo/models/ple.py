@@ -21,7 +21,8 @@ def extraction_level(task_inputs: Dict[str, tf.Tensor], shared_input: tf.Tensor,
 
   Each task has its own experts (`experts_<task>_<level>`), and all tasks see the
   shared experts (`experts_shared_<level>`). Task k's gate (`gate_<task>_<level>`)
-  mixes only its own and the shared experts. With `with_shared_gate` (lower PLE
+  mixes only its own and the shared experts; where every task gate reads the
+  same input (the first level), they are one `SoftmaxGates` layer `gates_<level>`. With `with_shared_gate` (lower PLE
   levels) a shared gate over all experts produces the next level's shared input.
   """
   def bank(name, x, n):
@@ -30,13 +31,21 @@ def extraction_level(task_inputs: Dict[str, tf.Tensor], shared_input: tf.Tensor,
 
   shared = bank(SHARED, shared_input, num_shared_experts)
   own = {task: bank(task, x, num_task_experts) for task, x in task_inputs.items()}
+  candidates_per_gate = num_task_experts + num_shared_experts
+  names = {task: f"gate_{task}_{level}" for task in task_inputs}
+  first = next(iter(task_inputs.values()))
+  if all(x is first for x in task_inputs.values()):  # one input: all task gates in one matmul
+    weights = layers.SoftmaxGates(candidates_per_gate, list(names.values()),
+                                  name=f"gates_{level}")(first)
+  else:
+    weights = {names[task]: layers.SoftmaxGate(candidates_per_gate, name=names[task])(x)
+               for task, x in task_inputs.items()}
   outputs = {}
-  for task, x in task_inputs.items():
+  for task in task_inputs:
     candidates = keras.layers.Concatenate(axis=1, name=f"candidates_{task}_{level}")(
         [own[task], shared])
-    weights = layers.SoftmaxGate(num_task_experts + num_shared_experts,
-                                 name=f"gate_{task}_{level}")(x)
-    outputs[task] = layers.ExpertMixture(name=f"mixture_{task}_{level}")([candidates, weights])
+    outputs[task] = layers.ExpertMixture(name=f"mixture_{task}_{level}")(
+        [candidates, weights[names[task]]])
   shared_output = None
   if with_shared_gate:
     everything = keras.layers.Concatenate(axis=1, name=f"candidates_shared_{level}")(
