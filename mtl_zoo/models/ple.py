@@ -22,8 +22,9 @@ def extraction_level(task_inputs: Dict[str, tf.Tensor], shared_input: tf.Tensor,
   Each task has its own experts (`experts_<task>_<level>`), and all tasks see the
   shared experts (`experts_shared_<level>`). Task k's gate (`gate_<task>_<level>`)
   mixes only its own and the shared experts; where every task gate reads the
-  same input (the first level), they are one `SoftmaxGates` layer `gates_<level>`. With `with_shared_gate` (lower PLE
-  levels) a shared gate over all experts produces the next level's shared input.
+  same input (the first level), they are one `SoftmaxGates` layer
+  `gates_<level>`. With `with_shared_gate` (lower PLE levels) a shared gate over
+  all experts produces the next level's shared input.
   """
   def bank(name, x, n):
     return layers.ExpertBank(n, expert_units, activation, dropout,
