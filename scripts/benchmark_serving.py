@@ -7,21 +7,22 @@ SavedModel, and calls `serving_default` in-process with batches of 1, 32 and 256
 real census test examples (serialized in the serving layout): p50 and p99 per
 call. It also times `tf.io.parse_example` alone on the same batch of 256 (the
 floor), alternating its calls with the signature's, and prints the signature's
-share of that throughput, twice: called in-process from Python, and as graph
-execution alone (tf.compat.v1 Session on the SavedModel, as TF Serving runs
-it), where the ~250 us per-call Python overhead both pay no longer hides the
-model's cost. The parse alone hands back one of its 38 outputs, as the
-signature hands back its 2: handing back all 38 costs ~55 us a call, which
-would be counted against the parse. The op parses every feature whichever
-outputs are read. Then, graph only, where the model's time goes: the parse
-followed by the model's first layers only (each reduced to one value per
-example), against the parse alone. Weights are untrained: latency does not
-depend on their values.
+share of that throughput: called in-process from Python; as graph execution
+alone (tf.compat.v1 Session on the SavedModel, as TF Serving runs it), where
+the ~250 us per-call Python overhead both pay no longer hides the model's cost;
+and graph only with 2 and 4 concurrent callers (a server under load). The parse
+alone hands back one of its 38 outputs, as the signature hands back its 2:
+handing back all 38 costs ~55 us a call, which would be counted against the
+parse (the op parses every feature whichever outputs are read). Last, graph
+only, where the model's time goes: the parse followed by the model's first
+layers only (each reduced to one value per example), against the parse alone.
+Weights are untrained: latency does not depend on their values.
 """
 
 import os
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -48,6 +49,9 @@ flags.DEFINE_integer("calls", 300, "Timed calls per batch size.")
 flags.DEFINE_integer("ratio_rounds", 1000, "Rounds of signature, parse, parse, signature "
                      "calls for the throughput ratio.")
 flags.DEFINE_list("batch_sizes", ["1", "32", "256"], "Batch sizes.")
+flags.DEFINE_list("callers", ["2", "4"], "Concurrent callers for the graph-only "
+                  "throughput under load.")
+flags.DEFINE_float("load_seconds", 2.0, "Seconds per throughput-under-load measurement.")
 
 
 def timed(fn, calls: int) -> np.ndarray:
@@ -83,8 +87,17 @@ def main(argv):
   parse = tf.function(lambda s: one_output(tf.io.parse_example(s, spec)))
   report(f"in-process, batch {largest}",
          *alternate(lambda: serve(examples=tensor), lambda: parse(tensor)), largest)
+  signature, parse_call = session_calls(path, examples[:largest], spec)
   report(f"graph only (Session::Run, as TF Serving runs it), batch {largest}",
-         *alternate(*session_calls(path, examples[:largest], spec)), largest)
+         *alternate(signature, parse_call), largest)
+  for callers in (int(c) for c in FLAGS.callers):
+    done = {signature: 0, parse_call: 0}
+    for call in (signature, parse_call, parse_call, signature):
+      done[call] += under_load(call, callers)
+    rates = [largest * done[call] / (2 * FLAGS.load_seconds) for call in done]
+    print(f"graph only, {callers} concurrent callers, batch {largest}: signature "
+          f"{rates[0]:,.0f} examples/s, parse alone {rates[1]:,.0f}; signature / "
+          f"parse-only {rates[0] / rates[1]:.0%}")
   print(f"graph only, batch {largest}: the parse and the model up to a layer, its "
         "output summed per example, against the parse alone")
   for layer in ("feature_embedding", "experts"):
@@ -93,6 +106,26 @@ def main(argv):
     part_seconds, parse_seconds = alternate(signature, parse_call)
     print(f"  up to {layer!r}: +{1e6 * (np.median(part_seconds) - np.median(parse_seconds)):.0f}"
           " us over the parse")
+
+
+def under_load(call, callers: int) -> int:
+  """Calls completed by `callers` threads calling `call` for --load_seconds
+  (Session.run releases the GIL, so the calls run concurrently, as TF Serving
+  runs concurrent requests)."""
+  done = [0] * callers
+  stop = time.perf_counter() + FLAGS.load_seconds
+
+  def work(caller):
+    while time.perf_counter() < stop:
+      call()
+      done[caller] += 1
+
+  threads = [threading.Thread(target=work, args=(i,)) for i in range(callers)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  return sum(done)
 
 
 def one_output(parsed: dict) -> tf.Tensor:
