@@ -102,8 +102,8 @@ def main(argv):
         "output summed per example, against the parse alone")
   for layer in ("feature_embedding", "experts"):
     part = keras.Model(model.input, model.get_layer(layer).output)
-    signature, parse_call = session_calls(export_part(part, schema), examples[:largest], spec)
-    part_seconds, parse_seconds = alternate(signature, parse_call)
+    part_call, parse_call = session_calls(export_part(part, schema), examples[:largest], spec)
+    part_seconds, parse_seconds = alternate(part_call, parse_call)
     print(f"  up to {layer!r}: +{1e6 * (np.median(part_seconds) - np.median(parse_seconds)):.0f}"
           " us over the parse")
 
