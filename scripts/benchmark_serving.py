@@ -94,10 +94,11 @@ def main(argv):
     done = {signature: 0, parse_call: 0}
     for call in (signature, parse_call, parse_call, signature):
       done[call] += under_load(call, callers)
-    rates = [largest * done[call] / (2 * FLAGS.load_seconds) for call in done]
+    signature_rate, parse_rate = (largest * done[call] / (2 * FLAGS.load_seconds)
+                                  for call in (signature, parse_call))
     print(f"graph only, {callers} concurrent callers, batch {largest}: signature "
-          f"{rates[0]:,.0f} examples/s, parse alone {rates[1]:,.0f}; signature / "
-          f"parse-only {rates[0] / rates[1]:.0%}")
+          f"{signature_rate:,.0f} examples/s, parse alone {parse_rate:,.0f}; signature / "
+          f"parse-only {signature_rate / parse_rate:.0%}")
   print(f"graph only, batch {largest}: the parse and the model up to a layer, its "
         "output summed per example, against the parse alone")
   for layer in ("feature_embedding", "experts"):
