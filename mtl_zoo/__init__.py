@@ -7,8 +7,8 @@ Recommenders needs; it fails with a clear message if Keras 3 was already chosen.
 from mtl_zoo._keras import keras  # noqa: F401  (first: pins tf.keras to Keras 2)
 from mtl_zoo.models import (MODELS, build, build_cgc, build_cross_stitch, build_esmm,
                             build_l2_constrained, build_mmoe, build_omoe, build_ple,
-                            build_shared_bottom, build_single_task, compile_model,
-                            training_schema)
+                            build_shared_bottom, build_single_task, training_schema)
+from mtl_zoo.compile import compile_model
 from pipelines.schema import Schema
 
 __version__ = "0.1.0"

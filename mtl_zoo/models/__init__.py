@@ -8,7 +8,7 @@ like ESMM).
 import inspect
 from typing import Callable, Dict
 
-from mtl_zoo.models.common import compile_model, task_towers
+from mtl_zoo.models.common import task_towers
 from mtl_zoo.models.esmm import build_esmm, entire_space_schema
 from mtl_zoo.models.mmoe import build_mmoe
 from mtl_zoo.models.omoe import build_omoe
@@ -60,4 +60,4 @@ def build(architecture: str, schema, /, **hparams):
 
 __all__ = ["MODELS", "build", "get_builder", "hyperparameters_of", "build_single_task", "build_shared_bottom",
            "build_omoe", "build_mmoe", "build_cgc", "build_ple", "build_esmm",
-           "build_cross_stitch", "build_l2_constrained", "compile_model", "task_towers", "training_schema", "TRAINING_SCHEMAS"]
+           "build_cross_stitch", "build_l2_constrained", "task_towers", "training_schema", "TRAINING_SCHEMAS"]

@@ -1,12 +1,10 @@
-"""Pieces every builder shares: schema inputs, task towers, compilation."""
+"""Pieces every builder shares: schema inputs, the embedding bottom, task towers."""
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import tensorflow as tf
 
 from mtl_zoo import layers
-from mtl_zoo import ranking
-from mtl_zoo._keras import keras
 from pipelines import schema as schema_lib
 
 
@@ -45,52 +43,3 @@ def task_towers(schema: schema_lib.Schema, task_inputs: Dict[str, tf.Tensor],
       x = layers.MLP(tower_units, activation, dropout, name=f"{task.name}_tower")(x)
     outputs[task.name] = layers.TaskHead(task.type, name=task.name)(x)
   return outputs
-
-
-def task_loss(task: schema_lib.Task) -> keras.losses.Loss:
-  """Log-loss for binary tasks, MSE for regression, the task's list loss for
-  ranking (over the request lists the reader batches)."""
-  if task.type == schema_lib.BINARY:
-    return keras.losses.BinaryCrossentropy(name=f"{task.name}_logloss")
-  if task.type == schema_lib.RANKING:
-    return ranking.RANKING_LOSSES[task.ranking_loss](task.list_size,
-                                             name=f"{task.name}_{task.ranking_loss}")
-  return keras.losses.MeanSquaredError(name=f"{task.name}_mse")
-
-
-def task_losses(schema: schema_lib.Schema) -> Dict[str, keras.losses.Loss]:
-  return {t.name: task_loss(t) for t in schema.tasks}
-
-
-def compile_model(model: keras.Model, schema: schema_lib.Schema,
-                  learning_rate: float = 1e-3,
-                  optimizer: Optional[keras.optimizers.Optimizer] = None,
-                  weighting: str = "fixed", weighting_options: Optional[dict] = None,
-                  **compile_kwargs) -> keras.Model:
-  """Compiles for training with one loss per task; returns the model to `fit`.
-
-  With `weighting="fixed"` that is `model` itself, compiled with the schema's
-  loss weights. Other methods (see `mtl_zoo.weighting`) return a
-  `MultiTaskTrainer` wrapping `model`; fit the trainer, export `model`.
-
-  Masks arrive as per-task sample weights from the reader, so a masked example
-  adds nothing to its task's loss. Exact per-task metrics are computed on eval
-  data by `mtl_zoo.metrics` rather than by streaming Keras metrics, which are
-  approximate (AUC) and slow down every training step.
-  """
-  # Legacy Adam applies each variable's update in one fused kernel; the new
-  # optimizer issues ~10 ops per variable, which dominates small models on CPU.
-  optimizer = optimizer or keras.optimizers.legacy.Adam(learning_rate)
-  # Task masks arrive as sample weights; no streaming metrics need them.
-  compile_kwargs.setdefault("weighted_metrics", [])
-  if weighting != "fixed":
-    from mtl_zoo.weighting import MultiTaskTrainer  # it imports this module
-    trainer = MultiTaskTrainer(model, schema, weighting, **(weighting_options or {}))
-    trainer.compile(optimizer=optimizer, **compile_kwargs)
-    return trainer
-  model.compile(
-      optimizer=optimizer,
-      loss=task_losses(schema),
-      loss_weights={t.name: t.loss_weight for t in schema.tasks},
-      **compile_kwargs)
-  return model

@@ -1,17 +1,23 @@
-"""Learning-to-rank losses: pairwise and listwise, over padded lists of examples
-(one list per request). Graded relevance comes from the schema's ranking task
-(`pipelines.reader.relevance_grade`); `pipelines.reader.make_dataset` batches
-whole requests for it.
+"""Task losses: one Keras loss per schema task, and the list losses of
+learning to rank.
 
-Lists are dense [batch, list_size] tensors; `mask` is 1 for real examples and 0
-for padding, and padding never contributes to a loss.
+`task_loss` picks log-loss for binary tasks, MSE for regression and the task's
+list loss for ranking tasks. The list losses (pairwise, listwise) work over
+padded lists of examples, one list per request: graded relevance comes from the
+schema's ranking task, and `pipelines.reader.make_dataset` batches whole
+requests for it. Lists are dense [batch, list_size] tensors; `mask` is 1 for
+real examples and 0 for padding, and padding never contributes to a loss.
+
+Masks arrive as per-task sample weights from the reader, so a masked example
+adds nothing to its task's loss.
 """
 
-from typing import Optional
+from typing import Dict, Optional
 
 import tensorflow as tf
 
 from mtl_zoo._keras import keras
+from pipelines import schema as schema_lib
 
 
 def _mask_or_ones(labels: tf.Tensor, mask: Optional[tf.Tensor]) -> tf.Tensor:
@@ -89,3 +95,26 @@ class ListwiseSoftmaxLoss(_ListLoss):
 
 
 RANKING_LOSSES = {"pairwise": PairwiseLogisticLoss, "listwise": ListwiseSoftmaxLoss}
+
+
+def task_loss(task: schema_lib.Task) -> keras.losses.Loss:
+  """The loss a task trains with.
+
+  Args:
+    task: a schema task.
+
+  Returns:
+    Log-loss for binary tasks, MSE for regression, the task's list loss
+    (`task.ranking_loss`) for ranking tasks; named `<task>_<loss>`.
+  """
+  if task.type == schema_lib.BINARY:
+    return keras.losses.BinaryCrossentropy(name=f"{task.name}_logloss")
+  if task.type == schema_lib.RANKING:
+    return RANKING_LOSSES[task.ranking_loss](task.list_size,
+                                             name=f"{task.name}_{task.ranking_loss}")
+  return keras.losses.MeanSquaredError(name=f"{task.name}_mse")
+
+
+def task_losses(schema: schema_lib.Schema) -> Dict[str, keras.losses.Loss]:
+  """`task_loss` of every task of `schema`, by task name."""
+  return {t.name: task_loss(t) for t in schema.tasks}

@@ -3,7 +3,7 @@ import math
 import pytest
 import tensorflow as tf
 
-from mtl_zoo import ranking
+from mtl_zoo import losses
 from pipelines import reader
 from pipelines import schema as schema_lib
 
@@ -27,16 +27,16 @@ def test_pairwise_loss_matches_hand_computation_and_ignores_padding():
   mask = tf.constant([[1.0, 1.0, 1.0, 0.0]])  # the last item is padding
   # Pairs: (0 > 1): margin -1; (0 > 2): margin 0.5; (2 > 1): margin -1.5.
   expected = (_softplus(1.0) + _softplus(-0.5) + _softplus(1.5)) / 3
-  assert float(ranking.pairwise_logistic_loss(labels, scores, mask)) == pytest.approx(
+  assert float(losses.pairwise_logistic_loss(labels, scores, mask)) == pytest.approx(
       expected, rel=1e-5)
   # No pair (all labels equal): exactly zero.
-  assert float(ranking.pairwise_logistic_loss(tf.ones([1, 3]), tf.zeros([1, 3]))) == 0.0
+  assert float(losses.pairwise_logistic_loss(tf.ones([1, 3]), tf.zeros([1, 3]))) == 0.0
   # Perfect order: small but not zero with finite margins; vanishing with huge ones.
-  ordered = ranking.pairwise_logistic_loss(tf.constant([[2.0, 1.0, 0.0]]),
+  ordered = losses.pairwise_logistic_loss(tf.constant([[2.0, 1.0, 0.0]]),
                                            tf.constant([[3.0, 2.0, 1.0]]))
-  assert 0 < float(ordered) < ranking.pairwise_logistic_loss(
+  assert 0 < float(ordered) < losses.pairwise_logistic_loss(
       tf.constant([[2.0, 1.0, 0.0]]), tf.constant([[1.0, 2.0, 3.0]]))
-  assert float(ranking.pairwise_logistic_loss(tf.constant([[1.0, 0.0]]),
+  assert float(losses.pairwise_logistic_loss(tf.constant([[1.0, 0.0]]),
                                               tf.constant([[100.0, 0.0]]))) < 1e-30
 
 
@@ -46,27 +46,27 @@ def test_listwise_loss_matches_hand_computation_and_skips_irrelevant_lists():
   mask = tf.constant([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
   log_z = math.log(math.exp(0.0) + math.exp(1.0) + math.exp(2.0))  # padding excluded
   expected = -(0.25 * (0.0 - log_z) + 0.75 * (2.0 - log_z))  # second list skipped
-  assert float(ranking.listwise_softmax_loss(labels, scores, mask)) == pytest.approx(
+  assert float(losses.listwise_softmax_loss(labels, scores, mask)) == pytest.approx(
       expected, rel=1e-5)
   # One relevant item far ahead of the rest: ~0. Finite margin: positive.
-  assert float(ranking.listwise_softmax_loss(tf.constant([[1.0, 0.0]]),
+  assert float(losses.listwise_softmax_loss(tf.constant([[1.0, 0.0]]),
                                              tf.constant([[100.0, 0.0]]))) < 1e-30
-  assert float(ranking.listwise_softmax_loss(tf.constant([[1.0, 0.0]]),
+  assert float(losses.listwise_softmax_loss(tf.constant([[1.0, 0.0]]),
                                              tf.constant([[2.0, 0.0]]))) > 0.1
 
 
 def test_keras_loss_wrappers_use_the_sample_weight_as_mask():
   labels, scores = tf.constant([[1.0, 0.0, 2.0]]), tf.constant([[0.3, 0.1, -0.2]])
   mask = tf.constant([[1.0, 1.0, 0.0]])
-  assert float(ranking.PairwiseLogisticLoss()(labels, scores, mask)) == pytest.approx(
-      float(ranking.pairwise_logistic_loss(labels, scores, mask)))
-  assert float(ranking.ListwiseSoftmaxLoss()(labels, scores, mask)) == pytest.approx(
-      float(ranking.listwise_softmax_loss(labels, scores, mask)))
+  assert float(losses.PairwiseLogisticLoss()(labels, scores, mask)) == pytest.approx(
+      float(losses.pairwise_logistic_loss(labels, scores, mask)))
+  assert float(losses.ListwiseSoftmaxLoss()(labels, scores, mask)) == pytest.approx(
+      float(losses.listwise_softmax_loss(labels, scores, mask)))
 
 
 @pytest.mark.parametrize("loss_class, loss_fn", [
-    (ranking.PairwiseLogisticLoss, ranking.pairwise_logistic_loss),
-    (ranking.ListwiseSoftmaxLoss, ranking.listwise_softmax_loss)])
+    (losses.PairwiseLogisticLoss, losses.pairwise_logistic_loss),
+    (losses.ListwiseSoftmaxLoss, losses.listwise_softmax_loss)])
 def test_list_losses_cut_flat_batches_into_lists(loss_class, loss_fn):
   # Two lists of three, flat as the reader batches them ([6, 1] like a model output).
   labels = tf.constant([[2.0], [0.0], [1.0], [0.0], [1.0], [0.0]])

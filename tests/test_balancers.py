@@ -5,7 +5,8 @@ import pytest
 import tensorflow as tf
 
 import mtl_zoo
-from mtl_zoo import export, weighting
+from mtl_zoo import balancers, export
+from mtl_zoo.balancers import dwa, pcgrad
 from mtl_zoo._keras import keras
 from pipelines import reader
 from pipelines import schema as schema_lib
@@ -15,15 +16,15 @@ from pipelines import writer as writer_lib
 def test_pcgrad_projects_away_conflicting_components():
   g1, g2 = tf.constant([1.0, 0.0]), tf.constant([-1.0, 1.0])
   order = tf.constant([[1, 0], [0, 1]])
-  combined = weighting.project_conflicting([g1, g2], order)
+  combined = pcgrad.project_conflicting([g1, g2], order)
   # g1 loses its component along g2 (and ends orthogonal to it), g2 its along g1.
   np.testing.assert_allclose(combined, [0.5 + 0.0, 0.5 + 1.0], atol=1e-6)
-  agreeing = weighting.project_conflicting([g1, tf.constant([1.0, 1.0])], order)
+  agreeing = pcgrad.project_conflicting([g1, tf.constant([1.0, 1.0])], order)
   np.testing.assert_allclose(agreeing, [2.0, 1.0], atol=1e-6)  # no conflict: plain sum
 
 
 def test_dwa_weights_favour_the_task_whose_loss_fell_least():
-  w = weighting.dwa_weights(tf.constant([0.9, 0.5]), tf.constant([1.0, 1.0]), 2.0)
+  w = dwa.dwa_weights(tf.constant([0.9, 0.5]), tf.constant([1.0, 1.0]), 2.0)
   expected = 2 * np.exp([0.45, 0.25]) / np.exp([0.45, 0.25]).sum()
   np.testing.assert_allclose(w, expected, rtol=1e-6)
   assert w[0] > w[1] and float(tf.reduce_sum(w)) == pytest.approx(2.0)
@@ -73,7 +74,7 @@ def _train(schema, dataset, method, epochs=4, **options):
 def test_uncertainty_weighting_lowers_the_noisier_task(noisy_tasks):
   schema, ds = noisy_tasks
   _, trainer, history = _train(schema, ds, "uncertainty")
-  weights = trainer.current_weights().numpy()
+  weights = trainer.balancer.task_weights().numpy()
   assert weights[1] < 0.3 * weights[0]
   assert history.history["weight_other"][-1] == pytest.approx(weights[1])
 
@@ -81,7 +82,7 @@ def test_uncertainty_weighting_lowers_the_noisier_task(noisy_tasks):
 def test_gradnorm_balances_gradient_norms(scaled_tasks):
   schema, ds = scaled_tasks
   _, trainer, _ = _train(schema, ds, "gradnorm")
-  weights = trainer.current_weights().numpy()
+  weights = trainer.balancer.task_weights().numpy()
   assert weights.sum() == pytest.approx(2.0, rel=1e-5)
   assert weights[1] < 0.5 * weights[0]  # the 10x-gradient task is turned down
 
@@ -89,7 +90,7 @@ def test_gradnorm_balances_gradient_norms(scaled_tasks):
 def test_gradnorm_boosts_the_task_that_trains_slower(noisy_tasks):
   schema, ds = noisy_tasks
   _, trainer, _ = _train(schema, ds, "gradnorm")
-  weights = trainer.current_weights().numpy()
+  weights = trainer.balancer.task_weights().numpy()
   assert weights[1] > weights[0]  # its loss ratio L(t)/L(0) stays high
 
 
@@ -98,8 +99,8 @@ def test_dwa_sets_weights_from_the_last_two_epochs(noisy_tasks):
   _, trainer, history = _train(schema, ds, "dwa", epochs=3, dwa_temperature=2.0)
   means = np.array([[history.history["clean_loss"][e], history.history["other_loss"][e]]
                     for e in (2, 1)], np.float32)
-  np.testing.assert_allclose(trainer.current_weights(),
-                             weighting.dwa_weights(means[0], means[1], 2.0), rtol=1e-4)
+  np.testing.assert_allclose(trainer.balancer.task_weights(),
+                             dwa.dwa_weights(means[0], means[1], 2.0), rtol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["uncertainty", "dwa", "gradnorm", "pcgrad"])
@@ -118,8 +119,8 @@ def test_methods_train_with_masks_and_export_without_training_state(
   masked = weights["cvr"].numpy() == 0
   flipped = dict(labels, cvr=tf.where(masked[:, None], 1 - labels["cvr"], labels["cvr"]))
   outputs = model(features)
-  np.testing.assert_allclose(trainer._task_losses(labels, outputs, weights),
-                             trainer._task_losses(flipped, outputs, weights), rtol=1e-6)
+  np.testing.assert_allclose(trainer.task_losses(labels, outputs, weights),
+                             trainer.task_losses(flipped, outputs, weights), rtol=1e-6)
   path = export.export_saved_model(model, ads_schema, str(tmp_path / "e"))
   names = [n for n, _ in tf.train.list_variables(os.path.join(path, "variables", "variables"))]
   # Exactly the model's variables: no log-variances, task weights or loss history.
@@ -144,8 +145,9 @@ def test_pcgrad_treats_only_multi_task_parameters_as_shared(ads_dir, ads_schema)
   features, labels, weights = next(iter(reader.make_dataset(
       os.path.join(ads_dir, "eval-*"), ads_schema, 64, shuffle=False)))
   with tf.GradientTape(persistent=True) as tape:
-    losses = trainer._task_losses(labels, model(features, training=True), weights)
-  per_task = trainer._task_gradients(tape, losses, model.trainable_variables)
+    losses = trainer.task_losses(labels, model(features, training=True), weights)
+  per_task = [tape.gradient(loss, model.trainable_variables) for loss in losses]
   shared = {v.name.split("/")[0] for v, s in zip(model.trainable_variables,
-                                                 trainer._shared(per_task)) if s}
+                                                 balancers.base.shared_variables(per_task))
+            if s}
   assert shared == {"feature_embedding", "shared_bottom"}

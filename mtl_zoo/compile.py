@@ -1,0 +1,62 @@
+"""Compiling a built model for training: its task losses and a loss balancer."""
+
+from typing import Optional, Union
+
+from mtl_zoo import balancers as balancers_lib
+from mtl_zoo import losses
+from mtl_zoo._keras import keras
+from pipelines import schema as schema_lib
+
+
+def compile_model(model: keras.Model, schema: schema_lib.Schema,
+                  learning_rate: float = 1e-3,
+                  optimizer: Optional[keras.optimizers.Optimizer] = None,
+                  weighting: Union[str, balancers_lib.LossBalancer] = "fixed",
+                  weighting_options: Optional[dict] = None,
+                  **compile_kwargs) -> keras.Model:
+  """Compiles `model` for training with one loss per task; returns what to `fit`.
+
+  With fixed weights that is `model` itself, compiled with the schema's loss
+  weights. Other balancers return a `balancers.MultiTaskTrainer` wrapping
+  `model`: fit the trainer, export `model`.
+
+  Masks arrive as per-task sample weights from the reader, so a masked example
+  adds nothing to its task's loss. Exact per-task metrics are computed on eval
+  data by `mtl_zoo.metrics` rather than by streaming Keras metrics, which are
+  approximate (AUC) and slow down every training step.
+
+  Args:
+    model: a built model with one output per schema task.
+    schema: the schema it trains on (`models.training_schema`).
+    learning_rate: Adam's learning rate (when no `optimizer` is given).
+    optimizer: the optimizer; default Adam (Keras' legacy one: it applies each
+      variable's update in one fused kernel, where the new one issues ~10 ops
+      per variable, which dominates small models on a CPU).
+    weighting: a `balancers.BALANCERS` name, or a built `LossBalancer`.
+    weighting_options: the named balancer's options (e.g. dwa_temperature).
+    **compile_kwargs: passed to Keras' `compile`.
+
+  Returns:
+    The model to fit.
+  """
+  optimizer = optimizer or keras.optimizers.legacy.Adam(learning_rate)
+  # Task masks arrive as sample weights; no streaming metrics need them.
+  compile_kwargs.setdefault("weighted_metrics", [])
+  if isinstance(weighting, str):
+    trained = balancers_lib.trained_tasks(schema)
+    balancer = balancers_lib.make_balancer(weighting, [t.loss_weight for t in trained],
+                                           **(weighting_options or {}))
+  else:
+    balancer = weighting
+  if balancer.needs_train_step:
+    if balancer.num_tasks < 2:
+      raise ValueError(f"loss balancing needs at least two tasks with loss_weight > 0; "
+                       f"schema {schema.name!r} trains "
+                       f"{[t.name for t in balancers_lib.trained_tasks(schema)]}.")
+    trainer = balancers_lib.MultiTaskTrainer(model, schema, balancer)
+    trainer.compile(optimizer=optimizer, **compile_kwargs)
+    return trainer
+  model.compile(optimizer=optimizer, loss=losses.task_losses(schema),
+                loss_weights={t.name: t.loss_weight for t in schema.tasks},
+                **compile_kwargs)
+  return model
