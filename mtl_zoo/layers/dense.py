@@ -12,7 +12,22 @@ from pipelines import schema as schema_lib
 class MLP(keras.layers.Layer):
   """Dense layers with an activation and optional dropout after each.
 
-  Used for shared bottoms, towers and single experts.
+  Used for shared bottoms, towers and single experts. The activation (and
+  dropout) also follows the last layer.
+
+  Args:
+    units: width of each Dense layer, input to output.
+    activation: Keras activation name applied after every layer.
+    dropout: dropout rate after every layer (training only); 0 adds none.
+    kernel_l2: L2 penalty on every kernel (not biases); 0 adds none.
+    **kwargs: `keras.layers.Layer` arguments (`name`, ...).
+
+  Call args:
+    x: [batch, features] float tensor.
+    training: whether dropout is active.
+
+  Returns:
+    [batch, units[-1]].
   """
 
   def __init__(self, units: Sequence[int], activation: str = "relu",
@@ -49,7 +64,26 @@ class ExpertBank(keras.layers.Layer):
   (TF's einsum transposes its operands on every call). Deeper layers apply each
   expert's kernel to its own activations.
 
-  Input: [batch, features]. Output: [batch, num_experts, units[-1]].
+  Each expert is an `MLP(units, activation, dropout)`: the activation and dropout
+  follow every layer, the last included.
+
+  Args:
+    num_experts: number of experts, >= 1.
+    units: width of each expert layer, input to output; at least one.
+    activation: Keras activation name applied after every layer.
+    dropout: dropout rate after every layer (training only); 0 adds none.
+    kernel_l2: L2 penalty on every kernel (not biases); 0 adds none.
+    **kwargs: `keras.layers.Layer` arguments (`name`, ...).
+
+  Call args:
+    x: [batch, features] float tensor.
+    training: whether dropout is active.
+
+  Returns:
+    [batch, num_experts, units[-1]]: every expert's output.
+
+  Raises:
+    ValueError: `num_experts` < 1 or `units` empty.
   """
 
   def __init__(self, num_experts: int, units: Sequence[int], activation: str = "relu",
@@ -92,7 +126,15 @@ class ExpertBank(keras.layers.Layer):
     return h
 
   def expert_weights(self, expert: int) -> list:
-    """[kernel, bias] per layer of one expert, as a Dense layer holds them."""
+    """One expert's parameters, as a stack of Dense layers holds them.
+
+    Args:
+      expert: index of the expert, in [0, num_experts).
+
+    Returns:
+      [kernel_0, bias_0, kernel_1, bias_1, ...]: kernels [fan_in, units[i]],
+      biases [units[i]]; tensors sliced from the bank's variables.
+    """
     return [w for kernel, bias in zip(self.kernels, self.biases)
             for w in (kernel[:, expert], bias[expert])]
 
@@ -121,9 +163,24 @@ class _ExpertGlorotUniform(keras.initializers.Initializer):
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
 class TaskHead(keras.layers.Layer):
-  """One output unit: a sigmoid probability (binary) or a linear value (regression).
+  """One output unit: a sigmoid probability (binary) or a linear value
+  (regression, and the score of ranking tasks).
 
-  Output: [batch, 1]. Name the layer after its task so the model output is.
+  Name the layer after its task so the model output is.
+
+  Args:
+    task_type: one of `pipelines.schema.TASK_TYPES`: "binary" applies a
+      sigmoid to the logit; "regression" and "ranking" return the logit.
+    **kwargs: `keras.layers.Layer` arguments (`name`, ...).
+
+  Call args:
+    x: [batch, features] float tensor.
+
+  Returns:
+    [batch, 1].
+
+  Raises:
+    ValueError: unknown `task_type`.
   """
 
   def __init__(self, task_type: str = schema_lib.BINARY, **kwargs):

@@ -27,8 +27,32 @@ class ScoreFusion(keras.layers.Layer):
   `weights` [batch, num_terms] that override the configured ones per example.
   Those come from clients, so a NaN or infinite weight counts as missing (the
   configured weight), and scores saturate at float32's limits instead of
-  overflowing: every output is finite, and a ranking never meets NaN.
+  overflowing: for finite scores every output is finite, and a ranking never
+  meets NaN. Scores themselves are not sanitised: a NaN score (or an infinite
+  one with weight 0) gives a NaN output, so callers replace non-finite scores
+  first (the export's `rank` signature does, for numeric-feature terms).
   Output: [batch].
+
+  Args:
+    mode: "sum" or "product" (`FUSION_MODES`).
+    terms: names of the fused scores, keys of the call's `scores`.
+    weights: one float weight per term, in the order of `terms`.
+    epsilon: "product" only: scores are clipped below at `epsilon` before
+      their logarithm.
+    **kwargs: `keras.layers.Layer` arguments (`name`, ...).
+
+  Call args:
+    scores: dict term -> [batch] or [batch, 1] tensor (cast to float32); keys
+      beyond `terms` are ignored.
+    weights: optional [batch, num_terms] float32 per-example weights, columns in
+      the order of `terms`; non-finite entries fall back to the configured
+      weight.
+
+  Returns:
+    [batch] float32 fused scores.
+
+  Raises:
+    ValueError: unknown `mode`, no terms, or not one weight per term.
   """
 
   def __init__(self, mode: str, terms: Sequence[str], weights: Sequence[float],
@@ -63,7 +87,19 @@ class ScoreFusion(keras.layers.Layer):
 
 
 def parse_fusion(spec: str) -> dict:
-  """'product:ctr=1,cvr=0.5,price=1' -> {"mode": ..., "terms": [...], "weights": [...]}."""
+  """Parses a fusion spec such as 'product:ctr=1,cvr=0.5,price=1'.
+
+  Args:
+    spec: "<mode>:<term>=<weight>,..." with mode "sum" or "product".
+
+  Returns:
+    {"mode": str, "terms": [str], "weights": [float]}: the `ScoreFusion`
+    constructor arguments (also the `fusion` argument of
+    `mtl_zoo.export.export_saved_model`).
+
+  Raises:
+    ValueError: unknown mode, no terms, or a term that is not name=number.
+  """
   mode, sep, body = spec.partition(":")
   if not sep or mode not in FUSION_MODES or not body:
     raise ValueError(f"fusion spec {spec!r} should look like 'sum:ctr=1,cvr=2' or "

@@ -19,8 +19,19 @@ def _softmax(logits: tf.Tensor) -> tf.Tensor:
 class SoftmaxGate(keras.layers.Layer):
   """A softmax over experts computed from the gate input (MMoE, OMoE, CGC, PLE).
 
+  softmax(W x + b): one Dense layer to `num_experts` logits, then a softmax.
   Input: [batch, features]. Output: [batch, num_experts] weights that sum to 1.
   Kept apart from the mixing so the weights can be read for diagnostics.
+
+  Args:
+    num_experts: number of experts the gate weighs.
+    **kwargs: `keras.layers.Layer` arguments (`name`, ...).
+
+  Call args:
+    x: [batch, features] gate input.
+
+  Returns:
+    [batch, num_experts] non-negative weights, each row summing to 1.
   """
 
   def __init__(self, num_experts: int, **kwargs):
@@ -44,7 +55,22 @@ class SoftmaxGates(keras.layers.Layer):
   matmul at about the cost of an [n, 16] one, so two gates cost what one did.
 
   Input: [batch, features]. Output: dict gate name -> [batch, num_experts]
-  weights that sum to 1, in the order of `gate_names`.
+  weights that sum to 1, in the order of `gate_names`. Each gate has its own
+  logits, so the result equals one `SoftmaxGate` per name.
+
+  Args:
+    num_experts: number of experts each gate weighs.
+    gate_names: distinct, non-empty list of names; the keys of the output.
+    **kwargs: `keras.layers.Layer` arguments (`name`, ...).
+
+  Call args:
+    x: [batch, features] gate input shared by every gate.
+
+  Returns:
+    dict gate name -> [batch, num_experts] weights, each row summing to 1.
+
+  Raises:
+    ValueError: `gate_names` empty or with duplicates.
   """
 
   def __init__(self, num_experts: int, gate_names: Sequence[str], **kwargs):
@@ -67,10 +93,19 @@ class SoftmaxGates(keras.layers.Layer):
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
 class ExpertMixture(keras.layers.Layer):
-  """Weighted sum of expert outputs.
+  """Weighted sum of expert outputs: sum_e weights[:, e] * experts[:, e].
 
-  Inputs: [experts [batch, num_experts, units], weights [batch, num_experts]].
-  Output: [batch, units].
+  No weights of its own; the mixing half of an MoE gate (weights usually from a
+  `SoftmaxGate`).
+
+  Args:
+    **kwargs: `keras.layers.Layer` arguments (`name`, ...).
+
+  Call args:
+    inputs: [experts [batch, num_experts, units], weights [batch, num_experts]].
+
+  Returns:
+    [batch, units].
   """
 
   def call(self, inputs):

@@ -54,6 +54,29 @@ class FeatureEmbedding(keras.layers.Layer):
 
   Input: dict of feature name -> tensor, as `Schema.feature_signature()`.
   Output: [batch, output_dim] float32.
+
+  Args:
+    features: feature dicts (`pipelines.schema.Feature` fields, as
+      `Feature.to_dict()` writes them); numeric ones need `mean` and `std`.
+    embeddings_l2: L2 penalty on every embedding table (whole tables, not only
+      the rows a batch reads); 0 adds none.
+    **kwargs: `keras.layers.Layer` arguments (`name`, ...).
+
+  Call args:
+    inputs: dict feature name -> tensor: categorical [batch] int ids,
+      categorical_list [batch, max_len] int ids padded with
+      `schema.LIST_PADDING_ID` (-1), numeric [batch] float raw values. Extra
+      keys are ignored.
+
+  Returns:
+    [batch, output_dim] float32: first the scalar categorical embeddings,
+    grouped by embedding width (widths in order of first appearance, features
+    in schema order within a width), then the pooled lists, then the z-scored
+    numerics, each in schema order. `output_dim` is the sum of the categorical
+    embedding widths plus the number of numeric features.
+
+  Raises:
+    ValueError: no features, or a numeric feature without mean/std.
   """
 
   def __init__(self, features: Sequence[dict], embeddings_l2: float = 0.0, **kwargs):
@@ -78,6 +101,7 @@ class FeatureEmbedding(keras.layers.Layer):
 
   @property
   def output_dim(self) -> int:
+    """Width of the output: categorical embedding widths plus one per numeric."""
     return (sum(dim * len(g) for dim, g in self._scalar_groups)
             + sum(f.embedding_dim for f in self._lists) + len(self._numeric))
 
@@ -136,14 +160,36 @@ class FeatureEmbedding(keras.layers.Layer):
 
 
 def schema_inputs(schema: schema_lib.Schema) -> Dict[str, keras.Input]:
-  """One Keras input per schema feature, shaped and typed as the parse produces."""
+  """One Keras input per schema feature, shaped and typed as the parse produces.
+
+  Args:
+    schema: the dataset schema.
+
+  Returns:
+    dict feature name -> `keras.Input` named after the feature, as
+    `schema.feature_signature()`: categorical [batch] int64, categorical_list
+    [batch, max_len] int64, numeric [batch] float32.
+  """
   return {name: keras.Input(shape=spec.shape[1:], dtype=spec.dtype, name=name)
           for name, spec in schema.feature_signature().items()}
 
 
 def feature_embedding(schema: schema_lib.Schema, embeddings_l2: float = 0.0,
                       name: str = "feature_embedding") -> FeatureEmbedding:
-  """The FeatureEmbedding for every feature of `schema`."""
+  """The FeatureEmbedding for every feature of `schema`.
+
+  Args:
+    schema: the dataset schema; its numeric features need mean/std.
+    embeddings_l2: L2 penalty on the embedding tables.
+    name: the layer's name.
+
+  Returns:
+    An unbuilt `FeatureEmbedding`; call it on `schema_inputs(schema)` (or the
+    parsed feature tensors) to get [batch, output_dim].
+
+  Raises:
+    pipelines.schema.SchemaError: a numeric feature has no mean/std.
+  """
   schema.require_statistics()
   return FeatureEmbedding([f.to_dict() for f in schema.features], embeddings_l2,
                           name=name)

@@ -5,9 +5,19 @@ from mtl_zoo._keras import keras
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
 class ProbabilityProduct(keras.layers.Layer):
-  """Multiplies probabilities element-wise: p(click & convert) = pCTR x pCVR (ESMM).
+  """Multiplies probabilities element-wise: p(click & convert) = pCTR x pCVR
+  (ESMM, Ma et al., SIGIR 2018).
 
-  Input: a list of tensors of one shape. Output: their product.
+  Input: a list of tensors of one shape. Output: their product. No weights.
+
+  Args:
+    **kwargs: `keras.layers.Layer` arguments (`name`, ...).
+
+  Call args:
+    probabilities: list of one or more tensors of one shape, e.g. [batch, 1].
+
+  Returns:
+    Their element-wise product, of the same shape.
   """
 
   def call(self, probabilities):

@@ -16,7 +16,24 @@ class CrossStitch(keras.layers.Layer):
   network. Output: the same list, each a learned linear combination
   out_i = sum_j alpha[i, j] * in_j. Alpha starts near the identity
   (`self_weight` on the diagonal, the rest spread evenly), so each network first
-  mostly keeps its own activations and learns how much to borrow.
+  mostly keeps its own activations and learns how much to borrow. Alpha is
+  [num_tasks, num_tasks], sized from the input list when the layer is built, and
+  is not constrained during training.
+
+  Args:
+    self_weight: initial alpha[i, i], in [0, 1]; the off-diagonal entries start
+      at (1 - self_weight) / (num_tasks - 1), so every row starts summing to 1.
+    **kwargs: `keras.layers.Layer` arguments (`name`, ...).
+
+  Call args:
+    inputs: list of `num_tasks` >= 2 tensors [batch, units].
+
+  Returns:
+    List of `num_tasks` tensors [batch, units], out_i = sum_j alpha[i, j] * in_j.
+
+  Raises:
+    ValueError: `self_weight` outside [0, 1], or (when built) fewer than two
+      inputs.
   """
 
   def __init__(self, self_weight: float = 0.9, **kwargs):
@@ -52,8 +69,27 @@ class L2ConstrainedNetworks(ExpertBank):
   An `ExpertBank` with one "expert" per task, whose outputs go to the tasks one
   each instead of through gates. The penalty, `distance_weight * sum over layers
   and task pairs of ||W_a - W_b||^2` (kernels and biases), is added to the
-  model's losses.
+  model's losses (`add_loss`, on every call).
   Input: [batch, features]. Output: a list of `num_tasks` tensors [batch, units[-1]].
+
+  Args:
+    num_tasks: number of task networks, >= 2.
+    units: width of each network layer, input to output; at least one.
+    distance_weight: weight of the parameter-distance penalty; 0 adds none.
+    activation: Keras activation name applied after every layer.
+    dropout: dropout rate after every layer (training only); 0 adds none.
+    kernel_l2: plain L2 penalty on every kernel, on top of the distance one.
+    **kwargs: `keras.layers.Layer` arguments (`name`, ...).
+
+  Call args:
+    x: [batch, features] float tensor, the input of every task network.
+    training: whether dropout is active.
+
+  Returns:
+    List of `num_tasks` tensors [batch, units[-1]], one per network, in order.
+
+  Raises:
+    ValueError: `num_tasks` < 2 or `units` empty.
   """
 
   def __init__(self, num_tasks: int, units: Sequence[int], distance_weight: float = 1e-3,
@@ -65,7 +101,12 @@ class L2ConstrainedNetworks(ExpertBank):
     self.distance_weight = distance_weight
 
   def parameter_distance(self) -> tf.Tensor:
-    """Sum over layers and task pairs of squared parameter distances."""
+    """Sum over layers and task pairs of squared parameter distances.
+
+    Returns:
+      Scalar: sum over layers and pairs a < b of ||W_a - W_b||^2 +
+      ||b_a - b_b||^2, before `distance_weight`.
+    """
     n = self.num_experts
     total = 0.0
     # Kernels are [fan_in, tasks, units]; put the task axis first.

@@ -23,7 +23,18 @@ from pipelines import schema as schema_lib
 
 
 def stage_chain(schema: schema_lib.Schema) -> List[schema_lib.Task]:
-  """The longest chain of tasks linked by masks (each stage masked by the one before)."""
+  """The longest chain of tasks linked by masks (each stage masked by the one before).
+
+  Args:
+    schema: a schema whose tasks link by masks (e.g. ctr: label click; cvr:
+      label conversion, mask click).
+
+  Returns:
+    The chain's tasks, first stage (a task without a mask) first; at least two.
+
+  Raises:
+    pipelines.schema.SchemaError: no two tasks are linked by a mask.
+  """
   by_mask = {t.mask: t for t in schema.tasks if t.mask}
   best: List[schema_lib.Task] = []
   for first in (t for t in schema.tasks if not t.mask):
@@ -41,7 +52,15 @@ def stage_chain(schema: schema_lib.Schema) -> List[schema_lib.Task]:
 
 
 def entire_space_names(chain: Sequence[schema_lib.Task]) -> List[str]:
-  """Names of the entire-space outputs, one per stage after the first."""
+  """Names of the entire-space outputs, one per stage after the first.
+
+  Args:
+    chain: stages as `stage_chain` returns them.
+
+  Returns:
+    The stage names joined by "_" up to each stage: [ctr, cvr, x] ->
+    ["ctr_cvr", "ctr_cvr_x"].
+  """
   names, previous = [], chain[0].name
   for stage in chain[1:]:
     previous = f"{previous}_{stage.name}"
@@ -50,7 +69,20 @@ def entire_space_names(chain: Sequence[schema_lib.Task]) -> List[str]:
 
 
 def entire_space_schema(schema: schema_lib.Schema) -> schema_lib.Schema:
-  """The schema ESMM trains and is evaluated with (see the module docstring)."""
+  """The schema ESMM trains and is evaluated with (see the module docstring).
+
+  Args:
+    schema: the data's schema, with a mask-linked chain of tasks.
+
+  Returns:
+    A schema with the same features and labels whose tasks are the original
+    ones (every chain stage after the first with loss weight 0) followed by
+    one entire-space task per such stage (its label and type, its loss weight,
+    no mask). `schema` itself if it already has the entire-space tasks.
+
+  Raises:
+    pipelines.schema.SchemaError: no two tasks are linked by a mask.
+  """
   chain = stage_chain(schema)
   if any(n in schema.task_names for n in entire_space_names(chain)):
     return schema  # already in entire-space form
@@ -75,7 +107,33 @@ def build_esmm(schema: schema_lib.Schema,
   tower, head), plus one `ProbabilityProduct` output per entire-space stage.
 
   Outputs every task of `entire_space_schema(schema)`: conditional per-stage
-  probabilities under the stage names and the products (e.g. `ctr_cvr`).
+  probabilities under the stage names and the products (e.g. `ctr_cvr`). Tasks
+  outside the chain get their own network too. Its own hyper-parameter is
+  `bottom_units`; the others are the ones every builder takes.
+
+  Args:
+    schema: the data's schema (or its `entire_space_schema`); its tasks must
+      chain by masks.
+    bottom_units: widths of each task's own bottom MLP.
+    tower_units: widths of each task's tower MLP (`<task>_tower`) before its
+      output head; empty for none.
+    dropout: dropout rate after every layer of the bottoms and the towers
+      (training only).
+    activation: Keras activation of every layer of the bottoms and the towers.
+    embeddings_l2: L2 penalty on the embedding tables.
+    cross_layers: DCN-v2 cross layers (TFRS `Cross`) after the embeddings; 0
+      for none.
+    name: the Keras model's name.
+
+  Returns:
+    An uncompiled functional `keras.Model`. Inputs: dict feature name ->
+    `keras.Input`, one per schema feature (`layers.schema_inputs`). Outputs:
+    dict task name -> [batch, 1] for every task of `entire_space_schema(schema)`:
+    each own task's head (a probability for binary tasks), and each
+    entire-space product of the chain's probabilities up to its stage.
+
+  Raises:
+    pipelines.schema.SchemaError: no two tasks are linked by a mask.
   """
   schema = entire_space_schema(schema)
   chain = stage_chain(schema)

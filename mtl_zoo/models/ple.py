@@ -25,6 +25,23 @@ def extraction_level(task_inputs: Dict[str, tf.Tensor], shared_input: tf.Tensor,
   same input (the first level), they are one `SoftmaxGates` layer
   `gates_<level>`. With `with_shared_gate` (lower PLE levels) a shared gate over
   all experts produces the next level's shared input.
+
+  Args:
+    task_inputs: dict task name -> [batch, features], each task's input (the
+      same tensor for every task at the first level).
+    shared_input: [batch, features], input of the shared experts and gate.
+    level: index of the level, used in layer names.
+    num_task_experts: experts per task, >= 1.
+    num_shared_experts: shared experts, >= 1.
+    expert_units: widths of each expert MLP.
+    activation: Keras activation of every expert layer.
+    dropout: dropout rate after every expert layer (training only).
+    with_shared_gate: also mix every expert into a shared output.
+
+  Returns:
+    (task outputs, shared output): dict task name -> [batch,
+    expert_units[-1]], and the shared [batch, expert_units[-1]] mixture, or
+    None without `with_shared_gate`.
   """
   def bank(name, x, n):
     return layers.ExpertBank(n, expert_units, activation, dropout,
@@ -68,7 +85,41 @@ def build_ple(schema: schema_lib.Schema,
               embeddings_l2: float = 0.0,
               cross_layers: int = 0,
               name: str = "ple") -> keras.Model:
-  """Progressive Layered Extraction: `num_levels` stacked extraction levels."""
+  """Progressive Layered Extraction: `num_levels` stacked extraction levels.
+
+  Each level's task outputs are the next level's task inputs, and every level
+  but the last feeds the next one's shared experts through a shared gate (see
+  `extraction_level`); the last level's task outputs go to the task towers. Its
+  own hyper-parameters are `num_levels`, `num_task_experts`,
+  `num_shared_experts` and `expert_units`; the others are the ones every
+  builder takes.
+
+  Args:
+    schema: the dataset schema: one model input per feature, one output per task.
+    num_levels: stacked extraction levels, >= 1 (1 is CGC).
+    num_task_experts: experts of each task at each level, >= 1.
+    num_shared_experts: shared experts at each level, >= 1.
+    expert_units: widths of each expert MLP; task outputs are [batch,
+      expert_units[-1]].
+    tower_units: widths of each task's tower MLP (`<task>_tower`) before its
+      output head; empty for none.
+    dropout: dropout rate after every layer of the experts and the towers
+      (training only).
+    activation: Keras activation of every layer of the experts and the towers.
+    embeddings_l2: L2 penalty on the embedding tables.
+    cross_layers: DCN-v2 cross layers (TFRS `Cross`) after the embeddings; 0
+      for none.
+    name: the Keras model's name.
+
+  Returns:
+    An uncompiled functional `keras.Model`. Inputs: dict feature name ->
+    `keras.Input`, one per schema feature (`layers.schema_inputs`). Outputs:
+    dict task name -> [batch, 1], a probability for binary tasks and a linear
+    value for regression and ranking ones.
+
+  Raises:
+    ValueError: `num_levels` < 1, or an expert count < 1.
+  """
   if num_levels < 1:
     raise ValueError(f"num_levels must be >= 1, got {num_levels}.")
   inputs, x = common.embedded_inputs(schema, embeddings_l2, cross_layers)
@@ -91,6 +142,14 @@ def build_cgc(schema: schema_lib.Schema,
               embeddings_l2: float = 0.0,
               cross_layers: int = 0,
               name: str = "cgc") -> keras.Model:
-  """Customized Gate Control: a single extraction level (PLE with one level)."""
+  """Customized Gate Control: a single extraction level (PLE with one level).
+
+  Args:
+    schema, num_task_experts, num_shared_experts, expert_units, tower_units,
+    dropout, activation, embeddings_l2, cross_layers, name: as `build_ple`.
+
+  Returns:
+    The model `build_ple(schema, num_levels=1, ...)` returns.
+  """
   return build_ple(schema, 1, num_task_experts, num_shared_experts, expert_units,
                    tower_units, dropout, activation, embeddings_l2, cross_layers, name)

@@ -18,8 +18,28 @@ def build_shared_bottom(schema: schema_lib.Schema,
                         name: str = "shared_bottom") -> keras.Model:
   """Shared-Bottom model (Caruana 1997): embeddings -> shared MLP -> per-task towers.
 
-  Returns an uncompiled functional model whose inputs are the schema's features
-  and whose outputs are a dict of task name -> [batch, 1].
+  Its own hyper-parameter is `bottom_units`; the others are the ones every
+  builder takes.
+
+  Args:
+    schema: the dataset schema: one model input per feature, one output per task.
+    bottom_units: widths of the shared MLP (layer `shared_bottom`), the capacity
+      every task shares.
+    tower_units: widths of each task's tower MLP (`<task>_tower`) before its
+      output head; empty for none.
+    dropout: dropout rate after every layer of the bottom and the
+      towers (training only).
+    activation: Keras activation of every layer of the bottom and the towers.
+    embeddings_l2: L2 penalty on the embedding tables.
+    cross_layers: DCN-v2 cross layers (TFRS `Cross`) after the embeddings; 0
+      for none.
+    name: the Keras model's name.
+
+  Returns:
+    An uncompiled functional `keras.Model`. Inputs: dict feature name ->
+    `keras.Input`, one per schema feature (`layers.schema_inputs`). Outputs:
+    dict task name -> [batch, 1], a probability for binary tasks and a linear
+    value for regression and ranking ones.
   """
   inputs, x = common.embedded_inputs(schema, embeddings_l2, cross_layers)
   shared = layers.MLP(bottom_units, activation, dropout, name="shared_bottom")(x)

@@ -18,7 +18,29 @@ def build_single_task(schema: schema_lib.Schema,
                       name: str = "single_task") -> keras.Model:
   """One model per task in one Keras model: each task has its own embeddings
   (`<task>_embedding`), bottom MLP (`<task>_bottom`) and tower. The baseline every
-  multi-task comparison needs; also the per-objective models of score fusion."""
+  multi-task comparison needs; also the per-objective models of score fusion.
+  Its own hyper-parameter is `bottom_units`; the others are the ones every
+  builder takes.
+
+  Args:
+    schema: the dataset schema: one model input per feature, one output per task.
+    bottom_units: widths of each task's own bottom MLP.
+    tower_units: widths of each task's tower MLP (`<task>_tower`) before its
+      output head; empty for none.
+    dropout: dropout rate after every layer of the bottoms and the
+      towers (training only).
+    activation: Keras activation of every layer of the bottoms and the towers.
+    embeddings_l2: L2 penalty on the embedding tables.
+    cross_layers: DCN-v2 cross layers (TFRS `Cross`) after each task's
+      embeddings; 0 for none.
+    name: the Keras model's name.
+
+  Returns:
+    An uncompiled functional `keras.Model`. Inputs: dict feature name ->
+    `keras.Input`, one per schema feature (`layers.schema_inputs`). Outputs:
+    dict task name -> [batch, 1], a probability for binary tasks and a linear
+    value for regression and ranking ones.
+  """
   inputs = layers.schema_inputs(schema)
   task_inputs = {}
   for task in schema.task_names:
