@@ -8,6 +8,7 @@ like ESMM).
 import inspect
 from typing import Callable, Dict
 
+from mtl_zoo.models.combine import combine_models, combine_runs
 from mtl_zoo.models.common import task_towers
 from mtl_zoo.models.esmm import build_esmm, entire_space_schema
 from mtl_zoo.models.mmoe import build_mmoe
@@ -46,18 +47,44 @@ def get_builder(name: str) -> Callable:
     raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}.") from None
 
 
-def hyperparameters_of(name: str, hparams: dict) -> dict:
-  """The subset of `hparams` that model `name`'s builder takes."""
-  accepted = inspect.signature(get_builder(name)).parameters
-  return {k: v for k, v in hparams.items() if k in accepted}
+def builder_arguments(name: str) -> Dict[str, object]:
+  """The hyper-parameters model `name`'s builder takes, with their defaults
+  (everything but the schema)."""
+  parameters = list(inspect.signature(get_builder(name)).parameters.values())[1:]
+  return {p.name: p.default for p in parameters}
+
+
+def hyperparameters_of(name: str, hparams: dict, with_defaults: bool = False) -> dict:
+  """The subset of `hparams` that model `name`'s builder takes.
+
+  Args:
+    name: a MODELS name.
+    hparams: hyper-parameters, possibly for several architectures.
+    with_defaults: also the builder's defaults for those not in `hparams`.
+
+  Returns:
+    A dict of the builder's keyword arguments.
+  """
+  accepted = builder_arguments(name)
+  chosen = {k: v for k, v in hparams.items() if k in accepted}
+  return {**{k: v for k, v in accepted.items() if k != "name"}, **chosen} if with_defaults \
+      else chosen
 
 
 def build(architecture: str, schema, /, **hparams):
-  """Builds `architecture` (a MODELS name), passing only the hyper-parameters its
-  builder takes (`name` among them: the Keras model's name)."""
-  return get_builder(architecture)(schema, **hyperparameters_of(architecture, hparams))
+  """Builds `architecture` (a MODELS name) with `hparams` (`name` among them: the
+  Keras model's name); a hyper-parameter its builder does not take is an error
+  naming the architectures that do (use `hyperparameters_of` to pick a subset
+  of a shared dict)."""
+  accepted = builder_arguments(architecture)
+  unknown = sorted(set(hparams) - set(accepted))
+  if unknown:
+    takers = sorted(m for m in MODELS if set(unknown) & set(builder_arguments(m)))
+    raise ValueError(f"{architecture} does not take {unknown}"
+                     + (f"; {', '.join(takers)} do." if takers else "."))
+  return get_builder(architecture)(schema, **hparams)
 
 
-__all__ = ["MODELS", "build", "get_builder", "hyperparameters_of", "build_single_task", "build_shared_bottom",
+__all__ = ["MODELS", "combine_models", "combine_runs", "build", "get_builder", "hyperparameters_of", "build_single_task", "build_shared_bottom",
            "build_omoe", "build_mmoe", "build_cgc", "build_ple", "build_esmm",
            "build_cross_stitch", "build_l2_constrained", "task_towers", "training_schema", "TRAINING_SCHEMAS"]
