@@ -29,7 +29,7 @@ def with_fusion_weights(example: bytes, weights) -> bytes:
   """A serialized tf.Example plus per-request fusion weights (one per fusion term,
   in the export's order), which the `rank` signature uses instead of its
   configured ones."""
-  from mtl_zoo.export import FUSION_WEIGHTS_FEATURE
+  from mtl_zoo.serving import FUSION_WEIGHTS_FEATURE  # lazily: it imports Keras
   proto = tf.train.Example.FromString(example)
   proto.features.feature[FUSION_WEIGHTS_FEATURE].float_list.value[:] = [float(w) for w in weights]
   return proto.SerializeToString()

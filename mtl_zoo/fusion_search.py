@@ -17,7 +17,7 @@ a sum it multiplies it), so only the ratios matter.
 
 import csv
 import itertools
-import os
+import posixpath
 import sys
 from typing import Dict, List, Optional, Sequence
 
@@ -26,7 +26,8 @@ import tensorflow as tf
 
 from mtl_zoo import layers  # importing mtl_zoo pins Keras 2 first
 from mtl_zoo import metrics as metrics_lib
-from mtl_zoo import strategies
+from mtl_zoo import serving, strategies
+from pipelines import files
 from pipelines import reader
 from pipelines import schema as schema_lib
 
@@ -79,12 +80,28 @@ def load_eval(saved_model: str, eval_files: str, schema_path: Optional[str] = No
               limit: Optional[int] = None):
   """(outputs, columns, schema): the SavedModel's outputs on the eval shards."""
   schema = schema_lib.Schema.load(
-      schema_path or os.path.join(os.path.dirname(reader.list_files(eval_files)[0]),
-                                  schema_lib.SCHEMA_FILENAME))
+      schema_path or files.join(posixpath.dirname(reader.list_files(eval_files)[0]),
+                                schema_lib.SCHEMA_FILENAME))
   loaded = tf.saved_model.load(saved_model)
   columns = reader.read_columns(eval_files, schema, limit=limit)
-  outputs = metrics_lib.predict_columns(loaded.signatures["features"], schema, columns)
+  outputs = metrics_lib.predict_columns(loaded.signatures[serving.FEATURES_SIGNATURE], schema,
+                                        columns)
   return outputs, columns, schema
+
+
+def write_csv(path: str, rows: Sequence[dict], columns: Sequence[str]) -> None:
+  """Writes `rows` (e.g. `search`'s) as CSV with `columns`, atomically, on any
+  filesystem TensorFlow supports.
+
+  Args:
+    path: the CSV file to write.
+    rows: dicts whose keys are `columns`.
+    columns: the header, in order.
+  """
+  with files.atomic_open(path) as f:
+    writer = csv.DictWriter(f, fieldnames=list(columns))
+    writer.writeheader()
+    writer.writerows(rows)
 
 
 def _main(argv):
@@ -130,12 +147,7 @@ def _main(argv):
   print(f"\nPareto front over {', '.join(objectives)} ({len(front)} candidates):\n")
   print(format_rows(front, weight_columns + objectives))
   if FLAGS.output:
-    tmp = FLAGS.output + ".tmp"
-    with open(tmp, "w", newline="") as f:
-      writer = csv.DictWriter(f, fieldnames=weight_columns + report_columns)
-      writer.writeheader()
-      writer.writerows(rows)
-    os.replace(tmp, FLAGS.output)
+    write_csv(FLAGS.output, rows, weight_columns + report_columns)
     print(f"\nWrote {FLAGS.output}")
 
 

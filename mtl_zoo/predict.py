@@ -15,7 +15,9 @@ renamed when complete. Progress and the final examples/second go to stderr.
 """
 
 import csv
+import io
 import os
+import posixpath
 import sys
 import time
 from typing import Dict, Optional
@@ -25,7 +27,8 @@ from absl import app, flags
 
 import tensorflow as tf
 
-from mtl_zoo import export  # importing mtl_zoo pins Keras 2 first
+from mtl_zoo import serving  # importing mtl_zoo pins Keras 2 first
+from pipelines import files
 from pipelines import reader
 from pipelines import schema as schema_lib
 
@@ -67,7 +70,8 @@ def format_of(path: str, output_format: Optional[str] = None) -> str:
 
 class _CsvSink:
   def __init__(self, path: str, columns: Dict[str, type]):
-    self._file = open(path, "w", newline="")
+    # GFile writes "\r\n" as given, as open(newline="") would.
+    self._file = tf.io.gfile.GFile(path, "w")
     self._writer = csv.writer(self._file)
     self._writer.writerow(list(columns))
 
@@ -102,6 +106,32 @@ class _TFRecordSink:
     self._writer.close()
 
 
+class _GFileStream(io.RawIOBase):
+  """A binary GFile as the file object pyarrow writes to: pyarrow's own
+  filesystems do not know every TensorFlow filesystem (ram://, gs:// without
+  gcsfs), and a GFile lacks the `closed` attribute pyarrow checks."""
+
+  def __init__(self, path: str):
+    super().__init__()
+    self._file = tf.io.gfile.GFile(path, "wb")
+
+  def writable(self) -> bool:
+    return True
+
+  def write(self, data) -> int:
+    data = bytes(data)
+    self._file.write(data)
+    return len(data)
+
+  def tell(self) -> int:
+    return self._file.tell()
+
+  def close(self) -> None:
+    if not self.closed:
+      self._file.close()
+    super().close()
+
+
 class _ParquetSink:
   """One row group per batch."""
 
@@ -115,13 +145,15 @@ class _ParquetSink:
     self._pyarrow = pyarrow
     self._schema = pyarrow.schema([(name, pyarrow.from_numpy_dtype(dtype))
                                    for name, dtype in columns.items()])
-    self._writer = pyarrow.parquet.ParquetWriter(path, self._schema)
+    self._stream = _GFileStream(path)
+    self._writer = pyarrow.parquet.ParquetWriter(self._stream, self._schema)
 
   def write(self, batch: Dict[str, np.ndarray]) -> None:
     self._writer.write_table(self._pyarrow.table(batch, schema=self._schema))
 
   def close(self) -> None:
     self._writer.close()
+    self._stream.close()
 
 
 SINKS = {"csv": _CsvSink, "tfrecord": _TFRecordSink, "parquet": _ParquetSink}
@@ -136,57 +168,66 @@ def score(saved_model: str, pattern: str, output: str, layout: str = "training",
   """Scores every record into `output` (format: `output_format`, else its
   extension); returns {"examples": n, "seconds": s, "examples_per_second": r}."""
   sink_class = SINKS[format_of(output, output_format)]
+  directory = posixpath.dirname(output)
   try:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  except OSError as e:
+    if directory:
+      tf.io.gfile.makedirs(directory)
+  except (OSError, tf.errors.OpError) as e:
     raise OutputError(f"cannot create the directory of --output={output}: {e}") from None
-  schema = schema_lib.Schema.load(os.path.join(saved_model, export.SCHEMA_ASSET))
+  if tf.io.gfile.isdir(output):
+    raise OutputError(f"cannot write --output={output}: it is a directory; name a file.")
+  schema = schema_lib.Schema.load(files.join(saved_model, serving.SCHEMA_ASSET))
   loaded = tf.saved_model.load(saved_model)
-  files = reader.list_files(pattern)
-  ds = tf.data.TFRecordDataset(files, compression_type=reader.detect_compression(files) or "")
+  shards = reader.list_files(pattern)
+  ds = tf.data.TFRecordDataset(shards,
+                               compression_type=reader.detect_compression(shards) or "")
   ds = ds.batch(batch_size)
   if layout == "training":
     ds = ds.map(schema.parse_training_examples, num_parallel_calls=tf.data.AUTOTUNE)
-    signature = loaded.signatures[export.FEATURES_SIGNATURE]
+    signature = loaded.signatures[serving.FEATURES_SIGNATURE]
   else:
-    signature = loaded.signatures[export.SERVING_DEFAULT]
+    signature = loaded.signatures[serving.SERVING_DEFAULT]
   ds = ds.prefetch(tf.data.AUTOTUNE)
   with_request_id = layout == "training" and schema.request_id
   columns = {"index": np.int64, **({schema.request_id: np.int64} if with_request_id else {}),
              **{task: np.float32 for task in schema.task_names}}
-  tmp = output + ".tmp"
-  count, start, last_report = 0, time.perf_counter(), time.perf_counter()
-  try:
-    sink = sink_class(tmp, columns)
-  except (OSError, tf.errors.OpError) as e:  # pyarrow's and TensorFlow's file errors
-    raise OutputError(f"cannot write --output={output}: {e}") from None
-  try:
-    for batch in ds:
-      if layout == "training":
-        features, labels = batch
-        outputs = signature(**features)
-      else:
-        labels, outputs = {}, signature(examples=batch)
-      scores = {t: outputs[t].numpy().astype(np.float32) for t in schema.task_names}
-      n = len(scores[schema.task_names[0]])
-      rows = {"index": np.arange(count, count + n, dtype=np.int64)}
-      if with_request_id:
-        rows[schema.request_id] = labels[schema.request_id].numpy().astype(np.int64)
-      sink.write({**rows, **scores})
-      count += n
-      if time.perf_counter() - last_report > 5:
-        last_report = time.perf_counter()
-        print(f"  scored {count:,} records ({count / (last_report - start):,.0f}/s)",
-              file=log, flush=True)
-  except BaseException:
-    sink.close()
-    os.remove(tmp)
-    raise
-  sink.close()
-  os.replace(tmp, output)
+  start = time.perf_counter()
+  with files.atomic_path(output) as tmp:
+    try:
+      sink = sink_class(tmp, columns)
+    except (OSError, tf.errors.OpError) as e:  # pyarrow's and TensorFlow's file errors
+      raise OutputError(f"cannot write --output={output}: {e}") from None
+    try:
+      count = _score_batches(ds, signature, schema, layout, with_request_id, sink, log)
+    finally:
+      sink.close()
   seconds = time.perf_counter() - start
   return {"examples": count, "seconds": seconds,
           "examples_per_second": count / seconds if seconds else float("nan")}
+
+
+def _score_batches(ds: tf.data.Dataset, signature, schema: schema_lib.Schema, layout: str,
+                   with_request_id: bool, sink, log) -> int:
+  """Scores every batch of `ds` into `sink`; returns the number of records."""
+  count, start, last_report = 0, time.perf_counter(), time.perf_counter()
+  for batch in ds:
+    if layout == "training":
+      features, labels = batch
+      outputs = signature(**features)
+    else:
+      labels, outputs = {}, signature(examples=batch)
+    scores = {t: outputs[t].numpy().astype(np.float32) for t in schema.task_names}
+    n = len(scores[schema.task_names[0]])
+    rows = {"index": np.arange(count, count + n, dtype=np.int64)}
+    if with_request_id:
+      rows[schema.request_id] = labels[schema.request_id].numpy().astype(np.int64)
+    sink.write({**rows, **scores})
+    count += n
+    if time.perf_counter() - last_report > 5:
+      last_report = time.perf_counter()
+      print(f"  scored {count:,} records ({count / (last_report - start):,.0f}/s)",
+            file=log, flush=True)
+  return count
 
 
 def main(argv):

@@ -5,7 +5,7 @@ their ranking scores on the same eval data.
                     ranking score fuses the outputs (by default their product:
                     pCTR x pCVR = pCTCVR).
   fusion            one single-objective model per task, trained separately and
-                    fused at ranking time (`mtl_zoo.export.combine_models`).
+                    fused at ranking time (`mtl_zoo.models.combine_models`).
   sample_weighting  one binary "engagement" task: the target is "any event",
                     each example weighted by its deepest event.
   learning_to_rank  one ranking task: graded relevance from the deepest event,

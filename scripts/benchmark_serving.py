@@ -31,7 +31,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mtl_zoo  # noqa: E402  (pins Keras 2 first)
-from mtl_zoo import export  # noqa: E402
+from mtl_zoo import serving  # noqa: E402
 from mtl_zoo._keras import keras  # noqa: E402
 from pipelines import reader  # noqa: E402
 from pipelines.datasets import census  # noqa: E402
@@ -69,7 +69,7 @@ def main(argv):
   del argv
   schema = census.write_if_missing(FLAGS.census_dir, FLAGS.data_dir)
   model = mtl_zoo.build_mmoe(schema, num_experts=8, expert_units=[16], tower_units=[8])
-  path = export.export_saved_model(model, schema, tempfile.mkdtemp(prefix="mmoe-latency-"))
+  path = serving.export_saved_model(model, schema, tempfile.mkdtemp(prefix="mmoe-latency-"))
   serve = tf.saved_model.load(path).signatures["serving_default"]
   largest = max(int(b) for b in FLAGS.batch_sizes)
   examples = schema.serving_examples(reader.read_columns(

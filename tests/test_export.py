@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import mtl_zoo
 from conftest import REPO
-from mtl_zoo import export
+from mtl_zoo import models, serving
 from pipelines import reader
 from pipelines import schema as schema_lib
 from tensorflow.core.protobuf import saved_model_pb2
@@ -32,7 +32,7 @@ def exported(ads_dir, ads_schema, tmp_path_factory):
   model.fit(reader.make_dataset(os.path.join(ads_dir, "train-*"), ads_schema, 256),
             epochs=1, verbose=0)
   base = str(tmp_path_factory.mktemp("export") / "mmoe")
-  return model, base, export.export_saved_model(model, ads_schema, base)
+  return model, base, serving.export_saved_model(model, ads_schema, base)
 
 
 def _serving_records(ads_dir, schema, n=200):
@@ -78,7 +78,7 @@ def test_features_signature_matches_serving_default(exported, ads_dir, ads_schem
   by_feature = loaded.signatures["features"](**ads_schema.parse_serving_examples(serialized))
   for task in ("ctr", "cvr"):
     np.testing.assert_allclose(by_example[task], by_feature[task], atol=1e-6)
-  assert schema_lib.Schema.load(os.path.join(path, export.SCHEMA_ASSET)) == ads_schema
+  assert schema_lib.Schema.load(os.path.join(path, serving.SCHEMA_ASSET)) == ads_schema
 
 
 def test_saved_model_cli_lists_both_signatures_without_labels(exported, ads_schema):
@@ -101,7 +101,7 @@ def test_saved_model_cli_lists_both_signatures_without_labels(exported, ads_sche
 def test_versions_increase_and_failed_export_leaves_nothing(exported, ads_schema,
                                                             monkeypatch):
   model, base, first = exported
-  second = export.export_saved_model(model, ads_schema, base)
+  second = serving.export_saved_model(model, ads_schema, base)
   assert int(os.path.basename(second)) > int(os.path.basename(first))
 
   def crash(*args, **kwargs):
@@ -109,13 +109,13 @@ def test_versions_increase_and_failed_export_leaves_nothing(exported, ads_schema
 
   monkeypatch.setattr(tf.saved_model, "save", crash)
   with pytest.raises(RuntimeError, match="disk full"):
-    export.export_saved_model(model, ads_schema, base)
+    serving.export_saved_model(model, ads_schema, base)
   assert sorted(os.listdir(base)) == sorted([os.path.basename(first),
                                              os.path.basename(second)])
-  assert export.existing_versions(base) == [int(os.path.basename(first)),
+  assert serving.existing_versions(base) == [int(os.path.basename(first)),
                                             int(os.path.basename(second))]
   with pytest.raises(FileExistsError, match="never overwritten"):
-    export.export_saved_model(model, ads_schema, base, version=os.path.basename(first))
+    serving.export_saved_model(model, ads_schema, base, version=os.path.basename(first))
 
 
 @pytest.mark.parametrize("name", sorted(mtl_zoo.MODELS))
@@ -123,7 +123,7 @@ def test_every_architecture_round_trips_through_the_example_signature(
     name, ads_dir, ads_schema, tmp_path):
   schema = mtl_zoo.training_schema(name, ads_schema)
   model = mtl_zoo.build(name, schema)
-  path = export.export_saved_model(model, schema, str(tmp_path / name))
+  path = serving.export_saved_model(model, schema, str(tmp_path / name))
   serialized = tf.constant([schema.serving_example(r)
                             for r in _serving_records(ads_dir, schema, 64)])
   served = tf.saved_model.load(path).signatures["serving_default"](examples=serialized)
@@ -164,11 +164,11 @@ def test_warmup_requests_replay_against_the_saved_model(ads_dir, ads_schema, tmp
   model = mtl_zoo.build_mmoe(ads_schema)
   examples = ads_schema.serving_examples(
       reader.read_columns(os.path.join(ads_dir, "eval-*"), ads_schema, limit=16))
-  path = export.export_saved_model(model, ads_schema, str(tmp_path / "ads_mmoe"),
+  path = serving.export_saved_model(model, ads_schema, str(tmp_path / "ads_mmoe"),
                                    warmup_examples=examples)
   loaded = tf.saved_model.load(path)
   sizes = []
-  for record in tf.data.TFRecordDataset(os.path.join(path, export.WARMUP_ASSET)):
+  for record in tf.data.TFRecordDataset(os.path.join(path, serving.WARMUP_ASSET)):
     log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
     request = log.predict_log.request
     assert request.model_spec.name == "ads_mmoe"
@@ -182,9 +182,9 @@ def test_warmup_requests_replay_against_the_saved_model(ads_dir, ads_schema, tmp
 def test_keep_prunes_the_oldest_versions(ads_schema, tmp_path):
   model = mtl_zoo.build_shared_bottom(ads_schema)
   base = str(tmp_path / "m")
-  paths = [export.export_saved_model(model, ads_schema, base, version=v, keep=2)
+  paths = [serving.export_saved_model(model, ads_schema, base, version=v, keep=2)
            for v in (10, 11, 12)]
-  assert export.existing_versions(base) == [11, 12]
+  assert serving.existing_versions(base) == [11, 12]
   assert sorted(os.listdir(base)) == ["11", "12"]  # nothing half-deleted left behind
   assert all(os.path.exists(p) for p in paths[1:])
 
@@ -255,23 +255,23 @@ def test_predict_writes_tfrecord_and_parquet_like_csv(exported, ads_dir, tmp_pat
     assert records[column].numpy().tolist() == expected
   np.testing.assert_allclose(table.column("ctr").to_numpy(), records["ctr"].numpy())
   np.testing.assert_allclose(records["cvr"], [float(r["cvr"]) for r in rows], rtol=1e-5)
-  assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+  assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
   with pytest.raises(ValueError, match="name it .csv, .tfrecord or .parquet"):
     predict.score(path, pattern, str(tmp_path / "scores.txt"))
   assert not os.path.exists(tmp_path / "scores.txt")
   nested = tmp_path / "new" / "dir" / "scores.parquet"
   assert predict.score(path, pattern, str(nested))["examples"] == 1000  # directory made
   for fmt in outputs:  # a directory where the file must go
-    os.makedirs(tmp_path / f"blocked.{fmt}.tmp")
+    os.makedirs(tmp_path / f"blocked.{fmt}")
     with pytest.raises(predict.OutputError, match=f"cannot write --output=.*blocked.{fmt}"):
       predict.score(path, pattern, str(tmp_path / f"blocked.{fmt}"))
 
 
 def test_serving_config_lists_every_exported_model(ads_schema, tmp_path):
   for name in ("ctr_model", "cvr_model"):
-    export.export_saved_model(mtl_zoo.build_shared_bottom(ads_schema), ads_schema,
+    serving.export_saved_model(mtl_zoo.build_shared_bottom(ads_schema), ads_schema,
                               str(tmp_path / name))
-    config_path, batching_path = export.write_serving_configs(str(tmp_path / name))
+    config_path, batching_path = serving.write_serving_configs(str(tmp_path / name))
   from google.protobuf import text_format
   from tensorflow_serving.config import model_server_config_pb2
   config = open(config_path).read()
@@ -288,7 +288,7 @@ def test_rank_signature_fuses_scores_and_takes_per_request_weights(ads_dir, ads_
   from mtl_zoo import client, layers
   model = mtl_zoo.build_mmoe(ads_schema)
   fusion = layers.parse_fusion("product:ctr=1,cvr=0.5,price=1")
-  path = export.export_saved_model(model, ads_schema, str(tmp_path / "e"), fusion=fusion)
+  path = serving.export_saved_model(model, ads_schema, str(tmp_path / "e"), fusion=fusion)
   loaded = tf.saved_model.load(path)
   records = _serving_records(ads_dir, ads_schema, 20)  # record 0 has no price
   examples = client.serialize(ads_schema, records)
@@ -311,7 +311,7 @@ def test_rank_signature_fuses_scores_and_takes_per_request_weights(ads_dir, ads_
   assert np.all(np.isfinite(hostile_scores))
   np.testing.assert_allclose(hostile_scores[:2], ranked["score"][:2], rtol=1e-5)
   with pytest.raises(ValueError, match="neither tasks"):
-    export.export_saved_model(model, ads_schema, str(tmp_path / "bad"),
+    serving.export_saved_model(model, ads_schema, str(tmp_path / "bad"),
                               fusion=layers.parse_fusion("sum:ctr=1,dwell=2"))
 
 
@@ -320,8 +320,8 @@ def test_combined_export_serves_several_models_as_one(ads_dir, ads_schema, tmp_p
   mtl_zoo.keras.utils.set_random_seed(0)
   ctr_model = mtl_zoo.build_single_task(ads_schema.with_tasks(["ctr"]), name="ctr_model")
   cvr_model = mtl_zoo.build_shared_bottom(ads_schema.with_tasks(["cvr"]), name="cvr_model")
-  combined = export.combine_models([ctr_model, cvr_model], ads_schema)
-  path = export.export_saved_model(combined, ads_schema, str(tmp_path / "fused"),
+  combined = models.combine_models([ctr_model, cvr_model], ads_schema)
+  path = serving.export_saved_model(combined, ads_schema, str(tmp_path / "fused"),
                                    fusion=layers.parse_fusion("product:ctr=1,cvr=1"))
   serialized = tf.constant([ads_schema.serving_example(r)
                             for r in _serving_records(ads_dir, ads_schema, 30)])
@@ -332,7 +332,7 @@ def test_combined_export_serves_several_models_as_one(ads_dir, ads_schema, tmp_p
   np.testing.assert_allclose(ranked["cvr"], cvr, atol=1e-6)
   np.testing.assert_allclose(ranked["score"], ctr * cvr, rtol=1e-5)
   with pytest.raises(ValueError, match="distinct task names"):
-    export.combine_models([ctr_model, ctr_model], ads_schema)
+    models.combine_models([ctr_model, ctr_model], ads_schema)
 
 
 def test_export_cli_combines_separately_trained_runs(ads_dir, ads_schema, tmp_path):
@@ -363,3 +363,46 @@ def test_export_cli_combines_separately_trained_runs(ads_dir, ads_schema, tmp_pa
   ctr, cvr = runs[0](features)["ctr"][:, 0], runs[1](features)["cvr"][:, 0]
   np.testing.assert_allclose(ranked["ctr"], ctr, atol=1e-6)
   np.testing.assert_allclose(ranked["score"], ctr * cvr ** 2, rtol=1e-5)
+
+
+def test_batching_parameters_leave_threads_to_the_server_unless_given(ads_schema, tmp_path):
+  """The training machine's core count must not reach the server's config: by
+  default TF Serving picks one batch thread per core of the machine it runs on."""
+  base = str(tmp_path / "m")
+  serving.export_saved_model(mtl_zoo.build_shared_bottom(ads_schema), ads_schema, base)
+  _, batching_path = serving.write_serving_configs(base)
+  default = open(batching_path).read()
+  assert "num_batch_threads" not in default
+  assert "max_batch_size { value: 256 }" in default
+  _, batching_path = serving.write_serving_configs(base, num_batch_threads=3)
+  assert "num_batch_threads { value: 3 }\n" in open(batching_path).read()
+  with pytest.raises(ValueError, match="num_batch_threads must be >= 1"):
+    serving.write_serving_configs(base, num_batch_threads=0)
+  assert sorted(os.listdir(tmp_path)) == ["batching_parameters.txt", "m", "models.config"]
+
+
+def test_a_signature_is_one_function_and_one_table_row(ads_dir, ads_schema, tmp_path,
+                                                       monkeypatch):
+  """A row added to SIGNATURES is exported with its method name, as the built-in
+  ones are."""
+
+  def cvr_regress(module):
+    def serve(inputs):
+      return {"outputs": module.serve_examples(inputs)["cvr"]}
+    return tf.function(serve, input_signature=[serving.INPUTS_SPEC])
+
+  monkeypatch.setitem(serving.SIGNATURES, "cvr_regress",
+                      serving.Signature(cvr_regress, serving.REGRESS_METHOD))
+  path = serving.export_saved_model(mtl_zoo.build_mmoe(ads_schema), ads_schema,
+                                    str(tmp_path / "e"))
+  proto = saved_model_pb2.SavedModel()
+  proto.ParseFromString(open(os.path.join(path, "saved_model.pb"), "rb").read())
+  assert proto.meta_graphs[0].signature_def["cvr_regress"].method_name == \
+      "tensorflow/serving/regress"
+  loaded = tf.saved_model.load(path)
+  serialized = tf.constant(ads_schema.serving_examples(
+      reader.read_columns(os.path.join(ads_dir, "eval-*"), ads_schema, limit=10)))
+  np.testing.assert_allclose(loaded.signatures["cvr_regress"](inputs=serialized)["outputs"],
+                             loaded.signatures["serving_default"](examples=serialized)["cvr"],
+                             atol=1e-6)
+  assert "rank" not in loaded.signatures  # a builder that does not apply adds nothing

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import mtl_zoo
 from conftest import REPO, mixed_columns, mixed_schema
-from mtl_zoo import export, layers
+from mtl_zoo import layers, serving as serving_lib
 from pipelines import integrity, reader
 from pipelines import schema as schema_lib
 
@@ -586,7 +586,7 @@ def serving(tmp_path_factory):
   """A tiny MMoE over every feature kind, exported with a `rank` signature."""
   mtl_zoo.keras.utils.set_random_seed(0)
   model = mtl_zoo.build_mmoe(SCHEMA, num_experts=2, expert_units=[4], tower_units=[4])
-  path = export.export_saved_model(
+  path = serving_lib.export_saved_model(
       model, SCHEMA, str(tmp_path_factory.mktemp("export") / "tiny"),
       fusion=layers.parse_fusion("product:ctr=1,cvr=1,price=0.5"))
   return tf.saved_model.load(path)

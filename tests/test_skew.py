@@ -13,7 +13,7 @@ import tensorflow as tf
 
 import mtl_zoo
 from conftest import mixed_schema
-from mtl_zoo import client, export
+from mtl_zoo import client, serving
 from pipelines import reader
 from pipelines import writer as writer_lib
 
@@ -49,7 +49,7 @@ def test_training_pipeline_savedmodel_and_rest_agree(tmp_path):
   schema, records = _records()
   mtl_zoo.keras.utils.set_random_seed(0)
   model = mtl_zoo.build_mmoe(schema, num_experts=3, expert_units=[4], tower_units=[3])
-  path = export.export_saved_model(model, schema, str(tmp_path / "export"))
+  path = serving.export_saved_model(model, schema, str(tmp_path / "export"))
 
   # (a) training layout -> reader -> Keras model
   # Missing values stay None: the writer must default them as the serving parse does.
