@@ -155,3 +155,28 @@ def test_fusion_search_reads_and_writes_ram(exports, ads_dir, ram_data, ram_root
   assert tf.io.gfile.listdir(files.join(ram_root, "search")) == ["search.csv"]
   assert len(results["ram"]) == len(candidates) == 9
   assert results["ram"] == results["local"]
+
+
+def test_export_failing_half_way_through_publishing_leaves_no_version(ads_schema, ram_root,
+                                                                      monkeypatch):
+  """Off a local disk a version is published file by file; a failure in between
+  leaves neither a version without its model file nor the temporary copy."""
+  base = files.join(ram_root, "failing", "m")
+  model = mtl_zoo.build_shared_bottom(ads_schema)
+  kept = serving.export_saved_model(model, ads_schema, base)
+  rename, published = tf.io.gfile.rename, []
+
+  def fail_on_the_second_published_file(source, target, overwrite=False):
+    if target.split(base + "/", 1)[-1].split("/")[0].isdigit():  # into a version
+      published.append(target)
+      if len(published) == 2:
+        raise tf.errors.UnavailableError(None, None, "connection reset")
+    return rename(source, target, overwrite)
+
+  monkeypatch.setattr(tf.io.gfile, "rename", fail_on_the_second_published_file)
+  with pytest.raises(tf.errors.UnavailableError, match="connection reset"):
+    serving.export_saved_model(model, ads_schema, base)
+  monkeypatch.undo()
+  assert len(published) == 2
+  assert tf.io.gfile.listdir(base) == [kept.rsplit("/", 1)[1]]
+  assert serving.existing_versions(base) == [int(kept.rsplit("/", 1)[1])]

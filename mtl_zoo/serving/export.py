@@ -75,8 +75,12 @@ def _publish(tmp: str, final: str) -> None:
     moves += [(files.join(directory, n), files.join(target, n)) for n in names
               if tf.io.gfile.exists(files.join(directory, n))]
   model_file = files.join(final, SAVED_MODEL_FILE)
-  for source, target in sorted(moves, key=lambda move: move[1] == model_file):
-    tf.io.gfile.rename(source, target)
+  try:
+    for source, target in sorted(moves, key=lambda move: move[1] == model_file):
+      tf.io.gfile.rename(source, target)
+  except BaseException:
+    files.remove(final)  # a failed export leaves no version without its model file
+    raise
   files.remove(tmp)
 
 
