@@ -167,7 +167,8 @@ SIGNATURES: Dict[str, Signature] = {
 }
 
 
-def build_signatures(module: ServingModule) -> Dict[str, tf.types.experimental.ConcreteFunction]:
+def build_signatures(
+    module: ServingModule) -> Dict[str, tf.types.experimental.ConcreteFunction]:
   """The concrete function of every `SIGNATURES` row that applies to `module`.
 
   Args:
