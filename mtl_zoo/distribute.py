@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from mtl_zoo._keras import keras
+from pipelines import files
 
 DISTRIBUTIONS = ("none", "mirrored", "multi_worker", "parameter_server")
 
@@ -209,6 +210,60 @@ def backup_resume_point(backup_dir: str, steps_per_epoch: int,
   if not per_step or batch >= steps_per_epoch - 1:
     return epoch + 1, 0
   return epoch, batch + 1
+
+
+class BackupOwnerError(ValueError):
+  """A backup that another run's settings wrote; the message says how to go on."""
+
+
+def claim_backup(model_dir: Optional[str], chief: bool, identity: dict,
+                 steps_per_epoch: int, per_step: bool
+                 ) -> Tuple[Optional[str], Optional[Tuple[int, int]]]:
+  """Takes ownership of `<model_dir>/backup` for a run with settings `identity`.
+
+  Args:
+    model_dir: the run's directory; None (no explicit directory: a rerun could
+      not find it again) means no backup.
+    chief: whether this task writes (the chief records the owner).
+    identity: the settings the backup belongs to (JSON-serialisable).
+    steps_per_epoch: the run's steps per epoch.
+    per_step: whether backups are taken every N steps (else per epoch).
+
+  Returns:
+    (backup directory or None, the (epoch, step) to resume from or None).
+
+  Raises:
+    BackupOwnerError: the backup belongs to a run with other settings.
+  """
+  if model_dir is None:
+    return None, None
+  backup_dir = os.path.join(model_dir, "backup")
+  owner = os.path.join(backup_dir, "run.json")
+  if tf.io.gfile.exists(os.path.join(backup_dir, "chief")):
+    saved = files.read_json(owner) if tf.io.gfile.exists(owner) else {}
+    changed = sorted(k for k in identity if saved.get(k) != identity[k])
+    if changed:
+      raise BackupOwnerError(
+          f"{backup_dir} holds the backup of an unfinished run with other settings "
+          f"({', '.join(changed)}). Rerun with that run's flags to resume it, or pass "
+          f"another --model_dir (or delete {backup_dir}) to start over.")
+  resumed = backup_resume_point(backup_dir, steps_per_epoch, per_step)
+  if chief:
+    tf.io.gfile.makedirs(backup_dir)
+    files.write_json(owner, identity)
+  return backup_dir, resumed
+
+
+def remove_backup(backup_dir: str) -> None:
+  """Deletes a finished run's backup directory. Keras has already deleted the
+  checkpoint; other workers may still be removing their temporary copies, so a
+  directory that is not yet empty is left alone."""
+  try:
+    tf.io.gfile.remove(os.path.join(backup_dir, "run.json"))
+    if not tf.io.gfile.listdir(backup_dir):
+      tf.io.gfile.rmtree(backup_dir)
+  except tf.errors.OpError:
+    pass
 
 
 class Backup(keras.callbacks.BackupAndRestore):

@@ -5,13 +5,13 @@ same way to compare architectures or weighting methods on your own data.
 """
 
 import math
-import time
+import tempfile
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from mtl_zoo import metrics, models
-from mtl_zoo._keras import keras
+from mtl_zoo import config as config_lib
+from mtl_zoo import metrics, runner
 from pipelines import reader
 from pipelines import schema as schema_lib
 
@@ -24,37 +24,45 @@ _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 def run_trial(schema: schema_lib.Schema, train_pattern: str,
               eval_patterns: Dict[str, str], model_name: str, hparams: dict,
               epochs: int, batch_size: int, learning_rate: float, seed: int,
-              weighting: str = "fixed", curve_split: Optional[str] = None,
-              num_train_examples: Optional[int] = None) -> dict:
-  """Builds, trains and evaluates one model; returns its metrics per eval split.
+              weighting: str = "fixed", curve_split: Optional[str] = None) -> dict:
+  """Trains one model with the training runner and evaluates it on each split.
 
-  The schema is adapted to the architecture (`models.training_schema`). With
-  `curve_split`, that split is also evaluated after every epoch (needs
-  `num_train_examples` to report steps).
+  The run is the train CLI's (`runner.run`), quiet, with no export, in a
+  temporary directory that is removed afterwards.
+
+  Args:
+    schema: the data's schema (adapted to the architecture by the runner).
+    train_pattern: training shards.
+    eval_patterns: split name -> shards, each evaluated after training.
+    model_name: a MODELS name.
+    hparams: its builder's hyper-parameters (others are refused).
+    epochs, batch_size, learning_rate, seed: as the train flags.
+    weighting: a loss balancer name.
+    curve_split: also evaluate this split after every epoch; the result's
+      `curve` holds those metrics per epoch.
+
+  Returns:
+    {"model", "weighting", "seed", "train_seconds", "metrics": split -> task ->
+    metric -> value} and, with `curve_split`, "curve".
   """
-  keras.utils.set_random_seed(seed)
-  schema = models.training_schema(model_name, schema)
-  model = models.build(model_name, schema, **hparams)
-  trainable = models.compile_model(model, schema, learning_rate=learning_rate,
-                                   weighting=weighting)
-  train = reader.make_dataset(train_pattern, schema, batch_size, seed=seed)
-  heldout = {split: reader.make_dataset(p, schema, 8192, shuffle=False)
-             for split, p in eval_patterns.items()}
-  callbacks = []
+  with tempfile.TemporaryDirectory(prefix="mtl_zoo-trial-") as output_dir:
+    result = runner.run(config_lib.RunConfig(
+        model=model_name, train_files=train_pattern,
+        eval_files=eval_patterns[curve_split] if curve_split else None, schema=schema,
+        output_dir=output_dir, export_dir="", loss_weighting=weighting,
+        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+        hyperparameters=hparams, seed=seed, quiet=True))
+  predict = metrics.predict_function(result.model)
+  evaluated = {split: metrics.evaluate(result.model, result.schema,
+                                       reader.make_dataset(p, result.schema, 8192,
+                                                           shuffle=False),
+                                       predict)
+               for split, p in eval_patterns.items()}
+  trial = {"model": model_name, "weighting": weighting, "seed": seed,
+           "train_seconds": result.summary["train_seconds"], "metrics": evaluated}
   if curve_split:
-    steps = math.ceil((num_train_examples or 0) / batch_size)
-    callbacks.append(metrics.EpochEvaluation(model, schema, heldout[curve_split], steps))
-  start = time.perf_counter()
-  trainable.fit(train, epochs=epochs, verbose=0, callbacks=callbacks)
-  seconds = time.perf_counter() - start
-  predict = metrics.predict_function(model)
-  result = {"model": model_name, "weighting": weighting, "seed": seed,
-            "train_seconds": seconds,
-            "metrics": {split: metrics.evaluate(model, schema, ds, predict)
-                        for split, ds in heldout.items()}}
-  if curve_split:
-    result["curve"] = callbacks[0].curve
-  return result
+    trial["curve"] = result.curve
+  return trial
 
 
 def mean_interval(values: Sequence[float]) -> Dict[str, float]:

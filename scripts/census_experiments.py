@@ -19,7 +19,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mtl_zoo import experiments, models, weighting  # noqa: E402  (pins Keras 2 first)
+from mtl_zoo import balancers, experiments, models  # noqa: E402  (pins Keras 2 first)
 from pipelines.datasets import census  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,14 +69,15 @@ def main(argv):
     names = FLAGS.models or [m for m in models.MODELS if m not in models.TRAINING_SCHEMAS]
     cells = [(name, name, "fixed") for name in names]
   else:
-    cells = [(method, "mmoe", method) for method in weighting.METHODS]
+    cells = [(method, "mmoe", method) for method in balancers.BALANCERS]
   splits = {s: os.path.join(data_dir, f"{s}-*") for s in ("validation", "test")}
   runs, table = [], {}
   for label, model_name, method in cells:
     per_task = {t: [] for t in schema.task_names}
     for seed in (int(s) for s in FLAGS.seeds):
       result = experiments.run_trial(schema, os.path.join(data_dir, "train-*"), splits,
-                                     model_name, HPARAMS, FLAGS.epochs, FLAGS.batch_size,
+                                     model_name, models.hyperparameters_of(model_name, HPARAMS),
+                                     FLAGS.epochs, FLAGS.batch_size,
                                      FLAGS.learning_rate, seed, weighting=method)
       runs.append(result)
       for t in schema.task_names:

@@ -25,6 +25,7 @@ CTR-vs-CVR trade-off curves. Writes results/strategies_<data>.md/.json/.png.
 import json
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -32,8 +33,8 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mtl_zoo import experiments, metrics, models, strategies  # noqa: E402  (Keras 2 first)
-from mtl_zoo._keras import keras  # noqa: E402
+from mtl_zoo import config as config_lib  # noqa: E402  (Keras 2 first)
+from mtl_zoo import experiments, metrics, models, runner, strategies  # noqa: E402
 from pipelines import reader  # noqa: E402
 from pipelines import schema as schema_lib  # noqa: E402
 from pipelines.datasets import synthetic_ads  # noqa: E402
@@ -67,35 +68,21 @@ COLUMNS = [("ctr_auc", "CTR AUC"), ("cvr_auc", "CVR AUC (clicked)"),
            ("parameters", "parameters")]
 
 
-def training_schemas(strategy: str, architecture: str, options: dict,
-                     schema: schema_lib.Schema, event_weights: dict) -> list:
-  if strategy == "fusion":
-    return [models.training_schema(architecture, schema.with_tasks([t.name]))
-            for t in strategies.funnel(schema)]
-  if strategy == "sample_weighting":
-    schema = strategies.sample_weighting_schema(schema, event_weights)
-  elif strategy == "learning_to_rank":
-    schema = strategies.learning_to_rank_schema(schema, strategies.default_grades(schema),
-                                                list_size=10, **options)
-  return [models.training_schema(architecture, schema)]
-
-
 def run(strategy: str, architecture: str, options: dict, schema: schema_lib.Schema,
         data_dir: str, columns: dict, event_weights: dict, seed: int) -> dict:
-  keras.utils.set_random_seed(seed)
-  outputs, seconds, parameters = {}, 0.0, 0
-  for i, task_schema in enumerate(training_schemas(strategy, architecture, options, schema,
-                                                   event_weights)):
-    model = models.build(architecture, task_schema, **HPARAMS, name=f"{architecture}_{i}")
-    models.compile_model(model, task_schema, learning_rate=FLAGS.learning_rate)
-    train = reader.make_dataset(os.path.join(data_dir, "train-*"), task_schema,
-                                FLAGS.batch_size, seed=seed)
-    start = time.perf_counter()
-    model.fit(train, epochs=FLAGS.epochs, verbose=0)
-    seconds += time.perf_counter() - start
-    parameters += model.count_params()
-    predicted = metrics.predict_columns(model, task_schema, columns)
-    outputs.update({t: predicted[t] for t in task_schema.task_names})
+  """One strategy trained by the training runner (as the train CLI would), then
+  its ranking score rated against every objective."""
+  with tempfile.TemporaryDirectory(prefix="mtl_zoo-strategy-") as output_dir:
+    result = runner.run(config_lib.RunConfig(
+        strategy=strategy, model=architecture, train_files=os.path.join(data_dir, "train-*"),
+        schema=schema, output_dir=output_dir, export_dir="", epochs=FLAGS.epochs,
+        batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
+        hyperparameters=models.hyperparameters_of(architecture, HPARAMS), seed=seed,
+        event_weights=(",".join(f"{k}={v}" for k, v in event_weights.items())
+                       if strategy == "sample_weighting" else None),
+        list_size=10 if strategy == "learning_to_rank" else None, quiet=True, **options))
+  outputs = metrics.predict_columns(result.model, result.schema, columns)
+  seconds, parameters = result.summary["train_seconds"], result.model.count_params()
   fusion = (strategies.default_fusion(schema) if strategy in ("fusion", "multi_task")
             else None)
   score = strategies.ranking_score(outputs, columns, fusion)

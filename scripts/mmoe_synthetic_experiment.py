@@ -85,8 +85,7 @@ def main(argv):
         result = experiments.run_trial(
             schema, os.path.join(data_dir, "train-*"),
             {"test": os.path.join(data_dir, "test-*")}, model, HPARAMS, FLAGS.epochs,
-            FLAGS.batch_size, FLAGS.learning_rate, seed, curve_split="test",
-            num_train_examples=FLAGS.num_train)
+            FLAGS.batch_size, FLAGS.learning_rate, seed, curve_split="test")
         result["correlation"] = p
         runs.append(result)
         print(f"p={p} {model} seed {seed}: test loss "

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 import mtl_zoo
-from mtl_zoo import balancers, export
+from mtl_zoo import balancers, serving
 from mtl_zoo.balancers import dwa, pcgrad
 from mtl_zoo._keras import keras
 from pipelines import reader
@@ -121,7 +121,7 @@ def test_methods_train_with_masks_and_export_without_training_state(
   outputs = model(features)
   np.testing.assert_allclose(trainer.task_losses(labels, outputs, weights),
                              trainer.task_losses(flipped, outputs, weights), rtol=1e-6)
-  path = export.export_saved_model(model, ads_schema, str(tmp_path / "e"))
+  path = serving.export_saved_model(model, ads_schema, str(tmp_path / "e"))
   names = [n for n, _ in tf.train.list_variables(os.path.join(path, "variables", "variables"))]
   # Exactly the model's variables: no log-variances, task weights or loss history.
   assert len([n for n in names if n.endswith("VARIABLE_VALUE")]) == len(model.variables)

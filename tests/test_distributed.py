@@ -352,10 +352,10 @@ def test_weight_values_join_the_parts_of_sharded_variables():
 
 
 def test_model_save_is_atomic(tmp_path, monkeypatch):
-  from mtl_zoo import train
+  from mtl_zoo import runner
   model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
   path = str(tmp_path / "model.keras")
-  train.save_model_atomically(model, path)
+  runner.save_model(model, path)
   good = open(path, "rb").read()
 
   def crash(self, filepath, *args, **kwargs):
@@ -365,6 +365,6 @@ def test_model_save_is_atomic(tmp_path, monkeypatch):
 
   monkeypatch.setattr(keras.Model, "save", crash)
   with pytest.raises(KeyboardInterrupt):
-    train.save_model_atomically(model, path)
+    runner.save_model(model, path)
   assert open(path, "rb").read() == good
   assert os.listdir(tmp_path) == ["model.keras"]

@@ -66,7 +66,7 @@ def test_short_training_lowers_the_loss(name, ads_dir, ads_schema):
   keras.utils.set_random_seed(0)
   schema = models.training_schema(name, ads_schema)
   model = models.build(name, schema)
-  models.compile_model(model, schema, learning_rate=5e-3)
+  mtl_zoo.compile_model(model, schema, learning_rate=5e-3)
   train = reader.make_dataset(os.path.join(ads_dir, "train-*"), schema, 256, seed=0)
   before = model.evaluate(train, verbose=0, return_dict=True)["loss"]
   model.fit(train, epochs=3, verbose=0)
@@ -77,7 +77,7 @@ def test_short_training_lowers_the_loss(name, ads_dir, ads_schema):
 def test_masked_examples_do_not_touch_the_masked_task(ads_dir, ads_schema):
   keras.utils.set_random_seed(0)
   model = mtl_zoo.build_mmoe(ads_schema)
-  models.compile_model(model, ads_schema)
+  mtl_zoo.compile_model(model, ads_schema)
   ds = reader.make_dataset(os.path.join(ads_dir, "train-*"), ads_schema, 512, shuffle=False)
   features, labels, weights = next(iter(ds))
   masked = weights["cvr"].numpy() == 0
@@ -106,7 +106,7 @@ def test_loss_weights_come_from_the_schema(ads_schema):
                   [ads_schema.task("ctr"), dataclasses.replace(ads_schema.task("cvr"),
                                                                loss_weight=3.0)])
   model = mtl_zoo.build_mmoe(schema)
-  models.compile_model(model, schema)
+  mtl_zoo.compile_model(model, schema)
   assert model.compiled_loss._loss_weights == {"ctr": 1.0, "cvr": 3.0}
 
 
@@ -228,7 +228,7 @@ def test_l2_constrained_penalty_pulls_task_networks_together(ads_dir, ads_schema
   for weight in (0.0, 1.0):
     keras.utils.set_random_seed(0)
     model = mtl_zoo.build_l2_constrained(ads_schema, l2_distance_weight=weight)
-    models.compile_model(model, ads_schema, learning_rate=5e-3)
+    mtl_zoo.compile_model(model, ads_schema, learning_rate=5e-3)
     assert len(model.losses) == (1 if weight else 0)
     model.fit(train, epochs=2, verbose=0)
     distances[weight] = float(model.get_layer("task_networks").parameter_distance())

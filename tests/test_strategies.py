@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import mtl_zoo
 from mtl_zoo import fusion_search
 from mtl_zoo import metrics
 from mtl_zoo import models
@@ -76,7 +77,7 @@ def test_examples_past_list_size_are_counted(ads_dir, ads_schema):
 
 def test_a_ranking_model_trains_with_the_list_loss(ads_dir, ltr_schema):
   model = models.build("single_task", ltr_schema, bottom_units=[16], tower_units=[])
-  models.compile_model(model, ltr_schema, learning_rate=5e-3)
+  mtl_zoo.compile_model(model, ltr_schema, learning_rate=5e-3)
   assert model.loss["relevance"].list_size == 12
   ds = reader.make_dataset(f"{ads_dir}/train-*", ltr_schema, batch_size=120, seed=0)
   history = model.fit(ds, epochs=4, verbose=0).history["loss"]

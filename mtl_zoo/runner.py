@@ -1,0 +1,675 @@
+"""Training as a library: one run from a `RunConfig`, reading no flags.
+
+  from mtl_zoo import config, runner
+  result = runner.run(config.RunConfig(train_files="data/train-*",
+                                       eval_files="data/eval-*", model="mmoe"))
+  result.model, result.summary["eval"]
+
+`run` resolves the data (the built-in source when no files are given), trains
+one model per the strategy (under --distribution, resuming from a backup when
+`model_dir` is explicit), evaluates, reports, saves and exports. The train CLI
+(`python -m mtl_zoo.train`), the experiment runs (`mtl_zoo.experiments`) and
+the scripts all go through it.
+"""
+
+import contextlib
+import dataclasses
+import math
+import os
+import re
+import sys
+import time
+from typing import Dict, List, Optional, Tuple
+
+import tensorflow as tf
+
+from mtl_zoo import balancers
+from mtl_zoo import distribute
+from mtl_zoo import layers
+from mtl_zoo import metrics as metrics_lib
+from mtl_zoo import models
+from mtl_zoo import serving
+from mtl_zoo import strategies
+from mtl_zoo._keras import keras
+from mtl_zoo.compile import compile_model
+from mtl_zoo.config import ConfigError, RunConfig
+from pipelines import files
+from pipelines import reader
+from pipelines import schema as schema_lib
+from pipelines import targets
+from pipelines import validation
+from pipelines.sources import SOURCES
+
+
+class DataError(Exception):
+  """The data cannot be used as given; the message says what to change."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What a run leaves: the trained model (outside any distribution strategy),
+  the schema it serves, and the summary written to metrics.json."""
+
+  model: Optional[keras.Model]
+  schema: Optional[schema_lib.Schema]
+  summary: dict
+  curve: List[dict] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Fitted:
+  name: str
+  model: keras.Model
+  schema: schema_lib.Schema
+  report: dict
+  curve: List[dict]
+
+
+def run(config: RunConfig) -> RunResult:
+  """Runs the whole job `config` describes.
+
+  Args:
+    config: the run's settings; validated first.
+
+  Returns:
+    The trained model, its schema and the run's summary (also written to
+    `<model_dir>/metrics.json`). On a non-chief worker of a cluster, whose
+    chief writes the outputs, only a summary saying so.
+
+  Raises:
+    ConfigError: settings that do not apply or cannot be combined.
+    DataError: data that cannot be used as given.
+  """
+  cluster = serve_if_server_task(config)
+  config.validate()
+  fusion = _parse_fusion(config)
+  strategy = setup_distribution(config, cluster)
+  chief = distribute.is_chief(cluster)
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  model_dir = config.model_dir or files.join(config.output_dir, "runs",
+                                             f"{config.run_label}-{stamp}")
+  export_dir = (config.export_dir if config.export_dir is not None
+                else files.join(config.output_dir, "export", config.run_label))
+  writable_dir(model_dir, "model_dir")
+  if export_dir and chief:
+    writable_dir(export_dir, "export_dir")
+  train_pattern, eval_pattern, data_schema = resolve_data(config)
+  try:
+    runs = training_runs(config, data_schema, train_pattern)
+  except schema_lib.SchemaError as e:
+    raise DataError(str(e)) from None
+  tasks = [task for _, schema in runs for task in schema.task_names]
+  if config.serving_task and config.serving_task not in tasks:
+    raise ConfigError(f"--serving_task={config.serving_task} is not a task of the model; "
+                      f"its tasks are {tasks}.")
+  if config.strategy == "fusion":
+    fusion = fusion or strategies.default_fusion(data_schema)
+  tf.io.gfile.makedirs(model_dir)
+  keras.utils.set_random_seed(config.seed)
+
+  workers = distribute.num_workers(config.distribution, cluster)
+  fitted = [fit_model(config, name, schema, train_pattern, eval_pattern,
+                      files.join(model_dir, name) if len(runs) > 1 else model_dir,
+                      strategy, cluster, workers)
+            for name, schema in runs]
+  if not chief:
+    # The chief holds the same weights and writes every output.
+    _say(config, "Task %s %d finished; the chief writes the outputs." % distribute.role(cluster))
+    return RunResult(None, None, {"model": config.architecture, "chief": False})
+  if len(fitted) > 1:
+    schema = data_schema.with_tasks([t for run in fitted for t in run.schema.task_names])
+    model = models.combine_models([run.model for run in fitted], schema,
+                                  name=config.run_label)
+  else:
+    model, schema = fitted[0].model, fitted[0].schema
+
+  summary = _summary(config, fitted, schema, fusion, train_pattern, eval_pattern, workers)
+  save_model(model, files.join(model_dir, "model.keras"))
+  schema.save(files.join(model_dir, schema_lib.SCHEMA_FILENAME))
+  if eval_pattern:
+    _print_eval(config, eval_pattern, summary)
+    summary["ranking"] = ranking_report(config, model, schema, data_schema, eval_pattern,
+                                        fusion)
+  if export_dir:
+    warmup = (schema.serving_examples(reader.read_columns(
+        eval_pattern, schema, limit=32, bad_records=config.bad_records))
+              if eval_pattern else None)
+    summary["export"] = serving.export_saved_model(
+        model, schema, export_dir, serving_task=config.serving_task,
+        warmup_examples=warmup, keep=config.keep, fusion=fusion)
+    summary["serving_configs"] = serving.write_serving_configs(
+        export_dir, num_batch_threads=config.serving_threads)
+  files.write_json(files.join(model_dir, "metrics.json"), summary)
+  _say(config, f"\nModel dir:   {_shown(model_dir)} (checkpoints/, logs/, metrics.json, "
+       "model.keras)")
+  if export_dir:
+    _say(config, f"SavedModel:  {_shown(summary['export'])} (serving configs: "
+         f"{', '.join(summary['serving_configs'])})")
+  _say(config, f"TensorBoard: tensorboard --logdir {_shown(files.join(model_dir, 'logs'))}")
+  return RunResult(model, schema, summary, fitted[0].curve if len(fitted) == 1 else [])
+
+
+def _parse_fusion(config: RunConfig) -> Optional[dict]:
+  try:
+    fusion = layers.parse_fusion(config.fusion) if config.fusion else None
+  except ValueError as e:
+    raise ConfigError(f"--fusion: {e}") from None
+  if fusion and config.strategy not in ("multi_task", "fusion"):
+    raise ConfigError(f"--fusion fuses several task outputs; --strategy="
+                      f"{config.strategy} trains a model with one output.")
+  return fusion
+
+
+def _say(config: RunConfig, text: str) -> None:
+  if not config.quiet:
+    print(text, flush=True)
+
+
+def _shown(path: str) -> str:
+  """A path as printed: absolute when local."""
+  return os.path.abspath(path) if files.is_local(path) else path
+
+
+def writable_dir(path: str, setting: str) -> None:
+  """Fails now, rather than after training, if `path` cannot be created or
+  written (its nearest existing ancestor decides); creates nothing.
+
+  Args:
+    path: a directory to be written.
+    setting: the setting that named it, for the message.
+
+  Raises:
+    ConfigError: naming the setting and what is wrong.
+  """
+  existing = path
+  while not tf.io.gfile.exists(existing):
+    parent = os.path.dirname(existing.rstrip("/")) or "."
+    if parent == existing:
+      break
+    existing = parent
+  problem = None
+  if not tf.io.gfile.isdir(existing):
+    problem = f"{existing} is not a directory"
+  elif files.is_local(existing) and not os.access(existing, os.W_OK | os.X_OK):
+    problem = f"{existing} is not writable"
+  if problem:
+    raise ConfigError(f"--{setting}={path} cannot be written ({problem}); choose another "
+                      f"--{setting}.")
+
+
+def resolve_data(config: RunConfig) -> Tuple[str, Optional[str], schema_lib.Schema]:
+  """The training pattern, the eval pattern (or None) and the data's schema.
+
+  Without `train_files`, the built-in data of `config.source` is written under
+  `<output_dir>/data` on first use and read from there afterwards.
+  """
+  if config.train_files:
+    train, evaluation = config.train_files, config.eval_files
+  else:
+    train, evaluation = _builtin_data(config)
+  try:
+    train_files = reader.list_files(train)
+    if evaluation:
+      reader.list_files(evaluation)
+  except FileNotFoundError as e:
+    raise DataError(str(e)) from None
+  try:
+    if isinstance(config.schema, schema_lib.Schema):
+      schema = config.schema
+    else:
+      schema = schema_lib.Schema.load(config.schema or files.join(
+          os.path.dirname(train_files[0]), schema_lib.SCHEMA_FILENAME))
+    if config.tasks:
+      schema = schema.with_tasks(config.tasks)
+    schema.require_statistics()
+  except (FileNotFoundError, schema_lib.SchemaError) as e:
+    raise DataError(str(e)) from None
+  return train, evaluation, schema
+
+
+def _builtin_data(config: RunConfig) -> Tuple[str, str]:
+  """(train, eval) patterns of the source's data, written if missing."""
+  try:
+    source = SOURCES[config.source]
+  except KeyError:
+    raise ConfigError(f"--source={config.source} is not a data source; choose one of "
+                      f"{sorted(SOURCES)}.") from None
+  options = ",".join(f"{k}={v}" for k, v in sorted(config.source_options.items()))
+  data_dir = files.join(config.output_dir, "data",
+                        f"{config.source}-{options or 'default'}-seed{config.seed}")
+  if not tf.io.gfile.exists(files.join(data_dir, schema_lib.SCHEMA_FILENAME)):
+    _say(config, f"Writing the {config.source} data to {data_dir} ...")
+    try:
+      source.write(data_dir, num_shards=4, compression=None, overwrite=False,
+                   seed=config.seed, **config.source_options)
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"--source={config.source}: {e}") from None
+  else:
+    _say(config, f"Using the {config.source} data in {data_dir}")
+  return files.join(data_dir, "train-*"), files.join(data_dir, "eval-*")
+
+
+def training_runs(config: RunConfig, schema: schema_lib.Schema,
+                  train_pattern: str) -> List[Tuple[str, schema_lib.Schema]]:
+  """(run name, training schema) per model the strategy trains."""
+  architecture = config.architecture
+  if config.strategy == "fusion":
+    return [(task, models.training_schema(architecture, schema.with_tasks([task])))
+            for task in schema.task_names]
+  if config.strategy == "sample_weighting":
+    schema = strategies.sample_weighting_schema(
+        schema, event_weights(config, schema, train_pattern))
+  elif config.strategy == "learning_to_rank":
+    grades = (strategies.parse_event_values(config.grades, "--grades") if config.grades
+              else strategies.default_grades(schema))
+    schema = strategies.learning_to_rank_schema(schema, grades, config.option("list_size"),
+                                                config.option("ranking_loss"))
+  return [(architecture, models.training_schema(architecture, schema))]
+
+
+def event_weights(config: RunConfig, schema: schema_lib.Schema,
+                  train_pattern: str) -> Dict[str, float]:
+  """--event_weights: explicit, or 'auto:<events>' (default: auto over the
+  funnel's labels) from the training data's event counts."""
+  spec = config.event_weights
+  if spec and not spec.startswith("auto:"):
+    return strategies.parse_event_values(spec, "--event_weights")
+  events = ([e.strip() for e in spec[len("auto:"):].split(",") if e.strip()] if spec
+            else [t.label for t in strategies.funnel(schema)])
+  missing = [e for e in events if e not in schema.labels]
+  if missing or not events:
+    raise schema_lib.SchemaError(f"--event_weights: {missing or events} are not label "
+                                 f"columns {schema.labels}.")
+  try:
+    return targets.event_weights_from_counts(
+        targets.count_events(train_pattern, schema, events, bad_records=config.bad_records))
+  except ValueError as e:  # BadRecordError too
+    raise schema_lib.SchemaError(f"--event_weights: {e}") from None
+  except (tf.errors.OpError, UnicodeDecodeError) as e:
+    raise DataError(explain_data_error(e, train_pattern, schema)) from None
+
+
+def save_model(model: keras.Model, path: str) -> None:
+  """Saves `model` (Keras format) to `path` through a temporary name: a crash
+  leaves the previous file, never a truncated one."""
+  with files.atomic_path(path) as tmp:
+    # Keras picks the format from the extension, which the temporary name keeps.
+    model.save(tmp)
+
+
+def count_examples(config: RunConfig, pattern: str, schema: schema_lib.Schema,
+                   duplicate_task: Optional[str], skipped: validation.SkippedRecords,
+                   list_overflow: Optional[validation.ListOverflow] = None) -> int:
+  """Training examples in one pass: records, copies with --duplicate, or list
+  slots (padding included) for ranking tasks, whose examples past list_size
+  `list_overflow` counts; with --bad_records=skip, of the good records only, and
+  `skipped` counts the others. Plain records are counted from the converter's
+  manifest where it vouches for the files."""
+  skip = config.bad_records == validation.SKIP
+  if not duplicate_task and not schema.list_size and not skip:
+    return reader.count_records(pattern)
+  ds = reader.make_dataset(pattern, schema, 8192, shuffle=False, cache=False,
+                           check_values=skip, duplicate_task=duplicate_task,
+                           bad_records=config.bad_records, skipped=skipped,
+                           list_overflow=list_overflow)
+  return sum(int(tf.shape(next(iter(labels.values())))[0]) for _, labels, _ in ds)
+
+
+def examples_per_step(config: RunConfig, schema: schema_lib.Schema) -> int:
+  """--batch_size, or for ranking tasks the whole lists that fit in it."""
+  if not schema.list_size:
+    return config.batch_size
+  return max(1, config.batch_size // schema.list_size) * schema.list_size
+
+
+def run_identity(config: RunConfig, train_pattern: str, schema: schema_lib.Schema,
+                 steps_per_epoch: int) -> dict:
+  """The settings a backup belongs to: resuming with others would mix two runs."""
+  return {"model": config.architecture,
+          "hyperparameters": _hyperparameters(config),
+          "train_files": train_pattern, "tasks": schema.task_names,
+          "strategy": config.strategy, "event_weights": config.event_weights,
+          "duplicate": config.option("duplicate"), "grades": config.grades,
+          "ranking_loss": config.option("ranking_loss"),
+          "list_size": config.option("list_size"),
+          "loss_weighting": config.loss_weighting,
+          "balancer_options": config.balancer_options, "batch_size": config.batch_size,
+          "steps_per_epoch": steps_per_epoch, "learning_rate": config.learning_rate,
+          "seed": config.seed, "shuffle_block": config.shuffle_block,
+          "distribution": config.distribution}
+
+
+def _hyperparameters(config: RunConfig) -> dict:
+  """The architecture's hyper-parameters as built: its builder's defaults
+  overridden by the configured ones."""
+  return models.hyperparameters_of(config.architecture, config.hyperparameters,
+                                   with_defaults=True)
+
+
+def serve_if_server_task(config: RunConfig) -> dict:
+  """TF_CONFIG; on a parameter-server cluster's workers and ps tasks, which take
+  no other settings, serves the chief and never returns."""
+  try:
+    cluster = distribute.tf_config()
+  except distribute.ClusterError as e:
+    raise ConfigError(f"--distribution={config.distribution}: {e}") from None
+  if config.distribution == "parameter_server" and \
+      distribute.role(cluster)[0] in ("worker", "ps"):
+    distribute.serve(cluster)
+    sys.exit(0)
+  return cluster
+
+
+def setup_distribution(config: RunConfig, cluster: dict):
+  """The tf.distribute strategy of `config.distribution` (None for "none");
+  made before TensorFlow runs any op, as the multi-worker strategy must be (its
+  creation waits for every worker, so the settings are checked before)."""
+  try:
+    workers = distribute.num_workers(config.distribution, cluster)
+    if workers > 1:
+      try:
+        num_files = len(reader.list_files(config.train_files))
+      except FileNotFoundError as e:
+        raise DataError(str(e)) from None
+      if num_files < workers:
+        raise DataError(f"--train_files matches {num_files} file(s) but {workers} workers "
+                        "read whole files; write at least as many shards (pipelines.convert "
+                        "--num_shards).")
+    if config.distribution == "multi_worker" and workers > 1:
+      _say(config, f"Waiting for all {workers} workers of TF_CONFIG to start ...")
+    strategy = distribute.make_strategy(config.distribution, config.ps_shards,
+                                        config.ps_min_shard_bytes)
+  except distribute.ClusterError as e:
+    raise ConfigError(f"--distribution={config.distribution}: {e}") from None
+  if strategy is not None and config.batch_size % strategy.num_replicas_in_sync:
+    raise ConfigError(f"--batch_size={config.batch_size} is the global batch and must "
+                      f"divide evenly over the {strategy.num_replicas_in_sync} replicas.")
+  return strategy
+
+
+def explain_data_error(e: Exception, data_files: str, schema: schema_lib.Schema) -> str:
+  """A reading error (an OpError, or TensorFlow failing to decode one) as the fix
+  it needs; `data_files` are the setting's globs."""
+  text = " ".join(l.strip() for l in getattr(e, "message", "").splitlines() if l.strip())
+  bad_record = re.search(r"assertion failed: \[(bad record in .*?)\](?: \[\[| \[Op:|$)", text)
+  if bad_record:  # pipelines.validation names file, record, problem and fix
+    return bad_record.group(1)
+  if isinstance(e, (tf.errors.InvalidArgumentError, UnicodeDecodeError)):
+    try:
+      found = reader.first_unparsable(data_files, schema)
+    except validation.BadRecordError as damaged:  # a shard changed after it was checked
+      return str(damaged)
+    if found:
+      path, index, why = found
+      return (f"records do not match the schema's training layout: {path}, record {index}: "
+              f"{why}. Were the files written with this schema by `python -m "
+              "pipelines.convert`? Pass the matching --schema, or skip such records with "
+              "--bad_records=skip.")
+  if isinstance(e, tf.errors.DataLossError):  # e.g. a shard changed after it was checked
+    return (f"a record in {data_files} is corrupt or not a TFRecord ({text[-300:]}). Rewrite "
+            "the shards with `python -m pipelines.convert`; GZIP files must end in .gz.")
+  return f"reading {data_files} failed: {text[-500:] or e}"
+
+
+def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pattern: str,
+              eval_pattern: Optional[str], model_dir: str, strategy, cluster: dict,
+              workers: int) -> _Fitted:
+  """Builds, compiles and fits one model (under `strategy`, resuming from its
+  backup in `model_dir` if there is one).
+
+  Returns:
+    The model, outside any strategy, its schema, the report of its training
+    (history, eval metrics, skipped records) and its eval curve.
+  """
+  chief = distribute.is_chief(cluster)
+  duplicate_task = strategies.ENGAGEMENT_TASK if config.option("duplicate") else None
+  train_files = reader.list_files(train_pattern)
+  skipped = {"train": validation.SkippedRecords()}
+  list_overflow = validation.ListOverflow() if schema.list_size else None
+  # The counting pass also finds damaged shards, empty data and, with
+  # --bad_records=skip, what is left out (counted even with --steps_per_epoch).
+  counted = not config.steps_per_epoch or config.bad_records == validation.SKIP
+  if counted:
+    try:
+      examples = count_examples(config, train_pattern, schema, duplicate_task,
+                                skipped["train"], list_overflow)
+    except validation.BadRecordError as e:
+      raise DataError(f"--train_files: {e}") from None
+    except (tf.errors.OpError, UnicodeDecodeError) as e:
+      raise DataError(explain_data_error(e, train_pattern, schema)) from None
+    if not examples:
+      left_out = skipped["train"].counts()["total"]
+      raise DataError(f"--train_files={train_pattern} holds no training examples"
+                      + (f" ({left_out} bad records were skipped)" if left_out else
+                         ": the files hold no records") + ".")
+    if list_overflow and list_overflow.count:
+      _say(config, f"Warning: {list_overflow.count} training examples are past --list_size="
+           f"{schema.list_size} in their request and are left out of training; raise "
+           "--list_size to keep them.")
+  steps_per_epoch = config.steps_per_epoch or max(1, math.ceil(
+      examples / examples_per_step(config, schema)))
+
+  # Crash safety: only an explicit --model_dir can be found again by a rerun.
+  try:
+    backup_dir, resumed = distribute.claim_backup(
+        model_dir if config.model_dir else None, chief,
+        run_identity(config, train_pattern, schema, steps_per_epoch), steps_per_epoch,
+        per_step=config.backup_every_steps > 0 and not _is_ps(strategy))
+  except distribute.BackupOwnerError as e:
+    raise ConfigError(str(e)) from None
+  # Steps already trained: the resumed run skips the batches they read and reads
+  # deterministically, so it sees the batches the interrupted run would have
+  # (parameter-server workers read at their own pace: no such order to keep).
+  done_steps = (resumed[0] * steps_per_epoch + resumed[1]
+                if resumed and not _is_ps(strategy) else 0)
+  if resumed:
+    _say(config, f"Resuming from the backup in {backup_dir}: epoch {resumed[0] + 1}, step "
+         f"{resumed[1]} of {steps_per_epoch}.")
+
+  def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+    readers, index = distribute.input_shard(strategy, context, workers)
+    if readers > 1 and isinstance(index, int):
+      _say(config, f"Input: reader {index} of {readers} reads "
+           f"{len(train_files[index::readers])} of the {len(train_files)} training files.")
+    elif readers > 1:  # a parameter-server worker's index is known only on the worker
+      _say(config, f"Input: the {readers} workers read disjoint shares of the "
+           f"{len(train_files)} training files (file i goes to worker i mod {readers}).")
+    # Each worker repeats its own files: every epoch is exactly steps_per_epoch
+    # steps on every worker, so none waits for another that ran out of data.
+    ds = reader.make_dataset(train_pattern, schema,
+                             context.get_per_replica_batch_size(config.batch_size),
+                             seed=config.seed, cache=config.cache,
+                             shuffle_block=config.shuffle_block,
+                             duplicate_task=duplicate_task,
+                             shard=(readers, index) if readers > 1 else None,
+                             deterministic=backup_dir is not None,
+                             bad_records=config.bad_records).repeat()
+    replicas_per_reader = context.num_replicas_in_sync // context.num_input_pipelines
+    return ds.skip(done_steps * replicas_per_reader) if done_steps else ds
+
+  try:
+    train_input = distribute.training_input(strategy, dataset_fn)
+  except validation.BadRecordError as e:
+    raise DataError(f"--train_files: {e}") from None
+  eval_ds = None
+  if eval_pattern and chief:
+    skipped["eval"] = validation.SkippedRecords()
+    try:
+      eval_ds = reader.make_dataset(eval_pattern, schema, 8192, shuffle=False, cache=True,
+                                    group_lists=False, bad_records=config.bad_records,
+                                    skipped=skipped["eval"])
+    except validation.BadRecordError as e:
+      raise DataError(f"--eval_files: {e}") from None
+  # Fused per-task models need distinct names to be combined into one model.
+  architecture = config.architecture
+  hparams = {**_hyperparameters(config),
+             "name": architecture if name == architecture else f"{name}_{architecture}"}
+  with strategy.scope() if strategy else contextlib.nullcontext():
+    model = models.build(architecture, schema, **hparams)
+    trainable = compile_model(model, schema, learning_rate=config.learning_rate,
+                              weighting=config.loss_weighting,
+                              weighting_options=config.balancer_options)
+  replicas = strategy.num_replicas_in_sync if strategy else 1
+  where = (f" on {workers} workers" if workers > 1 else "") + (
+      f" ({replicas} replica{'s' if replicas > 1 else ''})" if strategy else "")
+  _say(config, f"Training {architecture} ({model.count_params():,} parameters) on tasks "
+       f"{schema.task_names} from {train_pattern}{where}, {steps_per_epoch} steps of "
+       f"{config.batch_size} per epoch")
+  if _is_ps(strategy):
+    split = distribute.sharded_variables(model)
+    _say(config, "Variables split over the parameter servers: " + (
+        ", ".join(f"{name} ({parts} parts)" for name, parts in split.items())
+        or "none (each is smaller than --ps_min_shard_bytes)"))
+
+  callbacks = [
+      keras.callbacks.ModelCheckpoint(files.join(model_dir, "checkpoints", "epoch-{epoch:03d}"),
+                                      save_weights_only=True),
+      keras.callbacks.TensorBoard(files.join(model_dir, "logs"), profile_batch=0),
+  ]
+  if backup_dir:
+    callbacks.append(distribute.Backup(
+        backup_dir, save_freq=(config.backup_every_steps
+                               if config.backup_every_steps > 0 and not _is_ps(strategy)
+                               else "epoch")))
+  evaluator = (metrics_lib.EpochEvaluation(
+      model, schema, eval_ds, steps_per_epoch,
+      log_dir=files.join(model_dir, "logs", "eval_gates"), report=not config.quiet)
+               if eval_ds is not None else None)
+  if evaluator:
+    callbacks.insert(0, evaluator)  # first, so later callbacks log its metrics
+  start = time.perf_counter()
+  try:
+    history = trainable.fit(train_input, epochs=config.epochs,
+                            steps_per_epoch=steps_per_epoch, callbacks=callbacks,
+                            verbose=0 if config.quiet else 1 if sys.stdout.isatty() else 2)
+  except (tf.errors.OpError, UnicodeDecodeError) as e:
+    raise DataError(explain_data_error(
+        e, ",".join(p for p in (train_pattern, eval_pattern) if p), schema)) from None
+  seconds = time.perf_counter() - start
+  if backup_dir and chief:  # the run is complete: a rerun starts afresh
+    distribute.remove_backup(backup_dir)
+  if strategy is not None:
+    # Saved and exported: the same architecture outside the strategy, so loading
+    # it needs no cluster and sharded tables are whole again.
+    trained, model = model, models.build(architecture, schema, **hparams)
+    model.set_weights(distribute.weight_values(trained))
+  report = {
+      "train_seconds": seconds, "steps_per_epoch": steps_per_epoch,
+      "resumed_from": ({"epoch": resumed[0] + 1, "step": resumed[1]} if resumed else None),
+      "train_loss": {k: float(v[-1]) for k, v in history.history.items()
+                     if k.endswith("loss")},
+      "task_weights": {k[len("weight_"):]: float(v[-1])
+                       for k, v in history.history.items() if k.startswith("weight_")},
+      "eval": evaluator.latest if evaluator else {},
+      "gates": evaluator.gates if evaluator else {},
+      # Training data: the counting pass; eval data: its cached first pass.
+      "skipped": skipped,
+      # Ranking tasks: training examples past list_size, from the counting
+      # pass (None: not counted, with --steps_per_epoch).
+      "examples_past_list_size": (list_overflow.count if list_overflow and counted
+                                  else None)}
+  return _Fitted(name, model, schema, report, evaluator.curve if evaluator else [])
+
+
+def _is_ps(strategy) -> bool:
+  return isinstance(strategy, tf.distribute.ParameterServerStrategy)
+
+
+def _summary(config: RunConfig, fitted: List[_Fitted], schema: schema_lib.Schema,
+             fusion: Optional[dict], train_pattern: str, eval_pattern: Optional[str],
+             workers: int) -> dict:
+  """The run's summary: settings, what each model learned, eval metrics."""
+  return {"strategy": config.strategy, "model": config.architecture,
+          "loss_weighting": config.loss_weighting,
+          "balancer_options": config.balancer_options,
+          "event_weights": {t.name: t.events for t in schema.tasks
+                            if t.events and t.type == schema_lib.BINARY},
+          "grades": {t.name: t.events for t in schema.tasks
+                     if t.type == schema_lib.RANKING},
+          "examples_past_list_size": (_merged(fitted, "examples_past_list_size")
+                                      if schema.list_size else None),
+          "fusion": fusion,
+          "hyperparameters": _hyperparameters(config),
+          "tasks": schema.task_names,
+          "train_files": train_pattern, "eval_files": eval_pattern,
+          "epochs": config.epochs, "batch_size": config.batch_size,
+          "steps_per_epoch": _merged(fitted, "steps_per_epoch"),
+          "distribution": config.distribution, "workers": workers,
+          "resumed_from": _merged(fitted, "resumed_from"),
+          "learning_rate": config.learning_rate, "seed": config.seed,
+          "train_seconds": round(sum(run.report["train_seconds"] for run in fitted), 2),
+          "train_loss": _merged_dicts(fitted, "train_loss"),
+          "task_weights": _merged_dicts(fitted, "task_weights"),
+          "eval": {task: values for run in fitted for task, values in
+                   run.report["eval"].items()},
+          "gates": _merged_dicts(fitted, "gates"),
+          "bad_records": bad_records_report(config, fitted)}
+
+
+def _print_eval(config: RunConfig, eval_pattern: str, summary: dict) -> None:
+  _say(config, "\nEval metrics (" + eval_pattern + "):")
+  _say(config, metrics_lib.format_table(summary["eval"], ["auc", "logloss", "mse",
+                                                          "positive_rate", "examples"]))
+  for gate, gate_summary in summary["gates"].items():
+    weights = " ".join(f"{w:.2f}" for w in gate_summary["mean_weights"])
+    starved = gate_summary["starved_experts"]
+    _say(config, f"gate {gate}: mean expert weights [{weights}], normalized entropy "
+         f"{gate_summary['normalized_entropy']:.2f}"
+         + (f", starved experts {starved}" if starved else ""))
+
+
+def bad_records_report(config: RunConfig, fitted: List[_Fitted]) -> dict:
+  """The bad-record policy and what each run's data lost (printed with skip)."""
+  report = {"policy": config.bad_records,
+            "skipped": _merged([_Fitted(run.name, run.model, run.schema,
+                                        {"skipped": {data: s.counts() for data, s in
+                                                     run.report["skipped"].items()}},
+                                        run.curve)
+                                for run in fitted], "skipped"),
+            "damage": sorted({str(d) for run in fitted
+                              for s in run.report["skipped"].values() for d in s.damage})}
+  if config.bad_records == validation.SKIP:
+    _say(config, "\nBad records (--bad_records=skip):")
+    for run in fitted:
+      for data, s in run.report["skipped"].items():
+        _say(config, f"  {data}" + (f" ({run.name})" if len(fitted) > 1 else "")
+             + f": {s.summary()}")
+  return report
+
+
+def _merged(fitted: List[_Fitted], key: str):
+  """One run's value as is; several runs' values by run name."""
+  if len(fitted) == 1:
+    return fitted[0].report[key]
+  return {run.name: run.report[key] for run in fitted}
+
+
+def _merged_dicts(fitted: List[_Fitted], key: str) -> dict:
+  """One run's dict as is; several runs' dicts with keys prefixed by run name."""
+  if len(fitted) == 1:
+    return fitted[0].report[key]
+  return {f"{run.name}/{k}": v for run in fitted for k, v in run.report[key].items()}
+
+
+def ranking_report(config: RunConfig, model: keras.Model, schema: schema_lib.Schema,
+                   data_schema: schema_lib.Schema, eval_pattern: str,
+                   fusion: Optional[dict]) -> Dict[str, float]:
+  """How the strategy's one ranking score (the fused outputs, or the only
+  output) serves each of the data's objectives on the eval data; printed."""
+  if not strategies.funnel(data_schema):
+    return {}  # no binary objectives to rank by
+  columns = reader.read_columns(eval_pattern, data_schema, bad_records=config.bad_records)
+  outputs = metrics_lib.predict_columns(model, schema, columns)
+  outputs = {task: outputs[task] for task in schema.task_names}
+  if fusion is None and len(outputs) > 1:
+    fusion = strategies.default_fusion(data_schema)
+  report = strategies.objective_report(strategies.ranking_score(outputs, columns, fusion),
+                                       columns, data_schema)
+  how = (f"{fusion['mode']} of " + ", ".join(f"{t}^{w:g}" if fusion["mode"] == "product"
+                                             else f"{w:g}*{t}"
+                                             for t, w in zip(fusion["terms"],
+                                                             fusion["weights"]))
+         if fusion else f"the {next(iter(outputs))} output")
+  _say(config, f"\nRanking score ({how}) against each objective:")
+  _say(config, metrics_lib.format_table({"score": report}))
+  return report
