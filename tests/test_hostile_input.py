@@ -355,6 +355,16 @@ FLAG_ERRORS = {  # name: (argv, message); {file} is a regular file
     "unknown policy": (["--bad_records=ignore"],
                        "flag --bad_records=ignore: value should be one of <fail|skip>"),
     "duplicate alone": (["--duplicate"], "--duplicate belongs to --strategy=sample_weighting"),
+    "experts without experts": (["--model=shared_bottom", "--num_experts=4"],
+                                "--num_experts does not apply to --model=shared_bottom; "
+                                "it is taken by mmoe, omoe"),
+    "dropout of l2_constrained": (["--model=l2_constrained", "--dropout=0.1"],
+                                  "--dropout does not apply to --model=l2_constrained"),
+    "levels of mmoe": (["--num_levels=3"], "--num_levels does not apply to --model=mmoe; "
+                                           "it is taken by ple"),
+    "another balancer's option": (["--loss_weighting=gradnorm", "--dwa_temperature=1"],
+                                  "--dwa_temperature does not apply to --loss_weighting="
+                                  "gradnorm; it belongs to --loss_weighting=dwa"),
     "eval without train": (["--eval_files=x-*"], "--eval_files needs --train_files"),
     "keep without export": (["--export_dir=", "--keep=2"],
                             "--keep configures the export, but --export_dir=''"),
