@@ -95,7 +95,7 @@ def parse_fusion(spec: str) -> dict:
   Returns:
     {"mode": str, "terms": [str], "weights": [float]}: the `ScoreFusion`
     constructor arguments (also the `fusion` argument of
-    `mtl_zoo.export.export_saved_model`).
+    `mtl_zoo.serving.export_saved_model`).
 
   Raises:
     ValueError: unknown mode, no terms, or a term that is not name=number.
