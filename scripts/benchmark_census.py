@@ -1,18 +1,36 @@
-"""Throughput of the input pipeline and of MMoE training on Census-Income, from TFRecords.
+"""Throughput of the input pipeline and of MMoE training on Census-Income, from
+TFRecords, against DeepCTR's MMoE trained from memory.
 
   python scripts/benchmark_census.py [--census_dir=...] [--batch_sizes=2048,1024]
+      [--deepctr_python=/tmp/deepctr-anchor/bin/python]
 
 Prints, for the census Group 1 TFRecords (199,523 training examples):
-  * the reader alone: uncached passes of `pipelines.reader.make_dataset` with
-    the train CLI's input settings (shuffle, block parse; the better of two
-    passes), and a cached pass;
+  * what comes before `fit`: building the model, the counting pass
+    (`reader.count_records`) and `reader.make_dataset`; each may run the framing
+    scan (`integrity.scan_shards`, one read of every shard; timed and counted
+    wherever it runs);
+  * the reader alone: uncached passes of `make_dataset` with the train CLI's
+    input settings (shuffle, block parse; the better of two passes), the time to
+    its first batch, and a cached pass;
+  * tracing alone: the time to the end of the first step of `fit` on one batch
+    held in memory (no reading);
   * MMoE (8 experts of 16 units, towers of 8) trained with Keras `fit` for 5
-    epochs from the same TFRecords with the CLI's default input settings: the
-    average over the 5 epochs (total examples / total fit time, so tracing and
-    the first, uncached epoch count) and each epoch's own rate.
+    epochs from the same TFRecords with the CLI's default input settings
+    (repeated, steps per epoch from the count): the
+    average over the 5 epochs (total examples / whole fit call, so tracing and
+    the first, uncached epoch count), each epoch's own rate and the time to the
+    first step's end;
+  * DeepCTR's MMoE (same experts, towers, epochs and batch), fitted from numpy
+    arrays in memory, run right after ours at each batch size when its venv
+    exists (`../shared/anchors/make_deepctr_env.sh` builds it; never a
+    dependency of this project); then a table of both.
+The machine may be busy with other work: compare runs, not single numbers.
 """
 
+import math
 import os
+import re
+import subprocess
 import sys
 import time
 
@@ -21,11 +39,12 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mtl_zoo  # noqa: E402  (pins Keras 2 first)
-from mtl_zoo import models  # noqa: E402
-from pipelines import reader  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from pipelines import integrity, reader  # noqa: E402
 from pipelines.datasets import census  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ANCHORS = os.path.join(REPO, "..", "shared", "anchors")
 FLAGS = flags.FLAGS
 flags.DEFINE_string("census_dir", os.path.join(REPO, "..", "shared", "data", "census-income"),
                     "Folder with the raw census files.")
@@ -34,12 +53,40 @@ flags.DEFINE_string("data_dir", os.path.join("mtl_zoo_output", "data", "census_g
 flags.DEFINE_list("batch_sizes", ["2048", "1024"], "Training batch sizes to measure; the "
                   "first is the CLI default.")
 flags.DEFINE_integer("epochs", 5, "Training epochs per measurement.")
+flags.DEFINE_string("deepctr_python", "/tmp/deepctr-anchor/bin/python",
+                    "Python of the DeepCTR venv (built by make_deepctr_env.sh); when it "
+                    "does not exist, DeepCTR is skipped.")
+flags.DEFINE_string("deepctr_script", os.path.join(ANCHORS, "deepctr_census.py"),
+                    "DeepCTR's census benchmark (prints train_examples_per_s=...).")
+flags.DEFINE_integer("deepctr_timeout", 1800, "Seconds before a DeepCTR run is abandoned.")
+
+LEARNING_RATE = 2e-3
+MMOE = dict(num_experts=8, expert_units=[16], tower_units=[8])
+
+
+class ScanTimer:
+  """Seconds spent in the framing scan, and shards scanned, wherever it runs."""
+
+  def __init__(self, scan_shards):
+    self.scan_shards, self.seconds, self.shards = scan_shards, 0.0, 0
+
+  def __call__(self, files, *args, **kwargs):
+    start = time.perf_counter()
+    try:
+      return self.scan_shards(files, *args, **kwargs)
+    finally:
+      self.seconds += time.perf_counter() - start
+      self.shards += len(files)
 
 
 class EpochTimer(mtl_zoo.keras.callbacks.Callback):
+  """Times train begin, the first step's end, epoch 1's start, each epoch and
+  train end."""
+
   def __init__(self):
     super().__init__()
     self.seconds = []
+    self.first_step = None
 
   def on_train_begin(self, logs=None):
     self.train_begin = time.perf_counter()
@@ -49,55 +96,154 @@ class EpochTimer(mtl_zoo.keras.callbacks.Callback):
     if epoch == 0:
       self.setup_seconds = self._start - self.train_begin
 
+  def on_train_batch_end(self, batch, logs=None):
+    if self.first_step is None:
+      self.first_step = time.perf_counter() - self.train_begin
+
   def on_epoch_end(self, epoch, logs=None):
     self.seconds.append(time.perf_counter() - self._start)
+
+  def on_train_end(self, logs=None):
+    self.train_end = time.perf_counter()
+
+
+def timed(fn, *args, **kwargs):
+  """(fn's result, seconds it took)."""
+  start = time.perf_counter()
+  result = fn(*args, **kwargs)
+  return result, time.perf_counter() - start
+
+
+def build_mmoe(schema):
+  """A fresh, compiled census MMoE; returns (what to fit, seconds to build)."""
+  mtl_zoo.keras.utils.set_random_seed(0)
+  start = time.perf_counter()
+  model = mtl_zoo.build("mmoe", schema, **MMOE)
+  trainable = mtl_zoo.compile_model(model, schema, learning_rate=LEARNING_RATE)
+  return trainable, time.perf_counter() - start
+
+
+def deepctr_rate(batch):
+  """DeepCTR's examples/s over its whole `fit` at `batch`, or None with why."""
+  command = [FLAGS.deepctr_python, FLAGS.deepctr_script, FLAGS.census_dir, "mmoe",
+             str(FLAGS.epochs), "0", str(batch), str(LEARNING_RATE)]
+  env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+  try:
+    done = subprocess.run(command, env=env, capture_output=True, text=True,
+                          timeout=FLAGS.deepctr_timeout)
+  except subprocess.TimeoutExpired:
+    return None, f"timed out after {FLAGS.deepctr_timeout}s"
+  found = re.search(r"train_examples_per_s=(\d+)", done.stdout)
+  if done.returncode or not found:
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return None, f"exit {done.returncode}: {tail}"
+  print(f"  {done.stdout.strip().splitlines()[-1]}", flush=True)
+  return float(found.group(1)), None
 
 
 def main(argv):
   del argv
+  # Every framing scan of the run is timed, wherever the reader calls it.
+  scan = integrity.scan_shards = ScanTimer(integrity.scan_shards)
   schema = census.write_if_missing(FLAGS.census_dir, FLAGS.data_dir)
   pattern = os.path.join(FLAGS.data_dir, "train-*")
-  n = reader.count_records(pattern)
+  files = sorted(tf.io.gfile.glob(pattern))
+  megabytes = sum(tf.io.gfile.stat(f).length for f in files) / 2**20
   default_batch = int(FLAGS.batch_sizes[0])
+  deepctr = os.path.exists(FLAGS.deepctr_python)
+
+  n, count_seconds = timed(reader.count_records, pattern)
+  count_scans = scan.shards
+  _, scan_seconds = timed(scan, files)
+  manifest = os.path.exists(os.path.join(FLAGS.data_dir, "manifest.json"))
+  print(f"examples: {n:,} (census group 1 train; {len(files)} shard(s), {megabytes:.1f} MiB; "
+        f"{'with' if manifest else 'no'} converter manifest)")
+  print(f"counting pass (reader.count_records): {count_seconds:.2f}s "
+        f"({count_scans} of {len(files)} shards framing-scanned); "
+        f"framing scan alone (integrity.scan_shards): {scan_seconds:.2f}s")
 
   def one_pass(ds):
+    """(examples/s of a whole pass, seconds to its first batch)."""
     start = time.perf_counter()
+    first = None
     for _ in ds:
-      pass
-    return n / (time.perf_counter() - start)
+      first = first or time.perf_counter() - start
+    return n / (time.perf_counter() - start), first
 
   # Two uncached passes, each read and parsed from disk; the better one counts
   # (the first can pay one-off start-up costs on a busy machine).
-  uncached_ds = reader.make_dataset(pattern, schema, default_batch, seed=0, cache=False)
+  uncached_ds, uncached_build = timed(
+      reader.make_dataset, pattern, schema, default_batch, seed=0, cache=False)
   uncached_passes = [one_pass(uncached_ds) for _ in range(2)]
-  uncached = max(uncached_passes)
+  uncached = max(rate for rate, _ in uncached_passes)
   cached_ds = reader.make_dataset(pattern, schema, default_batch, seed=0)
   one_pass(cached_ds)
-  cached = one_pass(cached_ds)
-  print(f"examples: {n:,} (census group 1 train)")
+  cached, _ = one_pass(cached_ds)
+  print(f"reader alone, make_dataset (with any framing scan): {uncached_build:.2f}s")
   print(f"reader alone, uncached, one pass, batch {default_batch}: {uncached:,.0f} examples/s "
-        f"(passes: {', '.join(f'{r:,.0f}' for r in uncached_passes)})")
-  print(f"reader alone, cached epoch:                 {cached:,.0f} examples/s")
+        f"= {n / uncached:.2f}s (passes: "
+        f"{', '.join(f'{r:,.0f}/s, first batch after {f:.2f}s' for r, f in uncached_passes)})")
+  print(f"reader alone, cached epoch: {cached:,.0f} examples/s = {n / cached:.2f}s")
 
-  training = {}
+  # Tracing alone: one step of fit on one batch already in memory.
+  trainable, _ = build_mmoe(schema)
+  batch_in_memory = tf.data.Dataset.from_tensors(next(iter(cached_ds)))
+  timer = EpochTimer()
+  trainable.fit(batch_in_memory, epochs=1, verbose=0, callbacks=[timer])
+  tracing = timer.first_step
+  print(f"tracing alone (fit on one batch in memory, train begin to first step end): "
+        f"{tracing:.2f}s")
+  if not deepctr:
+    print(f"DeepCTR skipped: no {FLAGS.deepctr_python} (build it with "
+          f"bash {os.path.normpath(ANCHORS)}/make_deepctr_env.sh)")
+
+  rows = []
   for batch in (int(b) for b in FLAGS.batch_sizes):
-    mtl_zoo.keras.utils.set_random_seed(0)
-    model = models.build("mmoe", schema, num_experts=8, expert_units=[16], tower_units=[8])
-    models.compile_model(model, schema, learning_rate=2e-3)
-    ds = reader.make_dataset(pattern, schema, batch, seed=0)
+    scan.seconds = scan.shards = 0
+    trainable, build_seconds = build_mmoe(schema)
+    ds, dataset_seconds = timed(reader.make_dataset, pattern, schema, batch, seed=0)
+    scanned = scan.shards
     timer = EpochTimer()
     start = time.perf_counter()
-    model.fit(ds, epochs=FLAGS.epochs, verbose=0, callbacks=[timer])
-    total = time.perf_counter() - start
-    print(f"  fit call {total:.2f}s: before epoch 1 {timer.train_begin - start + timer.setup_seconds:.2f}s, "
-          f"epochs {sum(timer.seconds):.2f}s")
-    training[batch] = FLAGS.epochs * n / total
-    per_epoch = ", ".join(f"{n / s:,.0f}" for s in timer.seconds)
-    print(f"MMoE training from TFRecords, batch {batch}: {training[batch]:,.0f} "
-          f"examples/s averaged over {FLAGS.epochs} epochs (whole fit call); "
-          f"per epoch: {per_epoch}")
+    # As the train CLI does: a repeated dataset and steps from the count. (A
+    # finite one ends each epoch with an OutOfRange error, which costs time.)
+    trainable.fit(ds.repeat(), epochs=FLAGS.epochs, steps_per_epoch=math.ceil(n / batch),
+                  verbose=0, callbacks=[timer])
+    end = time.perf_counter()
+    total = end - start
+    ours = FLAGS.epochs * n / total
+    # What the epoch callbacks do not see.
+    between = (timer.train_end - timer.train_begin - timer.setup_seconds
+               - sum(timer.seconds))
+    later = sum(timer.seconds[1:]) / max(len(timer.seconds) - 1, 1)
+    print(f"MMoE training from TFRecords, batch {batch}: {ours:,.0f} examples/s averaged "
+          f"over {FLAGS.epochs} epochs (whole fit call, {total:.2f}s); per epoch: "
+          f"{', '.join(f'{n / s:,.0f}' for s in timer.seconds)}")
+    print(f"  before fit: model {build_seconds:.2f}s, make_dataset {dataset_seconds:.2f}s "
+          f"({scanned} shards framing-scanned, {scan.seconds:.2f}s); the CLI also counts first: "
+          f"+{count_seconds:.2f}s")
+    print(f"  fit: call -> train begin {timer.train_begin - start:.2f}s, -> epoch 1 "
+          f"{timer.setup_seconds:.2f}s; epoch 1 -> first step end "
+          f"{timer.first_step - timer.setup_seconds:.2f}s; epoch 1 {timer.seconds[0]:.2f}s vs "
+          f"later {later:.2f}s (+{timer.seconds[0] - later:.2f}s); epochs "
+          f"{sum(timer.seconds):.2f}s, between them {between:.2f}s; train end -> return "
+          f"{end - timer.train_end:.2f}s", flush=True)
+    theirs = None
+    if deepctr:
+      theirs, why = deepctr_rate(batch)
+      if why:
+        print(f"  DeepCTR at batch {batch} failed: {why}")
+    rows.append((batch, ours, theirs, timer.seconds[0] / later))
+
   print(f"uncached reader / training at batch {default_batch}: "
-        f"{uncached / training[default_batch]:.2f}x (target >= 2x)")
+        f"{uncached / rows[0][1]:.2f}x (target >= 2x)")
+  print("\nbatch | ours, 5-epoch avg ex/s | DeepCTR ex/s | ours / DeepCTR | "
+        "epoch 1 / later epochs")
+  for batch, ours, theirs, first_ratio in rows:
+    their_text, ratio = (f"{theirs:,.0f}", f"{ours / theirs:.2f}x") if theirs else ("-", "-")
+    print(f"{batch:5d} | {ours:22,.0f} | {their_text:>12} | {ratio:>14} | {first_ratio:.2f}x")
+  print("(targets: ours / DeepCTR >= 2x, epoch 1 / later <= 1.5x; fit only: the "
+        "counting pass and make_dataset come before it)")
 
 
 if __name__ == "__main__":
