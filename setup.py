@@ -6,8 +6,9 @@ from setuptools import find_packages, setup
 # protobuf 6, which TF needs). Beam's TFRecord sink needs a crc32c library:
 # google-crc32c ships wheels, apache-beam[tfrecord]'s crcmod only a source archive.
 BEAM = ["apache-beam>=2.77,<3", "google-crc32c>=1.5"]
-# `python -m mtl_zoo.predict --output=scores.parquet`.
-PARQUET = ["pyarrow>=10"]
+# The CSV and census sources read CSV with pyarrow's streaming, vectorised reader
+# (pipelines/sources/csv.py); also `python -m mtl_zoo.predict --output=scores.parquet`.
+PYARROW = "pyarrow>=10"
 
 setup(
     name="mtl_zoo",
@@ -25,14 +26,16 @@ setup(
         "absl-py>=1.0",
         "tensorflow-serving-api>=2.16,<2.22",
         "numpy>=1.23",
+        PYARROW,
     ],
     extras_require={
         # Beam is in the test extra so that CI runs the Beam converter's test.
-        "test": ["pytest>=7", "hypothesis>=6", *BEAM, *PARQUET],
+        "test": ["pytest>=7", "hypothesis>=6", *BEAM],
         # Only the experiment scripts in scripts/ draw plots.
         "experiments": ["matplotlib>=3.5"],
         "beam": BEAM,
-        "parquet": PARQUET,
+        # Kept so that `pip install .[parquet]` still works; pyarrow is now core.
+        "parquet": [PYARROW],
     },
     entry_points={"console_scripts": ["mtl-zoo-train=mtl_zoo.train:run"]},
 )

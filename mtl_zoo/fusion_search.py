@@ -30,6 +30,7 @@ from mtl_zoo import serving, strategies
 from pipelines import files
 from pipelines import reader
 from pipelines import schema as schema_lib
+from pipelines import shards
 
 
 def grid_candidates(num_terms: int, values: Sequence[float]) -> List[tuple]:
@@ -80,7 +81,7 @@ def load_eval(saved_model: str, eval_files: str, schema_path: Optional[str] = No
               limit: Optional[int] = None):
   """(outputs, columns, schema): the SavedModel's outputs on the eval shards."""
   schema = schema_lib.Schema.load(
-      schema_path or files.join(posixpath.dirname(reader.list_files(eval_files)[0]),
+      schema_path or files.join(posixpath.dirname(shards.list_files(eval_files)[0]),
                                 schema_lib.SCHEMA_FILENAME))
   loaded = tf.saved_model.load(saved_model)
   columns = reader.read_columns(eval_files, schema, limit=limit)

@@ -29,8 +29,8 @@ import tensorflow as tf
 
 from mtl_zoo import serving  # importing mtl_zoo pins Keras 2 first
 from pipelines import files
-from pipelines import reader
 from pipelines import schema as schema_lib
+from pipelines import shards as shards_lib
 
 FLAGS = flags.FLAGS
 
@@ -178,9 +178,9 @@ def score(saved_model: str, pattern: str, output: str, layout: str = "training",
     raise OutputError(f"cannot write --output={output}: it is a directory; name a file.")
   schema = schema_lib.Schema.load(files.join(saved_model, serving.SCHEMA_ASSET))
   loaded = tf.saved_model.load(saved_model)
-  shards = reader.list_files(pattern)
+  shards = shards_lib.list_files(pattern)
   ds = tf.data.TFRecordDataset(shards,
-                               compression_type=reader.detect_compression(shards) or "")
+                               compression_type=shards_lib.detect_compression(shards) or "")
   ds = ds.batch(batch_size)
   if layout == "training":
     ds = ds.map(schema.parse_training_examples, num_parallel_calls=tf.data.AUTOTUNE)

@@ -12,17 +12,27 @@ remote filesystem).
 """
 
 import contextlib
+import ctypes
 import json
+import os
 import posixpath
+import sys
 import uuid
-from typing import IO, Iterator
+from typing import IO, Iterator, List, Optional
 
 import tensorflow as tf
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
 def is_local(path: str) -> bool:
   """Whether `path` is on the local filesystem (no `scheme://` prefix)."""
   return "://" not in path or path.startswith("file://")
+
+
+def absolute(path: str) -> str:
+  """A local path made absolute; a `scheme://` path without a trailing slash."""
+  return os.path.abspath(_local(path)) if is_local(path) else path.rstrip("/")
 
 
 def join(*parts: str) -> str:
@@ -51,16 +61,94 @@ def remove(path: str) -> None:
     pass
 
 
+def exchange_paths(a: str, b: str) -> bool:
+  """Swaps two existing local paths in one atomic step (Linux `renameat2` with
+  RENAME_EXCHANGE), so a reader sees the old directory or the new one, never
+  neither. False, with nothing changed, where the OS or filesystem cannot."""
+  if not sys.platform.startswith("linux") or not (is_local(a) and is_local(b)):
+    return False
+  try:
+    renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+  except (OSError, AttributeError):  # a C library without it (glibc < 2.28)
+    return False
+  return renameat2(_AT_FDCWD, os.fsencode(_local(a)), _AT_FDCWD, os.fsencode(_local(b)),
+                   _RENAME_EXCHANGE) == 0
+
+
+def _local(path: str) -> str:
+  return path[len("file://"):] if path.startswith("file://") else path
+
+
+def _files_under(directory: str) -> List[str]:
+  """Every file under `directory`, as paths relative to it."""
+  found = []
+  for root, _, names in tf.io.gfile.walk(directory):
+    relative = root[len(directory.rstrip("/")):].lstrip("/")
+    found += [posixpath.join(relative, name) if relative else name for name in names]
+  return sorted(found)
+
+
+def _move_files(source: str, target: str, names: List[str]) -> None:
+  for name in names:
+    destination = join(target, name)
+    tf.io.gfile.makedirs(posixpath.dirname(destination))
+    tf.io.gfile.rename(join(source, name), destination, overwrite=True)
+
+
+def publish_directory(tmp_dir: str, path: str, marker: Optional[str] = None,
+                      by_file: Optional[bool] = None) -> None:
+  """Moves the finished directory `tmp_dir` to `path`, replacing any old one.
+
+  A local directory is renamed whole, replacing an old one in one atomic
+  exchange on Linux (`exchange_paths`; elsewhere with two renames, between
+  which `path` is briefly absent). Object stores have no directory rename, so
+  there (or with `by_file`) files move one at a time: the old ones aside first,
+  `marker` first, so the old directory stops looking complete at once; then
+  the new ones, `marker` last, so the new one looks complete only when it is;
+  the old copy is deleted only then. A crash in between loses nothing: `path`
+  lacks `marker`, the old directory is whole in `<tmp_dir>.old`, the new one
+  in `tmp_dir` and `path`.
+
+  Args:
+    tmp_dir: the complete new directory, beside `path`.
+    path: where it goes.
+    marker: the file (relative to the directory) whose presence tells readers
+      the directory is complete, e.g. schema.json; None: no such file.
+    by_file: move file by file (default: where `path` is not local).
+  """
+  backup = tmp_dir.rstrip("/") + ".old"
+  if by_file if by_file is not None else not is_local(path):
+    marker_last = lambda names: sorted(names, key=lambda name: name == marker)
+    old = _files_under(path) if tf.io.gfile.exists(path) else []
+    if old:
+      _move_files(path, backup, marker_last(old)[::-1])
+    _move_files(tmp_dir, path, marker_last(_files_under(tmp_dir)))
+    remove(tmp_dir)
+    if old:
+      remove(backup)
+  elif not tf.io.gfile.exists(path):
+    tf.io.gfile.rename(tmp_dir, path)
+  elif exchange_paths(tmp_dir, path):  # the old directory is now at tmp_dir
+    remove(tmp_dir)
+  else:
+    tf.io.gfile.rename(path, backup)
+    tf.io.gfile.rename(tmp_dir, path)
+    remove(backup)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str, overwrite: bool = True) -> Iterator[str]:
+def atomic_path(path: str, overwrite: bool = True,
+                marker: Optional[str] = None) -> Iterator[str]:
   """Yields a temporary path to write a file or a directory at; on success it is
   renamed to `path`, on an exception it is removed and `path` is untouched.
 
   Args:
     path: the final file or directory.
-    overwrite: replace an existing `path` (a directory is removed first, so for
-      an instant none is there); with False an existing `path` raises
-      FileExistsError before anything is written.
+    overwrite: replace an existing `path` (a directory as `publish_directory`
+      says); with False an existing `path` raises FileExistsError before
+      anything is written.
+    marker: for a directory, the file that marks it complete (see
+      `publish_directory`).
 
   Yields:
     The temporary path, in `path`'s directory (which is created).
@@ -73,9 +161,10 @@ def atomic_path(path: str, overwrite: bool = True) -> Iterator[str]:
   tmp = temporary_sibling(path)
   try:
     yield tmp
-    if tf.io.gfile.isdir(tmp) and tf.io.gfile.exists(path):
-      remove(path)
-    tf.io.gfile.rename(tmp, path, overwrite=overwrite)
+    if tf.io.gfile.isdir(tmp):
+      publish_directory(tmp, path, marker)
+    else:
+      tf.io.gfile.rename(tmp, path, overwrite=overwrite)
   finally:
     if tf.io.gfile.exists(tmp):
       remove(tmp)

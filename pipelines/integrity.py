@@ -14,18 +14,17 @@ import struct
 import zlib
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import tensorflow as tf
+
+from pipelines import records as records_lib
+from pipelines import validation
 
 # A record: uint64 length, masked CRC32C of the length, the data, masked CRC32C
 # of the data.
 HEADER_BYTES = 12
 FOOTER_BYTES = 4
 GZIP_MAGIC = b"\x1f\x8b"
-
-
-class BadRecordError(ValueError):
-  """Input files or records cannot be used as given; the message names the
-  file, the record and how to fix it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,14 +61,31 @@ class ShardScan:
   segments: List[Tuple[int, int, int]]
   damage: List[Damage]
 
+  @classmethod
+  def whole(cls, path: str, records: int) -> "ShardScan":
+    """The scan of an undamaged shard of `records` records."""
+    return cls(path, compression_of(path), records, [(0, records, 0)] if records else [], [])
+
 
 def compression_of(path: str) -> Optional[str]:
   return "GZIP" if path.endswith(".gz") else None
 
 
 def scan_shards(files: Sequence[str]) -> List[ShardScan]:
-  """Scans every shard's framing; raises BadRecordError for a file that is not a
-  TFRecord file at all, or is compressed other than its name says (.gz)."""
+  """Scans every shard's framing (one pass over each, all in parallel).
+
+  Args:
+    files: the shards.
+
+  Returns:
+    One ShardScan per shard, in order.
+
+  Raises:
+    validation.BadRecordError: a file is not a TFRecord file at all, or is
+      compressed other than its name says (.gz).
+  """
+  if not files:
+    return []
   counts = _count_all(files)
   scans = []
   for path, count in zip(files, counts):
@@ -81,8 +97,7 @@ def scan_shards(files: Sequence[str]) -> List[ShardScan]:
       # bytes read must be the whole file (or, GZIP, the size in its trailer).
       if (end % 2**32 if compression else end) == (
           _gzip_size(path) if compression else tf.io.gfile.stat(path).length):
-        scans.append(ShardScan(path, compression, records,
-                               [(0, records, 0)] if records else [], []))
+        scans.append(ShardScan.whole(path, records))
         continue
     scans.append(_scan_damaged(path, compression))
   return scans
@@ -157,7 +172,7 @@ def _scan_damaged(path: str, compression: Optional[str]) -> ShardScan:
   with tf.io.gfile.GFile(path, "rb") as raw:
     magic = raw.read(2)
   if compression and magic != GZIP_MAGIC:
-    raise BadRecordError(
+    raise validation.BadRecordError(
         f"{path} ends in .gz but is not GZIP-compressed; rename it without .gz "
         "(compression follows the file name).")
   segments, damage = [], []
@@ -210,32 +225,16 @@ def _open_stream(path: str, compression: Optional[str]):
 
 def _not_a_tfrecord(path: str, magic: bytes, why: str) -> None:
   if magic == GZIP_MAGIC:
-    raise BadRecordError(
+    raise validation.BadRecordError(
         f"{path} is GZIP-compressed but its name does not end in .gz; rename it to "
         "end in .gz (compression follows the file name).")
-  raise BadRecordError(
+  raise validation.BadRecordError(
       f"{path} is not a TFRecord file ({why}). Convert raw data (CSV, ...) with "
       "`python -m pipelines.convert`; a TFRecord file that fails here is damaged from "
       "its start and must be rewritten.")
 
 
-def _crc32c_table() -> List[int]:
-  table = []
-  for byte in range(256):
-    crc = byte
-    for _ in range(8):
-      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)  # Castagnoli, reflected
-    table.append(crc)
-  return table
-
-
-_CRC32C_TABLE = _crc32c_table()
-
-
 def masked_crc32c(data: bytes) -> int:
-  """The TFRecord checksum: CRC32C, rotated and offset ("masked")."""
-  crc = 0xFFFFFFFF
-  for byte in data:
-    crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  crc ^= 0xFFFFFFFF
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+  """The TFRecord checksum of `data`: CRC32C, rotated and offset ("masked")."""
+  return int(records_lib.masked_crc32c(np.frombuffer(data, np.uint8),
+                                       np.array([len(data)], np.int64))[0])

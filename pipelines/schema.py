@@ -25,11 +25,12 @@ Feature values seen by models (both layouts parse to the same tensors):
 import dataclasses
 import json
 import math
-import os
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
+
+from pipelines import files
 
 FORMAT_VERSION = 1
 SCHEMA_FILENAME = "schema.json"
@@ -379,16 +380,14 @@ class Schema:
       raise SchemaError(f"schema is not valid JSON: {e}") from None
 
   def save(self, path: str) -> None:
-    """Writes the schema atomically: a crash never leaves a half-written file."""
-    tmp = path + ".tmp"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-      f.write(self.to_json() + "\n")
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    """Writes the schema to `path` atomically (`files.write_text`): a crash never
+    leaves a half-written file."""
+    files.write_text(path, self.to_json() + "\n")
 
   @classmethod
   def load(cls, path: str) -> "Schema":
     if tf.io.gfile.isdir(path):
-      path = os.path.join(path, SCHEMA_FILENAME)
+      path = files.join(path, SCHEMA_FILENAME)
     if not tf.io.gfile.exists(path):
       raise FileNotFoundError(
           f"schema file {path} does not exist; converters write {SCHEMA_FILENAME} next "
@@ -519,7 +518,8 @@ class Schema:
     """Columnar data -> the training layout's arrays (one row per example).
 
     Missing features get the same neutral defaults as the serving parse:
-    the OOV id, the training mean, an empty list.
+    the OOV id, the training mean, an empty list. A list feature's column is a
+    sequence of id lists, or an int array [rows, width] padded with -1.
     """
     n = self.check_columns(columns, need_labels=True)
     packed = {}
@@ -534,8 +534,14 @@ class Schema:
         [np.asarray(columns[c], np.float32) for c in self.labels], axis=1)
     for f in self.categorical_lists:
       lists = columns.get(f.name, [None] * n)
-      packed[f.name] = np.array([_pad_ids(v, f.max_len) for v in lists], np.int64)
-      packed[f.name] = packed[f.name].reshape(n, f.max_len)
+      if isinstance(lists, np.ndarray) and lists.ndim == 2:  # already padded with -1
+        padded = np.full((n, f.max_len), LIST_PADDING_ID, np.int64)
+        width = min(f.max_len, lists.shape[1])
+        padded[:, :width] = lists[:, :width]
+        packed[f.name] = padded
+      else:
+        packed[f.name] = np.array([_pad_ids(v, f.max_len) for v in lists], np.int64)
+        packed[f.name] = packed[f.name].reshape(n, f.max_len)
     if self.request_id:
       packed[PACKED_REQUEST_ID] = np.asarray(columns[self.request_id], np.int64)
     return packed
@@ -596,7 +602,8 @@ def _column(columns, name, n, default, dtype) -> np.ndarray:
   if name not in columns:
     return np.full([n], default, dtype)
   values = columns[name]
-  if any(v is None for v in values):
+  if not (isinstance(values, np.ndarray) and values.dtype != object) and any(
+      v is None for v in values):
     values = [default if v is None else v for v in values]
   return np.asarray(values, dtype)
 

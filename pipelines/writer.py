@@ -1,65 +1,42 @@
-"""Columnar data -> sharded TFRecords (training layout) + schema.json, written atomically.
+"""Columnar data -> sharded TFRecords (training layout) + schema.json + manifest.json,
+written in chunks and published atomically.
 
-A dataset directory holds `<split>-NNNNN-of-MMMMM.tfrecord[.gz]` shards and the
-schema. Everything is first written into a hidden temporary directory beside the
-target and renamed into place only when complete, so a crash never leaves a
-dataset that looks finished, and an existing dataset is only replaced (with
+A dataset directory holds `<split>-NNNNN-of-MMMMM.tfrecord[.gz]` shards, the
+schema and the manifest (record counts and sizes, `manifest.py`). Splits arrive
+as chunks of columns, so memory stays bounded whatever the data's size: each
+chunk is encoded with numpy (`records.py`) and appended to its shard, and the
+numeric statistics are accumulated as the rows pass. Everything goes into a
+hidden temporary directory beside the target, published only when complete
+(`files.atomic_path`, schema.json marking completion), so a crash never leaves
+a dataset that looks finished, and an existing dataset is only replaced (with
 `overwrite=True`) once its successor is whole, in one atomic exchange on Linux.
 """
 
-import ctypes
 import dataclasses
-import os
-import shutil
-import sys
-import uuid
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+import zlib
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
 
+from pipelines import files
+from pipelines import manifest
+from pipelines import progress as progress_lib
+from pipelines import records as records_lib
 from pipelines import schema as schema_lib
 
 COMPRESSION_SUFFIX = {None: ".tfrecord", "": ".tfrecord", "GZIP": ".tfrecord.gz"}
-_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+# Rows encoded at once: the encoder's byte matrices stay near 10 MB.
+ENCODE_ROWS = 32_768
 
-
-def exchange_paths(a: str, b: str) -> bool:
-  """Swaps two existing local paths in one atomic step (Linux `renameat2` with
-  RENAME_EXCHANGE), so a reader sees the old directory or the new one, never
-  neither. False, with nothing changed, where the OS or filesystem cannot."""
-  if not sys.platform.startswith("linux"):
-    return False
-  try:
-    renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-  except (OSError, AttributeError):  # a C library without it (glibc < 2.28)
-    return False
-  return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
-                   _RENAME_EXCHANGE) == 0
-
-
-def encode_vocabulary(values: Sequence[str],
-                      vocabulary: Optional[List[str]] = None,
-                      min_count: int = 1) -> Tuple[np.ndarray, List[str]]:
-  """Maps strings to ids; builds the vocabulary (most frequent first) when not given.
-
-  Strings outside the vocabulary get id -1, which models send to the OOV row.
-  """
-  values = np.asarray(values, dtype=object)
-  if vocabulary is None:
-    uniques, counts = np.unique(values.astype(str), return_counts=True)
-    vocabulary = vocabulary_from_counts(dict(zip(uniques.tolist(), counts.tolist())),
-                                        min_count)
-  index = {v: i for i, v in enumerate(vocabulary)}
-  ids = np.fromiter((index.get(str(v), -1) for v in values), np.int64, len(values))
-  return ids, list(vocabulary)
+Columns = Dict[str, object]
 
 
 def vocabulary_from_counts(counts: Mapping[str, int], min_count: int = 1) -> List[str]:
   """The vocabulary order of every converter: most frequent first, ties in string order.
 
-  Takes counts rather than values so that distributed converters (Beam) that
-  count in parallel produce exactly the same vocabulary.
+  Takes counts rather than values so that converters that count in chunks or
+  in parallel (Beam) produce exactly the same vocabulary.
   """
   ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
   return [value for value, count in ranked if count >= min_count]
@@ -74,101 +51,279 @@ def statistic_values(feature: schema_lib.Feature, values) -> np.ndarray:
   return values[np.isfinite(values)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Moments:
+  """Count, mean and sum of squared deviations of a stream of values, merged
+  chunk by chunk with the pairwise update of Chan, Golub and LeVeque, which
+  stays accurate where a merged sum of squares would cancel: the result matches
+  numpy's over the whole column to float64 rounding."""
+
+  count: int = 0
+  mean: float = 0.0
+  m2: float = 0.0
+
+  @classmethod
+  def of(cls, values: np.ndarray) -> "Moments":
+    """The moments of the values of one chunk."""
+    if not values.size:
+      return cls()
+    mean = values.mean()
+    return cls(int(values.size), float(mean), float(np.square(values - mean).sum()))
+
+  def merge(self, other: "Moments") -> "Moments":
+    """The moments of both streams together."""
+    if not self.count or not other.count:
+      return other if not self.count else self
+    n = self.count + other.count
+    delta = other.mean - self.mean
+    return Moments(n, self.mean + delta * other.count / n,
+                   self.m2 + other.m2 + delta * delta * self.count * other.count / n)
+
+  @property
+  def std(self) -> float:
+    """The population standard deviation."""
+    return float(np.sqrt(self.m2 / self.count)) if self.count else 0.0
+
+
 def with_statistics(schema: schema_lib.Schema,
-                    moments: Mapping[str, Tuple[int, float, float]]) -> schema_lib.Schema:
+                    moments: Mapping[str, Moments]) -> schema_lib.Schema:
   """A copy of the schema whose numeric features carry the given statistics.
 
-  `moments` maps each numeric feature to (count, mean, population std) of its
-  `statistic_values`; a constant feature gets std 1 so normalising keeps it finite.
+  Args:
+    schema: the schema.
+    moments: numeric feature -> the Moments of its `statistic_values`.
+
+  Returns:
+    The schema with mean and population std filled in (std 1 for a constant
+    feature, so normalising keeps it finite).
+
+  Raises:
+    schema_lib.SchemaError: a numeric feature has no finite value.
   """
   features = []
   for f in schema.features:
     if f.kind == schema_lib.NUMERIC:
-      count, mean, std = moments[f.name]
-      if count == 0:
+      m = moments[f.name]
+      if m.count == 0:
         raise schema_lib.SchemaError(
             f"numeric feature {f.name!r} has no finite values to compute statistics from.")
-      f = dataclasses.replace(f, mean=float(mean), std=float(std) if std > 0 else 1.0)
+      f = dataclasses.replace(f, mean=float(m.mean), std=m.std if m.std > 0 else 1.0)
     features.append(f)
   return schema_lib.Schema(features, schema.labels, schema.tasks, schema.request_id,
                            schema.name)
 
 
-def with_numeric_statistics(schema: schema_lib.Schema,
-                            columns: Dict[str, np.ndarray]) -> schema_lib.Schema:
+def with_numeric_statistics(schema: schema_lib.Schema, columns: Columns) -> schema_lib.Schema:
   """A copy of the schema whose numeric features carry mean/std of `columns`."""
-  moments = {}
-  for f in schema.numeric:
-    finite = statistic_values(f, columns[f.name])
-    moments[f.name] = ((finite.size, finite.mean(), finite.std()) if finite.size
-                       else (0, 0.0, 0.0))
-  return with_statistics(schema, moments)
+  return with_statistics(schema, {f.name: Moments.of(statistic_values(f, columns[f.name]))
+                                  for f in schema.numeric})
+
+
+def slice_columns(columns: Columns, start: int, stop: int) -> Columns:
+  """Rows [start, stop) of every column (arrays or lists)."""
+  return {name: values[start:stop] for name, values in columns.items()}
+
+
+class _ShardFile:
+  """One shard being written: framed records appended, GZIP-compressed as
+  TensorFlow's writer would when asked."""
+
+  def __init__(self, path: str, compression: Optional[str]):
+    self.path = path
+    self.records = 0
+    self._file = tf.io.gfile.GFile(path, "wb")
+    # wbits 31: a gzip stream, what TensorFlow's GZIP reader expects.
+    self._gzip = zlib.compressobj(6, zlib.DEFLATED, 31) if compression else None
+
+  def write(self, packed: Dict[str, np.ndarray]) -> None:
+    """Appends one record per row of training-layout arrays."""
+    framed = records_lib.tfrecords(packed)
+    self._file.write(self._gzip.compress(framed) if self._gzip else framed)
+    self.records += len(packed[schema_lib.PACKED_LABELS])
+
+  def close(self) -> int:
+    """Closes the shard; returns its size in bytes."""
+    if self._gzip:
+      self._file.write(self._gzip.flush())
+    self._file.close()
+    return tf.io.gfile.stat(self.path).length
+
+
+class _Shards:
+  """The shards of one split, opened one after another as rows reach their bounds."""
+
+  def __init__(self, directory: str, names: List[str], compression: Optional[str]):
+    self._directory, self._names, self._compression = directory, names, compression
+    self.closed: List[Tuple[str, int, int]] = []  # (file name, records, bytes)
+    self._current: Optional[_ShardFile] = None
+
+  def at(self, row: int, bounds: np.ndarray) -> Tuple[_ShardFile, int]:
+    """The shard that holds `row` and its first row past the end (shard i
+    holds rows [bounds[i], bounds[i + 1]))."""
+    while self._current is None or row >= bounds[len(self.closed) + 1]:
+      self._next()
+    return self._current, bounds[len(self.closed) + 1]
+
+  def finish(self) -> List[Tuple[str, int, int]]:
+    """Closes the last shard, writing the empty ones a short split leaves."""
+    while len(self.closed) < len(self._names):
+      self._next()
+    return self.closed
+
+  def _next(self) -> None:
+    if self._current is not None:
+      name = self._names[len(self.closed)]
+      self.closed.append((name, self._current.records, self._current.close()))
+      self._current = None
+    if len(self.closed) < len(self._names):
+      self._current = _ShardFile(files.join(self._directory, self._names[len(self.closed)]),
+                                 self._compression)
 
 
 class DatasetWriter:
-  """Writes splits of one dataset, then publishes directory and schema at once.
+  """Writes the splits of one dataset, then publishes directory, schema and
+  manifest at once.
 
   Usage:
-    with DatasetWriter(out_dir, schema) as writer:
-      writer.write_split("train", train_columns, num_shards=4)
-      writer.write_split("eval", eval_columns)
+    with DatasetWriter(out_dir, schema, statistics_split="train") as writer:
+      writer.write_chunks("train", chunks, num_rows=n, num_shards=4)  # streamed
+      writer.write_split("eval", eval_columns)                          # in memory
+
+  Args:
+    out_dir: the dataset directory to create (or replace, with `overwrite`).
+    schema: the data's schema; its numeric statistics may be missing when
+      `statistics_split` computes them.
+    compression: None or "GZIP".
+    overwrite: replace an existing `out_dir` once the new data is complete.
+    statistics_split: the split whose numeric values give the schema's mean
+      and std, accumulated as it is written (None: the schema's own).
+    verbose: print each split's progress and rate to stderr.
   """
 
   def __init__(self, out_dir: str, schema: schema_lib.Schema,
-               compression: Optional[str] = None, overwrite: bool = False):
+               compression: Optional[str] = None, overwrite: bool = False,
+               statistics_split: Optional[str] = None, verbose: bool = False):
     if compression not in COMPRESSION_SUFFIX:
       raise ValueError(f"compression must be None or 'GZIP', got {compression!r}.")
-    out_dir = os.path.abspath(out_dir)
+    out_dir = files.absolute(out_dir)
     if tf.io.gfile.exists(out_dir) and not overwrite:
       raise FileExistsError(
           f"{out_dir} already exists; choose another output directory or pass "
           "overwrite=True (--overwrite) to replace it once the new data is complete.")
-    schema.require_statistics()
+    if statistics_split is None:
+      schema.require_statistics()
     self.out_dir = out_dir
     self.schema = schema
     self.compression = compression or None
+    self.statistics_split = statistics_split
+    self.verbose = verbose
     self.counts: Dict[str, int] = {}
-    parent = os.path.dirname(out_dir)
-    tf.io.gfile.makedirs(parent)
-    self._tmp_dir = os.path.join(
-        parent, f".{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:8]}")
+    self._overwrite = overwrite
+    self._shards: Dict[str, List[Tuple[str, int, int]]] = {}
+    self._moments = {f.name: Moments() for f in schema.numeric}
+    self._publish = None
+    self._tmp_dir = None
 
   def __enter__(self) -> "DatasetWriter":
+    self._publish = files.atomic_path(self.out_dir, overwrite=self._overwrite,
+                                      marker=schema_lib.SCHEMA_FILENAME)
+    self._tmp_dir = self._publish.__enter__()
     tf.io.gfile.makedirs(self._tmp_dir)
     return self
 
-  def write_split(self, split: str, columns: Dict[str, np.ndarray],
-                  num_shards: int = 1) -> List[str]:
-    """Writes one split as `num_shards` shards of contiguous rows."""
+  def write_split(self, split: str, columns: Columns, num_shards: int = 1) -> List[str]:
+    """Writes one split held in memory as `num_shards` shards of contiguous rows.
+
+    Args:
+      split: the split's name (the shards' file name prefix).
+      columns: feature and label columns (what `Schema.pack_columns` takes).
+      num_shards: shards to cut the split into (at most one per row).
+
+    Returns:
+      The paths the shards will have once published.
+    """
+    n = self.schema.check_columns(columns, need_labels=True)
+    chunks = (slice_columns(columns, start, start + ENCODE_ROWS)
+              for start in range(0, n, ENCODE_ROWS))
+    return self.write_chunks(split, chunks, n, num_shards)
+
+  def write_chunks(self, split: str, chunks: Iterable[Columns], num_rows: Optional[int],
+                   num_shards: int = 1) -> List[str]:
+    """Writes one split from chunks of columns, as `num_shards` shards of
+    contiguous rows; only one chunk is held at a time.
+
+    Args:
+      split: the split's name (the shards' file name prefix).
+      chunks: the split's rows, in order, as chunks of columns.
+      num_rows: the rows the chunks hold in all (None: unknown, one shard).
+      num_shards: shards to cut the split into (at most one per row).
+
+    Returns:
+      The paths the shards will have once published.
+
+    Raises:
+      ValueError: the split was written already, or the chunks hold another
+        number of rows than `num_rows`.
+    """
+    if self._tmp_dir is None:
+      raise RuntimeError("DatasetWriter writes inside its `with` block.")
     if split in self.counts:
       raise ValueError(f"split {split!r} was already written.")
-    n = self.schema.check_columns(columns, need_labels=True)
-    num_shards = max(1, min(num_shards, n))
-    options = tf.io.TFRecordOptions(compression_type=self.compression or "")
-    bounds = np.linspace(0, n, num_shards + 1).astype(int)
-    records = self.schema.training_examples(columns)
-    names = []
-    for shard in range(num_shards):
-      name = (f"{split}-{shard:05d}-of-{num_shards:05d}"
-              f"{COMPRESSION_SUFFIX[self.compression]}")
-      with tf.io.TFRecordWriter(os.path.join(self._tmp_dir, name), options) as w:
-        for _ in range(bounds[shard], bounds[shard + 1]):
-          w.write(next(records))
-      names.append(os.path.join(self.out_dir, name))
-    self.counts[split] = n
-    return names
+    if num_rows is None and num_shards > 1:
+      raise ValueError(f"split {split!r}: {num_shards} shards of contiguous rows need "
+                       "num_rows, the split's row count.")
+    num_shards = max(1, min(num_shards, num_rows if num_rows is not None else 1))
+    bounds = (np.linspace(0, num_rows, num_shards + 1).astype(int)
+              if num_rows is not None else np.array([0, np.iinfo(np.int64).max]))
+    names = [f"{split}-{shard:05d}-of-{num_shards:05d}{COMPRESSION_SUFFIX[self.compression]}"
+             for shard in range(num_shards)]
+    progress = progress_lib.Progress(f"{split}: wrote", num_rows) if self.verbose else None
+    shards, written = _Shards(self._tmp_dir, names, self.compression), 0
+    for columns in chunks:
+      n = self.schema.check_columns(columns, need_labels=True)
+      if num_rows is not None and written + n > num_rows:
+        raise ValueError(f"split {split!r} holds more than the {num_rows:,} rows it was "
+                         "announced with; did its input change while it was converted?")
+      if split == self.statistics_split:
+        self._add_statistics(columns)
+      for start in range(0, n, ENCODE_ROWS):
+        packed = self.schema.pack_columns(slice_columns(columns, start, start + ENCODE_ROWS))
+        rows, row = len(packed[schema_lib.PACKED_LABELS]), 0
+        while row < rows:  # a chunk may end one shard and start the next
+          shard, end = shards.at(written + row, bounds)
+          take = min(rows - row, end - written - row)
+          shard.write(slice_columns(packed, row, row + take))
+          row += take
+        written += rows
+      if progress:
+        progress.add(n)
+    if num_rows is not None and written != num_rows:
+      raise ValueError(f"split {split!r} holds {written:,} rows, not the {num_rows:,} it was "
+                       "announced with; did its input change while it was converted?")
+    self._shards[split] = shards.finish()
+    self.counts[split] = written
+    if progress:
+      progress.done()
+    return [files.join(self.out_dir, name) for name in names]
+
+  def _add_statistics(self, columns: Columns) -> None:
+    for f in self.schema.numeric:
+      self._moments[f.name] = self._moments[f.name].merge(
+          Moments.of(statistic_values(f, columns[f.name])))
 
   def __exit__(self, exc_type, exc, tb) -> None:
-    if exc_type is not None:
-      shutil.rmtree(self._tmp_dir, ignore_errors=True)
-      return
-    self.schema.save(os.path.join(self._tmp_dir, schema_lib.SCHEMA_FILENAME))
-    if not tf.io.gfile.exists(self.out_dir):
-      os.rename(self._tmp_dir, self.out_dir)
-    elif exchange_paths(self._tmp_dir, self.out_dir):  # the old dataset is now at tmp
-      shutil.rmtree(self._tmp_dir, ignore_errors=True)
-    else:  # two renames: for an instant out_dir is absent (the old copy is intact)
-      backup = self._tmp_dir + ".old"
-      os.rename(self.out_dir, backup)
-      os.rename(self._tmp_dir, self.out_dir)
-      shutil.rmtree(backup, ignore_errors=True)
+    publish, self._publish = self._publish, None
+    if exc_type is None:
+      try:
+        if self.statistics_split is not None:
+          if self.statistics_split not in self.counts:
+            raise ValueError(f"statistics_split {self.statistics_split!r} was not written; "
+                             f"the splits are {sorted(self.counts)}.")
+          self.schema = with_statistics(self.schema, self._moments)
+        self.schema.save(files.join(self._tmp_dir, schema_lib.SCHEMA_FILENAME))
+        manifest.write(self._tmp_dir, self._shards)
+      except BaseException as e:
+        if not publish.__exit__(type(e), e, e.__traceback__):
+          raise
+        return
+    publish.__exit__(exc_type, exc, tb)

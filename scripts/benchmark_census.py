@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mtl_zoo  # noqa: E402  (pins Keras 2 first)
 import tensorflow as tf  # noqa: E402
 from pipelines import integrity, reader  # noqa: E402
-from pipelines.datasets import census  # noqa: E402
+from pipelines.sources import SOURCES  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANCHORS = os.path.join(REPO, "..", "shared", "anchors")
@@ -145,7 +145,7 @@ def main(argv):
   del argv
   # Every framing scan of the run is timed, wherever the reader calls it.
   scan = integrity.scan_shards = ScanTimer(integrity.scan_shards)
-  schema = census.write_if_missing(FLAGS.census_dir, FLAGS.data_dir)
+  schema = SOURCES["census"].write_if_missing(FLAGS.data_dir, census_dir=FLAGS.census_dir)
   pattern = os.path.join(FLAGS.data_dir, "train-*")
   files = sorted(tf.io.gfile.glob(pattern))
   megabytes = sum(tf.io.gfile.stat(f).length for f in files) / 2**20

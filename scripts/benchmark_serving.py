@@ -34,7 +34,7 @@ import mtl_zoo  # noqa: E402  (pins Keras 2 first)
 from mtl_zoo import serving  # noqa: E402
 from mtl_zoo._keras import keras  # noqa: E402
 from pipelines import reader  # noqa: E402
-from pipelines.datasets import census  # noqa: E402
+from pipelines.sources import SOURCES  # noqa: E402
 
 import tensorflow as tf  # noqa: E402
 from tensorflow.core.protobuf import saved_model_pb2  # noqa: E402
@@ -67,7 +67,7 @@ def timed(fn, calls: int) -> np.ndarray:
 
 def main(argv):
   del argv
-  schema = census.write_if_missing(FLAGS.census_dir, FLAGS.data_dir)
+  schema = SOURCES["census"].write_if_missing(FLAGS.data_dir, census_dir=FLAGS.census_dir)
   model = mtl_zoo.build_mmoe(schema, num_experts=8, expert_units=[16], tower_units=[8])
   path = serving.export_saved_model(model, schema, tempfile.mkdtemp(prefix="mmoe-latency-"))
   serve = tf.saved_model.load(path).signatures["serving_default"]

@@ -16,7 +16,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mtl_zoo import experiments, models  # noqa: E402  (pins Keras 2 first)
-from pipelines.datasets import census  # noqa: E402
+from pipelines.sources import SOURCES  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
@@ -40,7 +40,8 @@ def main(argv):
   del argv
   data_dir = FLAGS.data_dir or os.path.join("mtl_zoo_output", "data",
                                             f"census_group{FLAGS.group}")
-  schema = census.write_if_missing(FLAGS.census_dir, data_dir, FLAGS.group)
+  schema = SOURCES["census"].write_if_missing(data_dir, census_dir=FLAGS.census_dir,
+                                                census_group=FLAGS.group)
   hparams = models.hyperparameters_of(FLAGS.model, dict(
       num_experts=FLAGS.num_experts, expert_units=[int(u) for u in FLAGS.expert_units],
       tower_units=[int(u) for u in FLAGS.tower_units],

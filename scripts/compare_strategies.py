@@ -35,9 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mtl_zoo import config as config_lib  # noqa: E402  (Keras 2 first)
 from mtl_zoo import experiments, metrics, models, runner, strategies  # noqa: E402
-from pipelines import reader  # noqa: E402
+from pipelines import reader, targets  # noqa: E402
 from pipelines import schema as schema_lib  # noqa: E402
-from pipelines.datasets import synthetic_ads  # noqa: E402
+from pipelines.sources import SOURCES  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
@@ -165,11 +165,10 @@ def main(argv):
     data_dir = os.path.join(REPO, "mtl_zoo_output", "data",
                             f"synthetic_ads-{FLAGS.synthetic_requests}-seed0")
     if not os.path.exists(os.path.join(data_dir, schema_lib.SCHEMA_FILENAME)):
-      synthetic_ads.write(data_dir, num_train_requests=FLAGS.synthetic_requests,
-                          num_eval_requests=max(1, FLAGS.synthetic_requests // 4))
+      SOURCES["synthetic"].write(data_dir, synthetic_requests=FLAGS.synthetic_requests)
   schema = schema_lib.Schema.load(data_dir)
   columns = reader.read_columns(os.path.join(data_dir, "eval-*"), schema)
-  event_weights = reader.event_weights_from_counts(reader.count_events(
+  event_weights = targets.event_weights_from_counts(targets.count_events(
       os.path.join(data_dir, "train-*"), schema, [t.label for t in strategies.funnel(schema)]))
   start = time.perf_counter()
   runs = {}

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mtl_zoo import experiments  # noqa: E402  (pins Keras 2 first)
 from pipelines import schema as schema_lib  # noqa: E402
-from pipelines.datasets import mmoe_synthetic  # noqa: E402
+from pipelines.sources import SOURCES  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("correlations", ["1.0", "0.9", "0.5"], "Task correlations p.")
@@ -78,7 +78,8 @@ def main(argv):
   for p in FLAGS.correlations:
     data_dir = os.path.join(FLAGS.data_dir, f"p{p}-seed{FLAGS.data_seed}-n{FLAGS.num_train}")
     if not os.path.exists(os.path.join(data_dir, schema_lib.SCHEMA_FILENAME)):
-      mmoe_synthetic.write(data_dir, float(p), FLAGS.num_train, seed=FLAGS.data_seed)
+      SOURCES["mmoe_synthetic"].write(data_dir, seed=FLAGS.data_seed, mmoe_correlation=float(p),
+                                      mmoe_train_examples=FLAGS.num_train)
     schema = schema_lib.Schema.load(data_dir)
     for model in FLAGS.models:
       for seed in range(FLAGS.runs):

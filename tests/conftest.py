@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import mtl_zoo  # noqa: E402,F401  (pins Keras 2 before TensorFlow is used)
 from pipelines import schema as schema_lib  # noqa: E402
 from pipelines import writer as writer_lib  # noqa: E402
-from pipelines.datasets import synthetic_ads  # noqa: E402
+from pipelines.sources import SOURCES  # noqa: E402
 
 
 def pytest_configure(config):
@@ -26,8 +26,9 @@ def pytest_configure(config):
 def ads_dir(tmp_path_factory):
   """A small synthetic ads log: 3,000 train and 1,000 eval impressions."""
   out = str(tmp_path_factory.mktemp("data") / "ads")
-  synthetic_ads.write(out, num_train_requests=300, num_eval_requests=100,
-                      num_users=200, num_items=100, seed=1, num_shards=3)
+  SOURCES["synthetic"].write(out, num_shards=3, seed=1, synthetic_requests=300,
+                             synthetic_eval_requests=100, synthetic_users=200,
+                             synthetic_items=100)
   return out
 
 

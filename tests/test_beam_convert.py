@@ -13,7 +13,7 @@ pytest.importorskip("apache_beam", reason="needs the beam extra: pip install -e 
 
 from pipelines import beam_convert  # noqa: E402
 from pipelines import schema as schema_lib  # noqa: E402
-from pipelines.datasets import csv_source  # noqa: E402
+from pipelines.sources import SOURCES, csv_beam  # noqa: E402
 
 TEMPLATE = {
     "name": "shop",
@@ -70,13 +70,17 @@ def converted(tmp_path_factory):
   _write_csv(raw / "train-part-a.csv", train[:170])
   _write_csv(raw / "train-part-b.csv", train[170:])
   _write_csv(raw / "eval.csv", heldout)
+  (raw / "template.json").write_text(json.dumps(TEMPLATE))
   out = tmp_path_factory.mktemp("out")
-  local = csv_source.convert(TEMPLATE, [("train", str(raw / "train.csv")),
-                                        ("eval", str(raw / "eval.csv"))],
-                             str(out / "local"), num_shards=3)
-  beam = beam_convert.convert(TEMPLATE, [("train", str(raw / "train-part-*.csv")),
-                                         ("eval", str(raw / "eval.csv"))],
-                              str(out / "beam"), num_shards=3, chunk_rows=37)
+  local = SOURCES["csv"].write(str(out / "local"), num_shards=3,
+                               csv_schema=str(raw / "template.json"),
+                               csv=[f"train:{raw / 'train.csv'}", f"eval:{raw / 'eval.csv'}"])
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(csv_beam, "CHUNK_ROWS", 37)
+    beam = beam_convert.convert("csv", str(out / "beam"), num_shards=3,
+                                csv_schema=str(raw / "template.json"),
+                                csv=[f"train:{raw / 'train-part-*.csv'}",
+                                     f"eval:{raw / 'eval.csv'}"])
   return raw, out, local, beam
 
 
@@ -93,9 +97,12 @@ def test_beam_output_equals_single_process_output(converted):
                                        for f in d["features"]]}
   assert strip(beam.to_dict()) == strip(local.to_dict())
 
-  assert sorted(os.listdir(out / "beam")) == sorted(os.listdir(out / "local")) == [
-      "eval-00000-of-00001.tfrecord", "schema.json", "train-00000-of-00003.tfrecord",
-      "train-00001-of-00003.tfrecord", "train-00002-of-00003.tfrecord"]
+  shards = ["eval-00000-of-00001.tfrecord", "train-00000-of-00003.tfrecord",
+            "train-00001-of-00003.tfrecord", "train-00002-of-00003.tfrecord"]
+  assert sorted(os.listdir(out / "beam")) == sorted(shards + ["schema.json"])
+  # Beam's sinks report no per-shard counts: no manifest, readers count themselves.
+  assert sorted(os.listdir(out / "local")) == sorted(shards + ["manifest.json",
+                                                              "schema.json"])
   for split, count in (("train", 400), ("eval", 60)):
     beam_records = _records(str(out / "beam" / f"{split}-*"))
     assert len(beam_records) == count
@@ -122,47 +129,16 @@ def test_failed_run_keeps_previous_dataset_and_names_the_bad_cell(converted, tmp
   assert sorted(os.listdir(out)) == ["beam", "local"]  # no temporary directory left
 
   with pytest.raises(FileExistsError, match="--overwrite"):
-    beam_convert.convert(TEMPLATE, [("train", str(raw / "eval.csv"))], str(out / "beam"))
+    beam_convert.convert("csv", str(out / "beam"), csv_schema=str(template),
+                         csv=[f"train:{raw / 'eval.csv'}"])
   with pytest.raises(FileNotFoundError, match="no CSV file matches"):
-    beam_convert.convert(TEMPLATE, [("train", str(raw / "nothing-*.csv"))],
-                         str(tmp_path / "new"))
+    beam_convert.convert("csv", str(tmp_path / "new"), csv_schema=str(template),
+                         csv=[f"train:{raw / 'nothing-*.csv'}"])
+  assert not (tmp_path / "new").exists()
+  with pytest.raises(SystemExit) as exit_info:  # another source's option
+    beam_convert.main([f"--csv=train:{raw / 'eval.csv'}", f"--csv_schema={template}",
+                       f"--out_dir={tmp_path / 'new'}", "--census_dir=/x"])
+  assert exit_info.value.code == 2
+  assert "--census_dir belongs to --source=census; it does not apply to --source=csv" in (
+      capsys.readouterr().err)
 
-
-def test_publishing_file_by_file_moves_schema_last_and_replaces_old_dataset(tmp_path,
-                                                                          monkeypatch):
-  """The object-store path (no directory rename), run on local directories."""
-  old, new = tmp_path / "data", tmp_path / ".data.tmp-1"
-  for directory, content in ((old, b"old"), (new, b"new")):
-    directory.mkdir()
-    for name in ("train-00000-of-00001.tfrecord", "schema.json"):
-      (directory / name).write_bytes(content)
-  moved = []
-  rename = beam_convert.FileSystems.rename
-
-  def recording_rename(sources, destinations):
-    moved.extend(zip(sources, destinations))
-    rename(sources, destinations)
-
-  monkeypatch.setattr(beam_convert.FileSystems, "rename", recording_rename)
-  beam_convert.publish(str(new), str(old), by_file=True)
-  assert {p.name: p.read_bytes() for p in old.iterdir()} == {
-      "train-00000-of-00001.tfrecord": b"new", "schema.json": b"new"}
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
-  # The old dataset stops looking whole first; the new one looks whole only at the end.
-  assert moved[0][0] == str(old / "schema.json")
-  assert moved[-1] == (str(new / "schema.json"), str(old / "schema.json"))
-  assert len(moved) == 4
-
-
-@pytest.mark.parametrize("exchange", [True, False])
-def test_publishing_a_local_directory_replaces_the_old_dataset(tmp_path, monkeypatch,
-                                                               exchange):
-  old, new = tmp_path / "data", tmp_path / ".data.tmp-1"
-  for directory, content in ((old, b"old"), (new, b"new")):
-    directory.mkdir()
-    (directory / "schema.json").write_bytes(content)
-  if not exchange:  # where the OS cannot swap: the two-rename path
-    monkeypatch.setattr(beam_convert.writer_lib, "exchange_paths", lambda a, b: False)
-  beam_convert.publish(str(new), str(old), by_file=False)
-  assert (old / "schema.json").read_bytes() == b"new"
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

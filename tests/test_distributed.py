@@ -23,7 +23,7 @@ from mtl_zoo import metrics as metrics_lib
 from mtl_zoo._keras import keras
 from pipelines import reader
 from pipelines import schema as schema_lib
-from pipelines.datasets import synthetic_ads
+from pipelines.sources import SOURCES
 
 TIMEOUT = 240  # seconds for any one training process, on a loaded 2-core machine
 ENV = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
@@ -34,8 +34,9 @@ ENV["TF_CPP_MIN_LOG_LEVEL"] = "2"
 def two_shards(tmp_path_factory):
   """1,000 training impressions in two shards of 500; 400 for evaluation."""
   out = str(tmp_path_factory.mktemp("dist") / "ads")
-  synthetic_ads.write(out, num_train_requests=100, num_eval_requests=40, num_users=200,
-                      num_items=100, seed=1, num_shards=2)
+  SOURCES["synthetic"].write(out, num_shards=2, seed=1, synthetic_requests=100,
+                             synthetic_eval_requests=40, synthetic_users=200,
+                             synthetic_items=100)
   return out
 
 

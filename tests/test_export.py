@@ -12,6 +12,7 @@ from conftest import REPO
 from mtl_zoo import models, serving
 from pipelines import reader
 from pipelines import schema as schema_lib
+from pipelines import shards
 from tensorflow.core.protobuf import saved_model_pb2
 
 RELOAD = """
@@ -213,7 +214,7 @@ def test_predict_scores_files_in_both_layouts(exported, ads_dir, ads_schema, tmp
   assert list(rows[0]) == ["index", "request_id", "ctr", "cvr"]
   cols = reader.read_columns(os.path.join(ads_dir, "eval-*"), ads_schema)
   expected = model(ads_schema.split_packed(
-      tf.io.parse_example(tf.data.TFRecordDataset(reader.list_files(
+      tf.io.parse_example(tf.data.TFRecordDataset(shards.list_files(
           os.path.join(ads_dir, "eval-*"))).batch(1000).get_single_element(),
           ads_schema.training_parse_spec()))[0])
   np.testing.assert_allclose([float(r["ctr"]) for r in rows], expected["ctr"][:, 0], rtol=1e-4)

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import mtl_zoo
 from conftest import REPO, mixed_columns, mixed_schema
 from mtl_zoo import layers, serving as serving_lib
-from pipelines import integrity, reader
+from pipelines import integrity, reader, validation
 from pipelines import schema as schema_lib
 
 SCHEMA = mixed_schema()
@@ -75,7 +75,7 @@ def _starts(data: bytes) -> list:
 
 def _read(pattern, bad_records="fail", schema=SCHEMA, **kwargs):
   """(raw_id of every example read, in order, SkippedRecords)."""
-  skipped = reader.SkippedRecords()
+  skipped = validation.SkippedRecords()
   ds = reader.make_dataset(pattern, schema, 16, shuffle=False, shuffle_block=16,
                            bad_records=bad_records, skipped=skipped, **kwargs)
   ids = [i for features, _, _ in ds for i in features["raw_id"].numpy().tolist()]
@@ -111,7 +111,7 @@ def test_damaged_shard_fails_before_reading_naming_file_record_and_fix(damage, t
   path = tmp_path / "train.tfrecord"
   path.write_bytes(hurt(data, _starts(data)))
   # TensorFlow alone ends a shard cut inside a header silently, as if complete.
-  with pytest.raises(reader.BadRecordError,
+  with pytest.raises(validation.BadRecordError,
                      match=f"(?s){re.escape(str(path))}: record {record} .*{problem}"
                            ".*Rewrite these shards.*--bad_records=skip"):
     reader.make_dataset(str(path), SCHEMA, 8)
@@ -151,7 +151,7 @@ def test_damaged_gzip_shard_is_named_and_its_readable_part_skipped_to(tmp_path):
     path.write_bytes(data[:cut])
     assert integrity.scan_shards([str(path)])[0].damage, cut
   path.write_bytes(data[:len(data) * 2 // 3])
-  with pytest.raises(reader.BadRecordError, match=f"{re.escape(str(path))}: record .*GZIP"):
+  with pytest.raises(validation.BadRecordError, match=f"{re.escape(str(path))}: record .*GZIP"):
     reader.make_dataset(str(path), SCHEMA, 8)
   ids, skipped = _read(str(path), "skip")
   assert 0 < len(ids) < 30 and ids == _raw_ids(records)[:len(ids)]
@@ -166,7 +166,7 @@ NOT_TFRECORDS = {  # name: (file name, content, message)
 }
 
 
-@pytest.mark.parametrize("policy", reader.BAD_RECORD_POLICIES)
+@pytest.mark.parametrize("policy", validation.BAD_RECORD_POLICIES)
 @pytest.mark.parametrize("kind", sorted(NOT_TFRECORDS))
 def test_file_that_is_not_a_tfrecord_fails_under_both_policies(kind, policy, tmp_path):
   name, content, message = NOT_TFRECORDS[kind]
@@ -174,7 +174,7 @@ def test_file_that_is_not_a_tfrecord_fails_under_both_policies(kind, policy, tmp
   content = gzip.compress(plain) if content is None else (content or plain)
   (tmp_path / name).write_bytes(content)
   # The wrong file is not a bad record: skipping it would hide a mistake.
-  with pytest.raises(reader.BadRecordError, match=message):
+  with pytest.raises(validation.BadRecordError, match=message):
     reader.make_dataset(str(tmp_path / name), SCHEMA, 8, bad_records=policy)
 
 
@@ -282,7 +282,7 @@ def test_skip_leaves_out_exactly_the_bad_records_and_counts_each_once(tmp_path):
              + good[40:90] + whole_block + good[90:])
   unparsable = 1 + 2 + len(whole_block)
   path = _write(tmp_path / "train.tfrecord", records)
-  skipped = reader.SkippedRecords()
+  skipped = validation.SkippedRecords()
   ds = reader.make_dataset(path, SCHEMA, 32, shuffle_block=16, seed=0, bad_records="skip",
                            skipped=skipped)
   for epoch in range(2):
@@ -413,7 +413,7 @@ def cli(tmp_path_factory):
   cases = {name: [a.format(file=base / "file", data=bad) for a in argv]
                + [f"--output_dir={base}/out-{i}"]
            for i, (name, (argv, _)) in enumerate(sorted(FLAG_ERRORS.items()))}
-  for policy in reader.BAD_RECORD_POLICIES:
+  for policy in validation.BAD_RECORD_POLICIES:
     cases[f"bad data, {policy}"] = [
         f"--train_files={bad}/train-*", f"--eval_files={bad}/train-*", "--epochs=2",
         f"--bad_records={policy}", f"--model_dir={base}/{policy}", *small[1:]]
@@ -490,7 +490,7 @@ _ROW = st.fixed_dictionaries({
 
 
 def _valid(row) -> bool:
-  """The schema's value rules (reader.ValueRules), written out for mixed_schema."""
+  """The schema's value rules (validation.ValueRules), written out for mixed_schema."""
   return (not math.isinf(row["price"]) and not math.isinf(row["age"])
           and row["click"] in (0.0, 1.0)
           and (row["conversion"] in (0.0, 1.0)
@@ -502,7 +502,7 @@ def _valid(row) -> bool:
 def test_fuzz_reader_with_random_valid_examples(rows, tmp_path):
   path = _write(tmp_path / "fuzz.tfrecord", [SCHEMA.training_example(r) for r in rows])
   expected = sum(_valid(r) for r in rows)
-  skipped = reader.SkippedRecords()
+  skipped = validation.SkippedRecords()
   ds = reader.make_dataset(path, SCHEMA, 16, shuffle_block=16, seed=0, bad_records="skip",
                            skipped=skipped)
   embed = layers.feature_embedding(SCHEMA)
@@ -547,7 +547,7 @@ def test_fuzz_reader_with_damaged_shards(flip, value, cut, tmp_path):
   open(path, "wb").write(bytes(data[:cut]))
   try:
     ids, skipped = _read(path, "skip")
-  except reader.BadRecordError as e:
+  except validation.BadRecordError as e:
     assert (0 < cut < 12 or flip < min(cut, 12)) and "is not a TFRecord file" in str(e)
     return
   starts = _starts(bytes(data))
@@ -556,7 +556,7 @@ def test_fuzz_reader_with_damaged_shards(flip, value, cut, tmp_path):
   if not counts["unreadable_tails"]:  # every record begun before the cut is accounted for
     assert len(ids) + counts["corrupt"] == sum(start < cut for start in starts)
   if counts["total"] or counts["unreadable_tails"]:
-    with pytest.raises(reader.BadRecordError, match=f"{re.escape(path)}: record \\d+"):
+    with pytest.raises(validation.BadRecordError, match=f"{re.escape(path)}: record \\d+"):
       _read(path)
 
 
@@ -565,10 +565,10 @@ def test_fuzz_reader_with_damaged_shards(flip, value, cut, tmp_path):
 def test_fuzz_reader_with_random_files(content, tmp_path):
   path = str(tmp_path / "fuzz.tfrecord")
   open(path, "wb").write(content)
-  for policy in reader.BAD_RECORD_POLICIES:
+  for policy in validation.BAD_RECORD_POLICIES:
     try:
       _read(path, policy)
-    except reader.BadRecordError as e:
+    except validation.BadRecordError as e:
       assert path in str(e) and re.search("not a TFRecord|GZIP|: record \\d+", str(e))
     except (tf.errors.InvalidArgumentError, UnicodeDecodeError):  # framed, not our records
       assert policy == "fail" and reader.first_unparsable(path, SCHEMA)[0] == path

@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 
 from mtl_zoo import losses
-from pipelines import reader
+from pipelines import targets
 from pipelines import schema as schema_lib
 
 
@@ -18,7 +18,7 @@ def test_relevance_is_the_grade_of_the_highest_graded_event():
                          ranking_loss="listwise")
   columns = {"click": tf.constant([0., 1., 1., 1., 0.]), "cart": tf.constant([0., 0., 1., 1., 1.]),
              "purchase": tf.constant([0., 0., 0., 1., 0.])}
-  assert reader.relevance_grade(task, columns).numpy().ravel().tolist() == [0, 1, 2, 3, 2]
+  assert targets.relevance_grade(task, columns).numpy().ravel().tolist() == [0, 1, 2, 3, 2]
 
 
 def test_pairwise_loss_matches_hand_computation_and_ignores_padding():

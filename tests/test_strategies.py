@@ -12,6 +12,7 @@ from mtl_zoo import models
 from mtl_zoo import strategies
 from pipelines import reader
 from pipelines import schema as schema_lib
+from pipelines import shards, validation
 
 
 def test_group_by_request_pads_masks_and_keeps_file_order():
@@ -63,11 +64,11 @@ def test_examples_past_list_size_are_counted(ads_dir, ads_schema):
   short = strategies.learning_to_rank_schema(ads_schema, {"conversion": 2, "click": 1},
                                              list_size=4)
   expected = 0
-  for path in reader.list_files(f"{ads_dir}/train-*"):  # a shard is read in one block
+  for path in shards.list_files(f"{ads_dir}/train-*"):  # a shard is read in one block
     requests = reader.read_columns(path, short)["request_id"].tolist()
     expected += sum(max(0, requests.count(r) - 4) for r in set(requests))
   assert expected > 0
-  overflow = reader.ListOverflow()
+  overflow = validation.ListOverflow()
   ds = reader.make_dataset(f"{ads_dir}/train-*", short, batch_size=40, shuffle=False,
                            shuffle_block=100_000, list_overflow=overflow)
   kept = sum(float(tf.reduce_sum(w["relevance"])) for _, _, w in ds)

@@ -6,14 +6,22 @@ an item and its conversion factors are correlated but not equal, so CTR and CVR
 are related tasks that disagree in places (the click-bait item that converts
 badly exists). A conversion only happens after a click. Everything is drawn from
 one seeded generator, so the same seed gives the same log.
+
+The log is drawn and written in chunks of CHUNK_REQUESTS requests, each from a
+generator of its own, so memory stays bounded at any size; the first chunk's
+generator is the seed's, so a log of up to CHUNK_REQUESTS requests (the
+default's 12,000 included) is the one a single draw gives.
 """
 
-from typing import Dict
+from typing import Dict, Iterator, Optional
 
 import numpy as np
 
 from pipelines import schema as schema_lib
 from pipelines import writer as writer_lib
+from pipelines.sources import base
+
+CHUNK_REQUESTS = 20_000
 
 LATENT_DIM = 8
 NUM_SEGMENTS = 8
@@ -72,17 +80,29 @@ class AdsWorld:
     self.item_quality = rng.normal(size=num_items)
     # Tags follow the category (a few typical tags) plus noise.
     category_tags = rng.integers(0, NUM_TAGS, (NUM_CATEGORIES, 3))
-    self.item_tags = []
+    # Each item's tags, padded with -1 to MAX_TAGS (the training layout's form).
+    self.item_tags = np.full((num_items, MAX_TAGS), schema_lib.LIST_PADDING_ID, np.int64)
     for i in range(num_items):
       n = rng.integers(1, MAX_TAGS + 1)
       own = list(category_tags[self.item_category[i]][: max(1, n - 1)])
-      self.item_tags.append(own + list(rng.integers(0, NUM_TAGS, n - len(own))))
+      self.item_tags[i, :n] = own + list(rng.integers(0, NUM_TAGS, n - len(own)))
     self.hour_effect = 0.3 * np.sin(np.arange(NUM_HOURS) / NUM_HOURS * 2 * np.pi)
     self.device_effect = np.array([0.0, -0.2, 0.15])
 
   def sample_log(self, num_requests: int, impressions_per_request: int,
-                 seed: int, first_request_id: int = 0) -> Dict[str, np.ndarray]:
-    """Columns of `num_requests * impressions_per_request` impressions."""
+                 seed, first_request_id: int = 0) -> Dict[str, np.ndarray]:
+    """Columns of `num_requests * impressions_per_request` impressions.
+
+    Args:
+      num_requests: requests to draw.
+      impressions_per_request: items shown per request.
+      seed: what `np.random.default_rng` takes (an int, or a list of ints).
+      first_request_id: the first request's id (ids are consecutive).
+
+    Returns:
+      Feature and label columns; item_tags as an int64 array [impressions,
+      MAX_TAGS] padded with -1.
+    """
     rng = np.random.default_rng(seed)
     n = num_requests * impressions_per_request
     user = np.repeat(rng.integers(0, self.num_users, num_requests), impressions_per_request)
@@ -104,7 +124,7 @@ class AdsWorld:
     return {
         "user_id": user, "user_segment": self.user_segment[user], "item_id": item,
         "item_category": self.item_category[item], "hour": hour, "device": device,
-        "position": position, "item_tags": [self.item_tags[i] for i in item],
+        "position": position, "item_tags": self.item_tags[item],
         "price": self.price[item], "user_activity": self.user_activity[user],
         "item_quality": self.item_quality[item],
         "click": click.astype(np.float32), "conversion": conversion.astype(np.float32),
@@ -117,18 +137,44 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
   return 1.0 / (1.0 + np.exp(-x))
 
 
-def write(out_dir: str, num_train_requests: int = 12_000, num_eval_requests: int = 3_000,
-          impressions_per_request: int = 10, num_users: int = 2000, num_items: int = 1000,
-          seed: int = 0, num_shards: int = 4, compression=None,
-          overwrite: bool = False) -> schema_lib.Schema:
-  """Generates the log and writes `train` and `eval` splits plus schema.json."""
-  world = AdsWorld(num_users, num_items, seed)
-  train = world.sample_log(num_train_requests, impressions_per_request, seed + 1)
-  evaluation = world.sample_log(num_eval_requests, impressions_per_request, seed + 2,
-                                first_request_id=num_train_requests)
-  schema = writer_lib.with_numeric_statistics(
-      make_schema(num_users, num_items, impressions_per_request), train)
-  with writer_lib.DatasetWriter(out_dir, schema, compression, overwrite) as w:
-    w.write_split("train", train, num_shards)
-    w.write_split("eval", evaluation, max(1, num_shards // 4))
-  return schema
+def sample_chunks(world: AdsWorld, num_requests: int, impressions_per_request: int,
+                  seed: int, first_request_id: int = 0) -> Iterator[Dict[str, np.ndarray]]:
+  """The log of `num_requests` requests in chunks of CHUNK_REQUESTS requests:
+  chunk k drawn with seed [seed, k] (the first with `seed` itself)."""
+  for k, start in enumerate(range(0, num_requests, CHUNK_REQUESTS)):
+    yield world.sample_log(min(CHUNK_REQUESTS, num_requests - start), impressions_per_request,
+                           seed if k == 0 else [seed, k], first_request_id + start)
+
+
+class SyntheticAdsSource(base.Source):
+  """The built-in synthetic ads log: `train` and `eval` splits of impressions."""
+
+  name = "synthetic"
+  description = "the built-in synthetic ads log (click, conversion)"
+  options = (
+      base.Option("synthetic_requests", 12_000, int, "synthetic: training requests (10 "
+                  "impressions each); eval gets a quarter as many.", lower_bound=1),
+      base.Option("synthetic_eval_requests", None, int, "synthetic: eval requests "
+                  "(default: a quarter of --synthetic_requests).", lower_bound=1),
+      base.Option("synthetic_users", 2000, int, "synthetic: users in the log.",
+                  lower_bound=1),
+      base.Option("synthetic_items", 1000, int, "synthetic: items in the log.",
+                  lower_bound=1),
+  )
+
+  def convert(self, out_dir: str, *, num_shards: int, compression: Optional[str],
+              overwrite: bool, seed: int, synthetic_requests: int,
+              synthetic_eval_requests: Optional[int], synthetic_users: int,
+              synthetic_items: int) -> schema_lib.Schema:
+    impressions = 10
+    eval_requests = synthetic_eval_requests or max(1, synthetic_requests // 4)
+    world = AdsWorld(synthetic_users, synthetic_items, seed)
+    schema = make_schema(synthetic_users, synthetic_items, impressions)
+    with writer_lib.DatasetWriter(out_dir, schema, compression, overwrite,
+                                  statistics_split="train", verbose=True) as w:
+      w.write_chunks("train", sample_chunks(world, synthetic_requests, impressions, seed + 1),
+                     synthetic_requests * impressions, num_shards)
+      w.write_chunks("eval", sample_chunks(world, eval_requests, impressions, seed + 2,
+                                           first_request_id=synthetic_requests),
+                     eval_requests * impressions, max(1, num_shards // 4))
+    return w.schema

@@ -1,0 +1,28 @@
+"""Data sources: one module per source behind one protocol (`base.Source`), and
+the SOURCES table that `pipelines.convert`, `pipelines.beam_convert` and the
+train runner's built-in data all look names up in.
+
+  from pipelines.sources import SOURCES
+  schema = SOURCES["synthetic"].write("data/ads", num_shards=4, seed=0,
+                                      synthetic_requests=12_000)
+
+A new source is a module with a `base.Source` subclass, plus one line here; one
+defined elsewhere is registered the same way (`SOURCES["toy"] = ToySource()`)
+before anything looks it up (for `pipelines.convert`'s flags: before it is
+imported).
+"""
+
+from typing import Dict
+
+from pipelines.sources import base
+from pipelines.sources import census
+from pipelines.sources import csv
+from pipelines.sources import mmoe_synthetic
+from pipelines.sources import synthetic_ads
+
+SOURCES: Dict[str, base.Source] = {
+    "synthetic": synthetic_ads.SyntheticAdsSource(),
+    "census": census.CensusSource(),
+    "csv": csv.CsvSource(),
+    "mmoe_synthetic": mmoe_synthetic.MmoeSyntheticSource(),
+}
