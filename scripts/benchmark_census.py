@@ -237,7 +237,7 @@ def main(argv):
 
   print(f"uncached reader / training at batch {default_batch}: "
         f"{uncached / rows[0][1]:.2f}x (target >= 2x)")
-  print("\nbatch | ours, 5-epoch avg ex/s | DeepCTR ex/s | ours / DeepCTR | "
+  print(f"\nbatch | ours, {FLAGS.epochs}-epoch avg ex/s | DeepCTR ex/s | ours / DeepCTR | "
         "epoch 1 / later epochs")
   for batch, ours, theirs, first_ratio in rows:
     their_text, ratio = (f"{theirs:,.0f}", f"{ours / theirs:.2f}x") if theirs else ("-", "-")
