@@ -36,6 +36,7 @@ from mtl_zoo.config import ConfigError, RunConfig
 from pipelines import files
 from pipelines import reader
 from pipelines import schema as schema_lib
+from pipelines import shards
 from pipelines import targets
 from pipelines import validation
 from pipelines.sources import SOURCES
@@ -208,9 +209,9 @@ def resolve_data(config: RunConfig) -> Tuple[str, Optional[str], schema_lib.Sche
   else:
     train, evaluation = _builtin_data(config)
   try:
-    train_files = reader.list_files(train)
+    train_files = shards.list_files(train)
     if evaluation:
-      reader.list_files(evaluation)
+      shards.list_files(evaluation)
   except FileNotFoundError as e:
     raise DataError(str(e)) from None
   try:
@@ -368,7 +369,7 @@ def setup_distribution(config: RunConfig, cluster: dict):
     workers = distribute.num_workers(config.distribution, cluster)
     if workers > 1:
       try:
-        num_files = len(reader.list_files(config.train_files))
+        num_files = len(shards.list_files(config.train_files))
       except FileNotFoundError as e:
         raise DataError(str(e)) from None
       if num_files < workers:
@@ -423,7 +424,7 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
   """
   chief = distribute.is_chief(cluster)
   duplicate_task = strategies.ENGAGEMENT_TASK if config.option("duplicate") else None
-  train_files = reader.list_files(train_pattern)
+  train_files = shards.list_files(train_pattern)
   skipped = {"train": validation.SkippedRecords()}
   list_overflow = validation.ListOverflow() if schema.list_size else None
   # The counting pass also finds damaged shards, empty data and, with
