@@ -18,8 +18,7 @@ from typing import Any, Dict, List, Tuple
 
 from absl import app, flags
 
-from pipelines.sources import SOURCES
-from pipelines.sources.base import Option
+from pipelines.sources import SOURCES, Option
 
 FLAGS = flags.FLAGS
 # Option type -> the absl flag that parses it.

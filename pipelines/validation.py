@@ -8,14 +8,11 @@ under "skip" each is left out -- never the good records around it -- and
 counted (`SkippedRecords`).
 """
 
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
 from pipelines import schema as schema_lib
-
-if TYPE_CHECKING:  # integrity imports this module for BadRecordError
-  from pipelines.integrity import Damage
 
 FAIL = "fail"
 SKIP = "skip"
@@ -34,8 +31,9 @@ def check_policy(bad_records: str) -> None:
                      f"{bad_records!r}.")
 
 
-def damaged_error(damage: Sequence["Damage"]) -> BadRecordError:
-  """The error for damaged shards under "fail": the first five places, and the fix."""
+def damaged_error(damage: Sequence) -> BadRecordError:
+  """The error for damaged shards under "fail": the first five places (each an
+  `integrity.Damage`), and the fix."""
   listed = "\n  ".join(str(d) for d in damage[:5])
   more = f"\n  ... and {len(damage) - 5} more" if len(damage) > 5 else ""
   return BadRecordError(
@@ -57,7 +55,7 @@ class SkippedRecords:
   """
 
   def __init__(self):
-    self.damage: List["Damage"] = []
+    self.damage: List = []  # integrity.Damage (integrity imports this module)
     with tf.init_scope():  # a plain CPU variable, also when built inside a function
       self._counts = tf.Variable(tf.zeros([2], tf.int64), trainable=False,
                                  name="skipped_records")

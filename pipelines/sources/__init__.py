@@ -6,7 +6,7 @@ train runner's built-in data all look names up in.
   schema = SOURCES["synthetic"].write("data/ads", num_shards=4, seed=0,
                                       synthetic_requests=12_000)
 
-A new source is a module with a `base.Source` subclass, plus one line here; one
+A new source is a module with a `Source` subclass, plus one line here; one
 defined elsewhere is registered the same way (`SOURCES["toy"] = ToySource()`)
 before anything looks it up (for `pipelines.convert`'s flags: before it is
 imported).
@@ -14,15 +14,15 @@ imported).
 
 from typing import Dict
 
-from pipelines.sources import base
-from pipelines.sources import census
-from pipelines.sources import csv
-from pipelines.sources import mmoe_synthetic
-from pipelines.sources import synthetic_ads
+from pipelines.sources.base import Option, Source
+from pipelines.sources.census import CensusSource
+from pipelines.sources.csv import CsvSource
+from pipelines.sources.mmoe_synthetic import MmoeSyntheticSource
+from pipelines.sources.synthetic_ads import SyntheticAdsSource
 
-SOURCES: Dict[str, base.Source] = {
-    "synthetic": synthetic_ads.SyntheticAdsSource(),
-    "census": census.CensusSource(),
-    "csv": csv.CsvSource(),
-    "mmoe_synthetic": mmoe_synthetic.MmoeSyntheticSource(),
+SOURCES: Dict[str, Source] = {
+    "synthetic": SyntheticAdsSource(),
+    "census": CensusSource(),
+    "csv": CsvSource(),
+    "mmoe_synthetic": MmoeSyntheticSource(),
 }

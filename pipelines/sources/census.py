@@ -29,7 +29,7 @@ from pipelines import progress as progress_lib
 from pipelines import schema as schema_lib
 from pipelines import writer as writer_lib
 from pipelines.sources import base
-from pipelines.sources import csv as csv_source
+from pipelines.sources import csv_reading
 
 COLUMNS = [
     "age", "class_worker", "det_ind_code", "det_occ_code", "education", "wage_per_hour",
@@ -75,7 +75,7 @@ def read_blocks(path: str, columns: List[str]) -> Iterator[Dict[str, pa.Array]]:
         f"census file {path} not found; pass the folder holding {TRAIN_FILE} and "
         f"{TEST_FILE} (UCI Census-Income (KDD)).")
   try:
-    for batch in csv_source.read_blocks(path, columns, column_names=COLUMNS):
+    for batch in csv_reading.read_blocks(path, columns, column_names=COLUMNS):
       yield _trimmed(batch)
   except ValueError as e:
     raise ValueError(f"{e}; is this a Census-Income (KDD) file?") from None
@@ -149,7 +149,7 @@ class CensusSource(base.Source):
 
 def _vocabularies(train_path: str):
   """(feature -> vocabulary, rows) of the training file."""
-  counts = {c: csv_source.TokenCounts() for c in CATEGORICAL}
+  counts = {c: csv_reading.TokenCounts() for c in CATEGORICAL}
   progress = progress_lib.Progress("train: counted vocabularies of")
   for raw in read_blocks(train_path, CATEGORICAL):
     for c in CATEGORICAL:
@@ -169,7 +169,7 @@ def _encoder(vocabularies: Dict[str, List[str]]) -> Callable:
       found = pc.index_in(pc.fill_null(raw[c], ""), value_set=lookups[c])
       columns[c] = pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
     for c in NUMERIC:
-      columns[c] = csv_source.numbers(raw[c], c, path, first_row)
+      columns[c] = csv_reading.numbers(raw[c], c, path, first_row)
     columns.update(label_columns(raw))
     return columns
 

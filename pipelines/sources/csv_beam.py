@@ -2,9 +2,9 @@
 that outgrows one machine; imported only when Beam runs it (extra `beam`).
 
 It writes the same records and the same schema as the single-process CSV
-source: both read with csv.py's `read_blocks` and encode with its `Encoder`,
-`tokens` and `numbers`, and order vocabularies as `writer.vocabulary_from_counts`
-does; only the aggregation differs (strings are counted per (feature, string)
+source: both read with csv_reading.py's `read_blocks`, encode with its
+`Encoder`, `tokens` and `numbers`, and order vocabularies as
+`writer.vocabulary_from_counts` does; only the aggregation differs (strings are counted per (feature, string)
 and merged; mean/std are merged from per-chunk `writer.Moments`). Records are
 the same multiset, in an order and shard assignment that are the runner's.
 
@@ -28,7 +28,7 @@ from pipelines import files
 from pipelines import records as records_lib
 from pipelines import schema as schema_lib
 from pipelines import writer as writer_lib
-from pipelines.sources import csv as csv_source
+from pipelines.sources import csv_reading
 
 # Rows per chunk: large enough that per-element overhead vanishes next to encoding,
 # small enough that a worker holds many chunks at once.
@@ -49,7 +49,7 @@ class _ReadChunks(beam.DoFn):
     path = readable_file.metadata.path
     with readable_file.open() as raw:
       first_row = 2  # row 1 is the header
-      for batch in csv_source.read_blocks(path, self._needed, source=raw):
+      for batch in csv_reading.read_blocks(path, self._needed, source=raw):
         for start in range(0, batch.num_rows, self._chunk_rows):
           part = batch.slice(start, self._chunk_rows)
           yield path, first_row + start, {c: part.column(i).to_pylist()
@@ -61,7 +61,7 @@ def _count_tokens(chunk: Chunk, features: Dict[str, str], list_separator: str):
   """A chunk -> ((feature, string), count) for every vocabulary string in it."""
   data = chunk[2]
   for name, kind in features.items():
-    counted = pc.value_counts(csv_source.tokens(data[name], kind, list_separator)[0])
+    counted = pc.value_counts(csv_reading.tokens(data[name], kind, list_separator)[0])
     for token, count in zip(counted.field("values").to_pylist(),
                             counted.field("counts").to_pylist()):
       yield (name, token), count
@@ -107,7 +107,7 @@ class _MomentsFn(beam.CombineFn):
     path, first_row, data = chunk
     for f in self._features:
       values = writer_lib.statistic_values(
-          f, csv_source.numbers(data[f.name], f.name, path, first_row))
+          f, csv_reading.numbers(data[f.name], f.name, path, first_row))
       accumulator[f.name] = accumulator[f.name].merge(writer_lib.Moments.of(values))
     return accumulator
 
@@ -124,7 +124,7 @@ class _MomentsFn(beam.CombineFn):
 
 def _complete_schema(_, template: dict, vocabularies: Dict[str, List[str]],
                      moments: Dict[str, writer_lib.Moments]) -> str:
-  schema = csv_source.schema_with_vocabularies(template, vocabularies)
+  schema = csv_reading.schema_with_vocabularies(template, vocabularies)
   return writer_lib.with_statistics(schema, moments).to_json()
 
 
@@ -134,13 +134,13 @@ class _EncodeChunk(beam.DoFn):
   def __init__(self, list_separator: str):
     self._list_separator = list_separator
     self._schema_json: Optional[str] = None
-    self._encoder: Optional[csv_source.Encoder] = None
+    self._encoder: Optional[csv_reading.Encoder] = None
 
   def process(self, chunk: Chunk, schema_json: str,
               vocabularies: Dict[str, List[str]]) -> Iterator[bytes]:
     if schema_json != self._schema_json:  # build the encoder once per worker
       self._schema_json = schema_json
-      self._encoder = csv_source.Encoder(schema_lib.Schema.from_json(schema_json),
+      self._encoder = csv_reading.Encoder(schema_lib.Schema.from_json(schema_json),
                                          vocabularies, self._list_separator)
     path, first_row, data = chunk
     columns = self._encoder.encode(data, path, first_row)
@@ -172,9 +172,9 @@ def build(pipeline: beam.Pipeline, template: dict, splits: Sequence[Tuple[str, s
     list_separator: what separates the values of a categorical_list cell.
   """
   for name, pattern in splits:  # fail now, before any worker starts
-    csv_source.match_files(name, pattern)
-  string_features = csv_source.vocabulary_features(template)
-  numeric = csv_source.schema_with_vocabularies(
+    csv_reading.match_files(name, pattern)
+  string_features = csv_reading.vocabulary_features(template)
+  numeric = csv_reading.schema_with_vocabularies(
       template, {name: [] for name in string_features}).numeric  # validates the template
   chunks = []
   for name, pattern in splits:
@@ -182,7 +182,7 @@ def build(pipeline: beam.Pipeline, template: dict, splits: Sequence[Tuple[str, s
         pipeline
         | f"Match {name}" >> fileio.MatchFiles(pattern)
         | f"Open {name}" >> fileio.ReadMatches()
-        | f"Read {name}" >> beam.ParDo(_ReadChunks(csv_source.needed_columns(template),
+        | f"Read {name}" >> beam.ParDo(_ReadChunks(csv_reading.needed_columns(template),
                                                    CHUNK_ROWS))
         | f"Spread {name}" >> beam.Reshuffle())
   vocabularies = (
