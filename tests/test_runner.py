@@ -10,6 +10,9 @@ import tensorflow as tf
 
 from mtl_zoo import balancers, runner
 from mtl_zoo.config import ConfigError, RunConfig
+from pipelines import schema as schema_lib
+from pipelines import writer as writer_lib
+from pipelines.sources import SOURCES, Option, Source
 
 
 class FavourFirstTask(balancers.LossBalancer):
@@ -45,6 +48,51 @@ def test_a_balancer_registered_from_outside_trains_through_the_runner(
   (version,) = os.listdir(tmp_path / "export")
   served = tf.saved_model.load(str(tmp_path / "export" / version))
   assert set(served.signatures) >= {"serving_default", "features"}
+
+
+class TwoTaskToySource(Source):
+  """A toy source from outside the package: `toy_rows` rows of one numeric
+  feature x, task "up" (x > 0) and task "far" (|x| > 1)."""
+
+  name = "toy"
+  description = "x -> (x > 0, |x| > 1)"
+  options = (Option("toy_rows", 400, int, "toy: training rows.", lower_bound=1),)
+
+  def convert(self, out_dir, *, num_shards, compression, overwrite, seed, toy_rows):
+    schema = schema_lib.Schema(
+        [schema_lib.Feature("x", schema_lib.NUMERIC)], ["up", "far"],
+        [schema_lib.Task("up", "up", schema_lib.BINARY),
+         schema_lib.Task("far", "far", schema_lib.BINARY)], name="toy")
+    rng = np.random.default_rng(seed)
+
+    def columns(n):
+      x = rng.normal(size=n)
+      return {"x": x, "up": (x > 0).astype(np.float32),
+              "far": (np.abs(x) > 1).astype(np.float32)}
+
+    with writer_lib.DatasetWriter(out_dir, schema, compression, overwrite,
+                                  statistics_split="train") as w:
+      w.write_split("train", columns(toy_rows), num_shards)
+      w.write_split("eval", columns(200))
+    return w.schema
+
+
+def test_a_source_registered_from_outside_is_the_runs_built_in_data(tmp_path, monkeypatch):
+  monkeypatch.setitem(SOURCES, "toy", TwoTaskToySource())
+  config = RunConfig(source="toy", source_options={"toy_rows": 2000}, model="shared_bottom",
+                     hyperparameters={"bottom_units": [8], "tower_units": []}, epochs=4,
+                     batch_size=100, learning_rate=3e-2, output_dir=str(tmp_path), quiet=True)
+  result = runner.run(config)
+  assert result.schema.task_names == ["up", "far"]
+  (data_dir,) = os.listdir(tmp_path / "data")
+  assert data_dir == "toy-toy_rows=2000-seed0"
+  assert result.summary["steps_per_epoch"] == 20  # 2,000 rows in batches of 100
+  assert result.summary["eval"]["up"]["auc"] > 0.95  # x > 0 is learnt from x
+  (version,) = os.listdir(tmp_path / "export" / "shared_bottom")
+  assert (tmp_path / "export" / "shared_bottom" / version / "saved_model.pb").exists()
+  with pytest.raises(ConfigError, match="source 'toy': option toy_rows must be at least 1"):
+    runner.run(RunConfig(source="toy", source_options={"toy_rows": 0},
+                         output_dir=str(tmp_path / "again"), quiet=True))
 
 
 def test_a_config_that_does_not_apply_is_refused_before_any_work(tmp_path):
