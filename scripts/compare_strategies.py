@@ -162,8 +162,8 @@ def main(argv):
     data_dir, data_name = FLAGS.data_dir, os.path.basename(os.path.normpath(FLAGS.data_dir))
   else:
     data_name = "synthetic"
-    data_dir = os.path.join(REPO, "mtl_zoo_output", "data",
-                            f"synthetic_ads-{FLAGS.synthetic_requests}-seed0")
+    data_dir = os.path.join(REPO, "mtl_zoo_output", "data",  # where the train CLI puts it
+                            f"synthetic-synthetic_requests={FLAGS.synthetic_requests}-seed0")
     if not os.path.exists(os.path.join(data_dir, schema_lib.SCHEMA_FILENAME)):
       SOURCES["synthetic"].write(data_dir, synthetic_requests=FLAGS.synthetic_requests)
   schema = schema_lib.Schema.load(data_dir)
