@@ -483,6 +483,7 @@ def test_csv_streams_a_file_pattern_block_by_block(tmp_path, monkeypatch):
                                csv=[f"train:{tmp_path / 'all.csv'}",
                                     f"eval:{tmp_path / 'eval.csv'}"])
   from pipelines.sources import csv_reading
+  monkeypatch.setattr(csv_reading, "READ_BYTES", 128)
   monkeypatch.setattr(csv_reading, "BLOCK_BYTES", 256)
   monkeypatch.setattr(writer_lib, "ENCODE_ROWS", 7)
   streamed = SOURCES["csv"].write(str(tmp_path / "streamed"), num_shards=3,

@@ -9,6 +9,7 @@ column. Strings become ids through vocabularies counted in bounded memory
 (`TokenCounts`) and looked up block by block (`Encoder`).
 """
 
+import io
 import json
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -21,9 +22,11 @@ import tensorflow as tf
 from pipelines import files
 from pipelines import schema as schema_lib
 
-# Bytes of CSV parsed at once: large enough that per-block costs (the
-# vocabulary lookup's hash table among them) vanish, small enough to stay a
-# few tens of MB in memory.
+# Bytes pyarrow parses at once. Its streaming reader reads up to 32 such blocks
+# ahead of the parser (a whole smaller file), so this bounds memory.
+READ_BYTES = 1 << 20
+# Bytes of parsed columns handed on at once: large enough that per-block costs
+# (the vocabulary lookup's hash table among them) vanish.
 BLOCK_BYTES = 16 << 20
 # Value counts held before they are merged: bounds the first pass's memory
 # by the vocabularies' size.
@@ -94,18 +97,40 @@ def match_files(split: str, pattern: str) -> List[str]:
 
 # ------------------------------------------------------------------- reading
 
+class _GFileReader(io.RawIOBase):
+  """A file on any TensorFlow filesystem (local, gs://, ...) as the raw binary
+  stream that pyarrow reads through Python."""
+
+  def __init__(self, path: str):
+    super().__init__()
+    self._file = tf.io.gfile.GFile(path, "rb")
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buffer) -> int:
+    data = self._file.read(len(buffer))
+    buffer[:len(data)] = data
+    return len(data)
+
+  def close(self) -> None:
+    if not self.closed:
+      self._file.close()
+    super().close()
+
+
 def _input(path: str):
-  """What pyarrow reads `path` from: the path itself where local (pyarrow reads
-  it fastest, decompressing .gz), else a TensorFlow file (gs://, ...)."""
-  if files.is_local(path):
-    return path[len("file://"):] if path.startswith("file://") else path
-  stream = pa.PythonFile(tf.io.gfile.GFile(path, "rb"), mode="r")
+  """What pyarrow reads `path` from: a stream read through Python, one block at
+  a time. (Given a path or a native file, pyarrow reads the whole file ahead of
+  the parser, so memory would grow with the file.)"""
+  stream = pa.PythonFile(_GFileReader(path), mode="r")
   return pa.CompressedInputStream(stream, "gzip") if path.endswith(".gz") else stream
 
 
 def read_blocks(path: str, columns: Sequence[str], column_names: Optional[Sequence[str]] = None,
-                block_bytes: int = BLOCK_BYTES, source=None) -> Iterator[pa.RecordBatch]:
-  """The given columns of a CSV file, as strings, block by block.
+                source=None) -> Iterator[pa.RecordBatch]:
+  """The given columns of a CSV file, as strings, block by block (of about
+  BLOCK_BYTES of parsed columns; memory stays bounded whatever the file's size).
 
   Empty cells are null. Quoted cells may hold the delimiter and newlines.
 
@@ -114,7 +139,6 @@ def read_blocks(path: str, columns: Sequence[str], column_names: Optional[Sequen
     columns: the columns to read (others are skipped without conversion).
     column_names: the columns of a file without a header row (None: the
       first row is the header).
-    block_bytes: bytes parsed per block.
     source: an open binary file to read instead of opening `path`.
 
   Yields:
@@ -125,17 +149,17 @@ def read_blocks(path: str, columns: Sequence[str], column_names: Optional[Sequen
     FileNotFoundError: `path` does not exist.
     ValueError: the file is not a CSV file pyarrow can parse (named).
   """
-  read_options = pa_csv.ReadOptions(block_size=block_bytes,
+  read_options = pa_csv.ReadOptions(block_size=READ_BYTES,
                                     column_names=list(column_names) if column_names else None)
   parse_options = pa_csv.ParseOptions(newlines_in_values=True)
   convert_options = pa_csv.ConvertOptions(
       include_columns=list(columns), column_types={c: pa.string() for c in columns},
       strings_can_be_null=True, null_values=[""])
+  if source is None and not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f"CSV file {path} does not exist.")
   try:
     reader = pa_csv.open_csv(source if source is not None else _input(path), read_options,
                              parse_options, convert_options)
-  except FileNotFoundError:
-    raise FileNotFoundError(f"CSV file {path} does not exist.") from None
   except pa.ArrowKeyError:
     header = pa_csv.open_csv(_input(path), pa_csv.ReadOptions(block_size=1 << 16),
                              parse_options).schema.names
@@ -145,14 +169,27 @@ def read_blocks(path: str, columns: Sequence[str], column_names: Optional[Sequen
         f"{header}.") from None
   except pa.ArrowInvalid as e:
     raise ValueError(f"{path} cannot be read as CSV: {e}") from None
+  pending, size = [], 0
   while True:
     try:
       batch = reader.read_next_batch()
     except StopIteration:
-      return
+      break
     except pa.ArrowInvalid as e:
       raise ValueError(f"{path} cannot be read as CSV: {e}") from None
-    yield batch  # its columns in `columns` order, as include_columns gives them
+    pending.append(batch)  # its columns in `columns` order, as include_columns gives them
+    size += batch.nbytes
+    if size >= BLOCK_BYTES:
+      yield _joined(pending)
+      pending, size = [], 0
+  if pending:
+    yield _joined(pending)
+
+
+def _joined(batches: List[pa.RecordBatch]) -> pa.RecordBatch:
+  if len(batches) == 1:
+    return batches[0]
+  return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
 
 
 # -------------------------------------------------------- cells -> columns
