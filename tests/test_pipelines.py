@@ -406,7 +406,7 @@ def test_sources_are_a_registry_with_declared_options(tmp_path, monkeypatch):
     SOURCES["synthetic"].write(str(tmp_path / "a"), csv=["train:x.csv"])
   with pytest.raises(ValueError, match="option synthetic_requests must be at least 1"):
     SOURCES["synthetic"].write(str(tmp_path / "a"), synthetic_requests=0)
-  with pytest.raises(ValueError, match="option census_group must be a int, got '1'"):
+  with pytest.raises(ValueError, match="option census_group must be of type int, got '1'"):
     SOURCES["census"].write(str(tmp_path / "a"), census_group="1")
   assert not (tmp_path / "a").exists()
 

@@ -50,8 +50,18 @@ class Option:
                       f"{[t.__name__ for t in OPTION_TYPES]}, got {self.type!r}.")
 
   def check(self, value: Any, source: str) -> Any:
-    """The value, checked against the type and bound (a list may be given as a
-    comma-separated string)."""
+    """Checks a value given for this option.
+
+    Args:
+      value: the value (None: not given); a list may be a comma-separated string.
+      source: the source's name, for errors.
+
+    Returns:
+      The value (a list as a list).
+
+    Raises:
+      ValueError: the value has another type, or is below `lower_bound`.
+    """
     if value is None:
       return None
     if self.type is list and isinstance(value, str):
@@ -65,7 +75,7 @@ class Option:
     else:
       right = isinstance(value, self.type)
     if not right:
-      raise ValueError(f"source {source!r}: option {self.name} must be a "
+      raise ValueError(f"source {source!r}: option {self.name} must be of type "
                        f"{self.type.__name__}, got {value!r}.")
     if self.lower_bound is not None and value < self.lower_bound:
       raise ValueError(f"source {source!r}: option {self.name} must be at least "

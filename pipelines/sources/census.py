@@ -96,6 +96,8 @@ def label_columns(raw: Dict[str, pa.Array]) -> Dict[str, np.ndarray]:
 
 
 def make_schema(group: int, vocabularies: Dict[str, List[str]]) -> schema_lib.Schema:
+  """The schema of one group (1 or 2), its categorical features sized by
+  `vocabularies` (numeric statistics still to be filled)."""
   if group not in GROUP_TASKS:
     raise ValueError(f"census group must be 1 or 2, got {group!r}.")
   features = [schema_lib.Feature(c, "categorical", vocab_size=len(vocabularies[c]),
