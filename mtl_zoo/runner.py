@@ -229,22 +229,29 @@ def resolve_data(config: RunConfig) -> Tuple[str, Optional[str], schema_lib.Sche
 
 
 def _builtin_data(config: RunConfig) -> Tuple[str, str]:
-  """(train, eval) patterns of the source's data, written if missing."""
+  """(train, eval) patterns of the source's data, written if missing, in a
+  directory named by the source, its options that differ from their defaults
+  and the seed."""
   try:
     source = SOURCES[config.source]
   except KeyError:
     raise ConfigError(f"--source={config.source} is not a data source; choose one of "
                       f"{sorted(SOURCES)}.") from None
-  options = ",".join(f"{k}={v}" for k, v in sorted(config.source_options.items()))
+  try:
+    values = source.option_values(config.source_options)
+  except ValueError as e:
+    raise ConfigError(f"--source={config.source}: {e}") from None
+  changed = "".join(f"-{o.name}={values[o.name]}" for o in source.options
+                    if values[o.name] != o.default)
   data_dir = files.join(config.output_dir, "data",
-                        f"{config.source}-{options or 'default'}-seed{config.seed}")
+                        f"{config.source}{changed}-seed{config.seed}")
   if not tf.io.gfile.exists(files.join(data_dir, schema_lib.SCHEMA_FILENAME)):
     _say(config, f"Writing the {config.source} data to {data_dir} ...")
     try:
       source.write(data_dir, num_shards=4, compression=None, overwrite=False,
                    seed=config.seed, **config.source_options)
-    except (TypeError, ValueError) as e:
-      raise ConfigError(f"--source={config.source}: {e}") from None
+    except (FileNotFoundError, ValueError) as e:
+      raise DataError(f"--source={config.source}: {e}") from None
   else:
     _say(config, f"Using the {config.source} data in {data_dir}")
   return files.join(data_dir, "train-*"), files.join(data_dir, "eval-*")

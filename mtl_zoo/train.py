@@ -209,10 +209,20 @@ def config_from_flags() -> RunConfig:
                       if FLAGS.source == "synthetic" else {}))
 
 
+def check_source_flags() -> None:
+  """--synthetic_requests sizes the synthetic source only (pipelines.convert
+  takes every source's options)."""
+  if FLAGS["synthetic_requests"].present and FLAGS.source != "synthetic":
+    raise app.UsageError(f"--synthetic_requests belongs to --source=synthetic; this run "
+                         f"has --source={FLAGS.source}. Convert other sources' data with "
+                         "`python -m pipelines.convert` and pass --train_files.")
+
+
 def train(argv_rest: Optional[list] = None) -> dict:
   """Runs the whole job from FLAGS; returns its summary (paths and metrics)."""
   if argv_rest:
     raise app.UsageError(f"unexpected arguments {argv_rest}; flags look like --name=value.")
+  check_source_flags()
   try:
     return runner.run(config_from_flags()).summary
   except ConfigError as e:

@@ -163,6 +163,7 @@ def main(argv):
   else:
     data_name = "synthetic"
     data_dir = os.path.join(REPO, "mtl_zoo_output", "data",  # where the train CLI puts it
+                            "synthetic-seed0" if FLAGS.synthetic_requests == 12_000 else
                             f"synthetic-synthetic_requests={FLAGS.synthetic_requests}-seed0")
     if not os.path.exists(os.path.join(data_dir, schema_lib.SCHEMA_FILENAME)):
       SOURCES["synthetic"].write(data_dir, synthetic_requests=FLAGS.synthetic_requests)

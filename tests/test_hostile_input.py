@@ -365,6 +365,8 @@ FLAG_ERRORS = {  # name: (argv, message); {file} is a regular file
     "another balancer's option": (["--loss_weighting=gradnorm", "--dwa_temperature=1"],
                                   "--dwa_temperature does not apply to --loss_weighting="
                                   "gradnorm; it belongs to --loss_weighting=dwa"),
+    "synthetic size of census": (["--source=census", "--synthetic_requests=5"],
+                                 "--synthetic_requests belongs to --source=synthetic"),
     "eval without train": (["--eval_files=x-*"], "--eval_files needs --train_files"),
     "keep without export": (["--export_dir=", "--keep=2"],
                             "--keep configures the export, but --export_dir=''"),
