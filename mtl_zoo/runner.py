@@ -49,7 +49,8 @@ class DataError(Exception):
 @dataclasses.dataclass
 class RunResult:
   """What a run leaves: the trained model (outside any distribution strategy),
-  the schema it serves, and the summary written to metrics.json."""
+  the schema it serves, the summary written to metrics.json and, for one model
+  trained with eval data, its eval metrics after every epoch (`curve`)."""
 
   model: Optional[keras.Model]
   schema: Optional[schema_lib.Schema]
@@ -59,6 +60,8 @@ class RunResult:
 
 @dataclasses.dataclass
 class _Fitted:
+  """One trained model of a run (a strategy may train several)."""
+
   name: str
   model: keras.Model
   schema: schema_lib.Schema
@@ -413,7 +416,16 @@ def explain_data_error(e: Exception, data_files: str, schema: schema_lib.Schema)
               f"{why}. Were the files written with this schema by `python -m "
               "pipelines.convert`? Pass the matching --schema, or skip such records with "
               "--bad_records=skip.")
-  if isinstance(e, tf.errors.DataLossError):  # e.g. a shard changed after it was checked
+  if isinstance(e, tf.errors.DataLossError):
+    # A shard the converter's manifest vouched for (same size) is read unscanned;
+    # damaged in place since, it fails only now: scan it to name the record.
+    try:
+      damage = [d for scan in shards.scan(shards.list_files(data_files), trust_manifest=False)
+                for d in scan.damage]
+    except (FileNotFoundError, tf.errors.OpError, validation.BadRecordError):
+      damage = []
+    if damage:
+      return str(validation.damaged_error(damage))
     return (f"a record in {data_files} is corrupt or not a TFRecord ({text[-300:]}). Rewrite "
             "the shards with `python -m pipelines.convert`; GZIP files must end in .gz.")
   return f"reading {data_files} failed: {text[-500:] or e}"
@@ -628,12 +640,10 @@ def _print_eval(config: RunConfig, eval_pattern: str, summary: dict) -> None:
 
 def bad_records_report(config: RunConfig, fitted: List[_Fitted]) -> dict:
   """The bad-record policy and what each run's data lost (printed with skip)."""
+  skipped = {run.name: {data: s.counts() for data, s in run.report["skipped"].items()}
+             for run in fitted}
   report = {"policy": config.bad_records,
-            "skipped": _merged([_Fitted(run.name, run.model, run.schema,
-                                        {"skipped": {data: s.counts() for data, s in
-                                                     run.report["skipped"].items()}},
-                                        run.curve)
-                                for run in fitted], "skipped"),
+            "skipped": skipped[fitted[0].name] if len(fitted) == 1 else skipped,
             "damage": sorted({str(d) for run in fitted
                               for s in run.report["skipped"].values() for d in s.damage})}
   if config.bad_records == validation.SKIP:

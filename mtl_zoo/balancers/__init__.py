@@ -18,7 +18,8 @@ A balancer from outside the package registers the same way:
 
 from typing import Dict, Sequence, Type
 
-from mtl_zoo.balancers.base import LossBalancer, MultiTaskTrainer, trained_tasks
+from mtl_zoo.balancers.base import (AdaptiveWeights, LossBalancer, MultiTaskTrainer,
+                                    trained_tasks)
 from mtl_zoo.balancers.dwa import DynamicWeightAverage
 from mtl_zoo.balancers.fixed import FixedWeights
 from mtl_zoo.balancers.gradnorm import GradNorm
@@ -62,6 +63,6 @@ def make_balancer(name: str, base_weights: Sequence[float], **options) -> LossBa
   return get_balancer(name)(base_weights, **options)
 
 
-__all__ = ["BALANCERS", "LossBalancer", "MultiTaskTrainer", "get_balancer",
+__all__ = ["BALANCERS", "AdaptiveWeights", "LossBalancer", "MultiTaskTrainer", "get_balancer",
            "make_balancer", "option_owners", "trained_tasks", "FixedWeights",
            "UncertaintyWeighting", "DynamicWeightAverage", "GradNorm", "PCGrad"]

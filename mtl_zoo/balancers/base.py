@@ -80,6 +80,20 @@ class LossBalancer(keras.layers.Layer):
             **{option: getattr(self, option) for option in self.OPTIONS}}
 
 
+class AdaptiveWeights(LossBalancer):
+  """A balancer whose task weights are state it updates itself (not trained by
+  the optimizer): they start at the base weights scaled to sum to T."""
+
+  def __init__(self, base_weights: Sequence[float], **options):
+    super().__init__(base_weights, **options)
+    base = tf.constant(self.base_weights, tf.float32)
+    self._weights = tf.Variable(base * self.num_tasks / tf.reduce_sum(base),
+                                trainable=False, name="task_weights")
+
+  def task_weights(self) -> tf.Tensor:
+    return tf.identity(self._weights)
+
+
 def shared_variables(per_task: List[list]) -> List[bool]:
   """Which variables two or more tasks' gradients reach (decided when tracing).
 

@@ -2,7 +2,7 @@
 
 import tensorflow as tf
 
-from mtl_zoo.balancers.base import LossBalancer
+from mtl_zoo.balancers.base import AdaptiveWeights
 
 
 def dwa_weights(previous: tf.Tensor, before_previous: tf.Tensor,
@@ -23,7 +23,7 @@ def dwa_weights(previous: tf.Tensor, before_previous: tf.Tensor,
   return num_tasks * tf.nn.softmax(ratios / temperature)
 
 
-class DynamicWeightAverage(LossBalancer):
+class DynamicWeightAverage(AdaptiveWeights):
   """Weights from how fast each task's loss fell over the last two epochs (the
   slower, the more weight); the base weights, normalised to sum to T, for the
   first two epochs."""
@@ -34,16 +34,10 @@ class DynamicWeightAverage(LossBalancer):
   def __init__(self, base_weights, **options):
     super().__init__(base_weights, **options)
     n = self.num_tasks
-    base = tf.constant(self.base_weights, tf.float32)
-    self._weights = tf.Variable(base * n / tf.reduce_sum(base), trainable=False,
-                                name="task_weights")
     self._epoch_sums = tf.Variable(tf.zeros([n]), trainable=False, name="epoch_loss_sums")
     self._epoch_steps = tf.Variable(0.0, trainable=False, name="epoch_steps")
     self._history = tf.Variable(tf.zeros([2, n]), trainable=False, name="loss_history")
     self._epochs_seen = tf.Variable(0, trainable=False, name="epochs_seen")
-
-  def task_weights(self) -> tf.Tensor:
-    return tf.identity(self._weights)
 
   def after_step(self, tape, task_losses, variables) -> None:
     self._epoch_sums.assign_add(tf.stack(task_losses))

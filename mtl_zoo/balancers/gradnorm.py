@@ -2,10 +2,10 @@
 
 import tensorflow as tf
 
-from mtl_zoo.balancers.base import LossBalancer, shared_variables
+from mtl_zoo.balancers.base import AdaptiveWeights, shared_variables
 
 
-class GradNorm(LossBalancer):
+class GradNorm(AdaptiveWeights):
   """Learned weights w_t moved each step so that each task's gradient norm on
   the shared parameters tracks its relative training rate (L_t / L_t(0) over
   the mean of those ratios, to the power alpha); renormalised to sum to T. The
@@ -21,15 +21,9 @@ class GradNorm(LossBalancer):
 
   def __init__(self, base_weights, **options):
     super().__init__(base_weights, **options)
-    n = self.num_tasks
-    base = tf.constant(self.base_weights, tf.float32)
-    self._weights = tf.Variable(base * n / tf.reduce_sum(base), trainable=False,
-                                name="task_weights")
-    self._initial_losses = tf.Variable(tf.zeros([n]), trainable=False, name="initial_losses")
+    self._initial_losses = tf.Variable(tf.zeros([self.num_tasks]), trainable=False,
+                                       name="initial_losses")
     self._has_initial = tf.Variable(False, trainable=False, name="has_initial_losses")
-
-  def task_weights(self) -> tf.Tensor:
-    return tf.identity(self._weights)
 
   def after_step(self, tape, task_losses, variables) -> None:
     per_task = [tape.gradient(loss, variables) for loss in task_losses]
