@@ -30,7 +30,7 @@ setup(
     ],
     extras_require={
         # Beam is in the test extra so that CI runs the Beam converter's test.
-        "test": ["pytest>=7", "hypothesis>=6", *BEAM],
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", *BEAM],
         # Only the experiment scripts in scripts/ draw plots.
         "experiments": ["matplotlib>=3.5"],
         "beam": BEAM,
