@@ -188,7 +188,7 @@ def config_from_flags() -> RunConfig:
   def given(flag):
     return FLAGS[flag].value if FLAGS[flag].present else None
 
-  architecture = FLAGS.model or ("mmoe" if FLAGS.strategy == "multi_task" else "single_task")
+  architecture = RunConfig(strategy=FLAGS.strategy, model=FLAGS.model).architecture
   return RunConfig(
       strategy=FLAGS.strategy, model=FLAGS.model, train_files=FLAGS.train_files,
       eval_files=FLAGS.eval_files, schema=FLAGS.schema, tasks=FLAGS.tasks,
