@@ -148,9 +148,9 @@ class RunConfig:
         takers = [m for m in sorted(models.MODELS) if name in models.builder_arguments(m)]
         raise ConfigError(
             f"--{name} does not apply to --model={self.architecture}"
-            + (f"; it is taken by {', '.join(takers)}." if takers else
-               f"; no architecture takes it.")
-            + f" Drop --{name} or choose one of those architectures.")
+            + (f"; it is taken by {', '.join(takers)}. Drop --{name} or choose one of "
+               "those architectures." if takers else
+               f"; no architecture takes it. Drop --{name}."))
 
   def _check_balancer_options(self) -> None:
     declared = balancers.get_balancer(self.loss_weighting).OPTIONS
