@@ -23,7 +23,6 @@ from typing import Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
-from mtl_zoo import balancers
 from mtl_zoo import distribute
 from mtl_zoo import layers
 from mtl_zoo import metrics as metrics_lib

@@ -1,6 +1,8 @@
 """Shared fixtures: small generated TFRecord datasets, on the CPU."""
 
+import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -14,6 +16,38 @@ import mtl_zoo  # noqa: E402,F401  (pins Keras 2 before TensorFlow is used)
 from pipelines import schema as schema_lib  # noqa: E402
 from pipelines import writer as writer_lib  # noqa: E402
 from pipelines.sources import SOURCES  # noqa: E402
+
+
+# Runs many invocations of one CLI module in one fresh interpreter, in process
+# there: absl flags are global, and parsing them for one case must not leak into
+# the next test module (nor pay an interpreter and TensorFlow start-up each).
+_CLI_DRIVER = """
+import contextlib, importlib, io, json, sys
+from absl import app, flags
+module = importlib.import_module(sys.argv[1])
+results = {}
+for name, argv in json.loads(sys.argv[2]).items():
+  out, err, code = io.StringIO(), io.StringIO(), 0
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      app.run(module.main, argv=[sys.argv[1], *argv])
+    except SystemExit as e:
+      code = e.code or 0
+    finally:
+      flags.FLAGS.unparse_flags()
+  results[name] = [code, out.getvalue(), err.getvalue()]
+json.dump(results, open(sys.argv[3], "w"))
+"""
+
+
+def run_cli_cases(module: str, cases: dict, results_path) -> dict:
+  """Case name -> [exit code, stdout, stderr] of `python -m <module> <argv>` for
+  each case's argv, all run in one subprocess."""
+  run = subprocess.run([sys.executable, "-c", _CLI_DRIVER, module, json.dumps(cases),
+                        str(results_path)], cwd=REPO, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+  assert run.returncode == 0, run.stderr[-3000:]
+  return json.load(open(results_path))
 
 
 def pytest_configure(config):

@@ -10,11 +10,8 @@ import datetime
 import gzip
 import json
 import math
-import os
 import re
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mtl_zoo
-from conftest import REPO, mixed_columns, mixed_schema
+from conftest import mixed_columns, mixed_schema, run_cli_cases
 from mtl_zoo import layers, serving as serving_lib
 from pipelines import integrity, reader, validation
 from pipelines import schema as schema_lib
@@ -328,26 +325,6 @@ def test_nan_numeric_means_missing_and_infinite_is_clipped():
 
 # ------------------------------------------------------------------------- CLI
 
-# Every CLI case runs in one fresh interpreter, in process there: absl flags are
-# global, and parsing them for one case must not leak into the next test module.
-_CLI_DRIVER = """
-import contextlib, io, json, sys
-from absl import app, flags
-from mtl_zoo import train
-results = {}
-for name, argv in json.loads(sys.argv[1]).items():
-  out, err, code = io.StringIO(), io.StringIO(), 0
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    try:
-      app.run(train.main, argv=["mtl_zoo.train", *argv])
-    except SystemExit as e:
-      code = e.code or 0
-    finally:
-      flags.FLAGS.unparse_flags()
-  results[name] = [code, out.getvalue(), err.getvalue()]
-json.dump(results, open(sys.argv[2], "w"))
-"""
-
 FLAG_ERRORS = {  # name: (argv, message); {file} is a regular file
     "unknown model": (["--model=mmeo"], "flag --model=mmeo: value should be one of"),
     "unknown weighting": (["--loss_weighting=softmax"],
@@ -426,12 +403,8 @@ def cli(tmp_path_factory):
   only_bad = _one_file_dataset(base / "only-bad", [_record(click=2.0)] * 3)
   cases["only bad records"] = [f"--train_files={only_bad}", "--bad_records=skip",
                                f"--model_dir={base}/only-bad-run", *small]
-  results = base / "results.json"
-  run = subprocess.run([sys.executable, "-c", _CLI_DRIVER, json.dumps(cases), str(results)],
-                       cwd=REPO, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-  assert run.returncode == 0, run.stderr[-3000:]
-  return {name: (*result, base) for name, result in json.load(open(results)).items()}
+  return {name: (*result, base) for name, result in
+          run_cli_cases("mtl_zoo.train", cases, base / "results.json").items()}
 
 
 @pytest.mark.parametrize("case", sorted(FLAG_ERRORS))

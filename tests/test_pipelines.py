@@ -4,14 +4,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, mixed_columns, mixed_schema
+from conftest import mixed_columns, mixed_schema, run_cli_cases
 from pipelines import files, integrity, manifest, reader, records, targets, validation
 from pipelines import schema as schema_lib
 from pipelines import writer as writer_lib
@@ -581,24 +580,6 @@ def test_shard_damaged_in_place_after_conversion_fails_as_it_is_read(mixed_dir):
 
 # ------------------------------------------------------------ the command line
 
-_CONVERT_DRIVER = """
-import contextlib, io, json, sys
-from absl import app, flags
-from pipelines import convert
-results = {}
-for name, argv in json.loads(sys.argv[1]).items():
-  out, err, code = io.StringIO(), io.StringIO(), 0
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    try:
-      app.run(convert.main, argv=["pipelines.convert", *argv])
-    except SystemExit as e:
-      code = e.code or 0
-    finally:
-      flags.FLAGS.unparse_flags()
-  results[name] = [code, out.getvalue(), err.getvalue()]
-json.dump(results, open(sys.argv[2], "w"))
-"""
-
 
 def test_convert_cli_takes_each_source_with_its_own_flags(tmp_path):
   template = _csv_template(tmp_path)
@@ -614,12 +595,7 @@ def test_convert_cli_takes_each_source_with_its_own_flags(tmp_path):
                                 f"--out_dir={tmp_path}/refused"],
       "csv without files": ["--source=csv", f"--out_dir={tmp_path}/refused"],
   }
-  results = tmp_path / "results.json"
-  run = subprocess.run([sys.executable, "-c", _CONVERT_DRIVER, json.dumps(cases),
-                        str(results)], cwd=REPO, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-  assert run.returncode == 0, run.stderr[-3000:]
-  results = json.load(open(results))
+  results = run_cli_cases("pipelines.convert", cases, tmp_path / "results.json")
   code, out, err = results["csv"]
   assert code == 0, err
   assert "train: wrote 40 rows in" in err and "rows/s" in err
