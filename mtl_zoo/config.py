@@ -2,7 +2,7 @@
 Python, validated before anything is read or written.
 
   config = RunConfig(train_files="data/train-*", eval_files="data/eval-*",
-                     model="ple", hyperparameters={"num_levels": 2}, epochs=3)
+                     model="ple", hyperparameters={"num_levels": 2}, max_epochs=3)
   result = runner.run(config)
 
 Field names equal the `python -m mtl_zoo.train` flags, so every error names the
@@ -16,6 +16,7 @@ import dataclasses
 from typing import Any, Dict, List, Optional, Union
 
 from mtl_zoo import balancers
+from mtl_zoo import early_stopping
 from mtl_zoo import models
 from mtl_zoo import strategies
 from mtl_zoo.distribute import DISTRIBUTIONS
@@ -70,7 +71,9 @@ class RunConfig:
   keep: Optional[int] = None
   serving_task: Optional[str] = None
   serving_threads: Optional[int] = None
-  epochs: int = 5
+  max_epochs: int = 10
+  monitor: Optional[str] = None
+  patience: Optional[int] = None
   batch_size: int = 2048
   steps_per_epoch: Optional[int] = None
   distribution: str = "none"
@@ -137,9 +140,34 @@ class RunConfig:
                             f"it; drop --{name} or set --export_dir.")
     self._check_hyperparameters()
     self._check_balancer_options()
-    for name in ("epochs", "batch_size", "shuffle_block"):
+    self._check_early_stopping()
+    for name in ("max_epochs", "batch_size", "shuffle_block"):
       if getattr(self, name) < 1:
         raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+
+  def _check_early_stopping(self) -> None:
+    if self.train_files and not self.eval_files:
+      for name in ("monitor", "patience"):
+        if getattr(self, name) is not None:
+          raise ConfigError(f"--{name} watches the eval data after every epoch; give "
+                            f"--eval_files, or drop --{name} to train --max_epochs epochs.")
+    try:
+      early_stopping.Monitor(self.monitor_spec)
+    except ValueError as e:
+      raise ConfigError(f"--monitor={self.monitor}: {e}") from None
+    if self.patience is not None and self.patience < 0:
+      raise ConfigError(f"--patience must be 0 (never stop early) or more, got "
+                        f"{self.patience}.")
+
+  @property
+  def monitor_spec(self) -> str:
+    """--monitor, or its default: the mean of the tasks' AUCs."""
+    return self.monitor or early_stopping.DEFAULT_MONITOR
+
+  @property
+  def patience_epochs(self) -> int:
+    """--patience, or its default."""
+    return early_stopping.DEFAULT_PATIENCE if self.patience is None else self.patience
 
   def _check_hyperparameters(self) -> None:
     accepted = models.builder_arguments(self.architecture)

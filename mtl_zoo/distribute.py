@@ -237,6 +237,7 @@ def claim_backup(model_dir: Optional[str], chief: bool, identity: dict,
   """
   if model_dir is None:
     return None, None
+  identity = json.loads(json.dumps(identity))  # as saved: tuples become lists
   backup_dir = os.path.join(model_dir, "backup")
   owner = os.path.join(backup_dir, "run.json")
   if tf.io.gfile.exists(os.path.join(backup_dir, "chief")):
@@ -255,13 +256,12 @@ def claim_backup(model_dir: Optional[str], chief: bool, identity: dict,
 
 
 def remove_backup(backup_dir: str) -> None:
-  """Deletes a finished run's backup directory. Keras has already deleted the
-  checkpoint; other workers may still be removing their temporary copies, so a
-  directory that is not yet empty is left alone."""
+  """Deletes a finished run's backup directory (kept by `Backup` until the run's
+  outputs are saved). Other workers may still be removing their temporary
+  copies: what cannot be removed now is left alone."""
   try:
     tf.io.gfile.remove(os.path.join(backup_dir, "run.json"))
-    if not tf.io.gfile.listdir(backup_dir):
-      tf.io.gfile.rmtree(backup_dir)
+    tf.io.gfile.rmtree(backup_dir)
   except tf.errors.OpError:
     pass
 

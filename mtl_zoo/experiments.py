@@ -23,8 +23,9 @@ _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 
 def run_trial(schema: schema_lib.Schema, train_pattern: str,
               eval_patterns: Dict[str, str], model_name: str, hparams: dict,
-              epochs: int, batch_size: int, learning_rate: float, seed: int,
-              weighting: str = "fixed", curve_split: Optional[str] = None) -> dict:
+              max_epochs: int, batch_size: int, learning_rate: float, seed: int,
+              weighting: str = "fixed", curve_split: Optional[str] = None,
+              patience: Optional[int] = None) -> dict:
   """Trains one model with the training runner and evaluates it on each split.
 
   The run is the train CLI's (`runner.run`), quiet, with no export, in a
@@ -36,10 +37,12 @@ def run_trial(schema: schema_lib.Schema, train_pattern: str,
     eval_patterns: split name -> shards, each evaluated after training.
     model_name: a MODELS name.
     hparams: its builder's hyper-parameters (others are refused).
-    epochs, batch_size, learning_rate, seed: as the train flags.
+    max_epochs, batch_size, learning_rate, seed: as the train flags.
     weighting: a loss balancer name.
-    curve_split: also evaluate this split after every epoch; the result's
-      `curve` holds those metrics per epoch.
+    curve_split: also evaluate this split after every epoch (the validation
+      data of early stopping); the result's `curve` holds those metrics per epoch.
+    patience: as the train flag (0: train all max_epochs, keeping the best
+      epoch by the validation split's mean AUC); default, the train CLI's.
 
   Returns:
     {"model", "weighting", "seed", "train_seconds", "metrics": split -> task ->
@@ -50,7 +53,8 @@ def run_trial(schema: schema_lib.Schema, train_pattern: str,
         model=model_name, train_files=train_pattern,
         eval_files=eval_patterns[curve_split] if curve_split else None, schema=schema,
         output_dir=output_dir, export_dir="", loss_weighting=weighting,
-        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+        max_epochs=max_epochs, patience=patience if curve_split else None,
+        batch_size=batch_size, learning_rate=learning_rate,
         hyperparameters=hparams, seed=seed, quiet=True))
   predict = metrics.predict_function(result.model)
   evaluated = {split: metrics.evaluate(result.model, result.schema,

@@ -1,10 +1,14 @@
 """`python -m mtl_zoo.export`: export a trained run (or several, combined) again.
 
+  python -m mtl_zoo.export --model_dir=runs/mmoe
   python -m mtl_zoo.export --model_dir=runs/mmoe --export_base=exports \\
       [--model_name=ranker --warmup_files='data/eval-*' --keep=3 --fusion=...]
 
-Writes `<export_base>/<model_name>/<version>/` and, beside it, models.config and
-batching_parameters.txt. The export itself is `mtl_zoo.serving`; combining
+With only --model_dir, the run is exported as its training run would have
+exported it (its metrics.json: export directory, serving task, fusion, kept
+versions; warm-up from its eval data): the way to finish a run whose export
+failed. Otherwise writes `<export_base>/<model_name>/<version>/` and, beside it,
+models.config and batching_parameters.txt. The export itself is `mtl_zoo.serving`; combining
 runs is `mtl_zoo.models.combine_runs`.
 """
 
@@ -13,7 +17,9 @@ import sys
 
 from absl import app, flags
 
-from mtl_zoo import layers, models, serving
+import tensorflow as tf
+
+from mtl_zoo import distribute, layers, models, runner, serving
 from mtl_zoo._keras import keras
 from pipelines import files
 from pipelines import schema as schema_lib
@@ -29,8 +35,9 @@ def define_flags() -> None:
                     "(e.g. one single-objective run per task, fused with --fusion).",
                     required=True)
   flags.DEFINE_string("export_base", None, "Writes <export_base>/<model_name>/<version>/ "
-                      "and, beside it, models.config and batching_parameters.txt.",
-                      required=True)
+                      "and, beside it, models.config and batching_parameters.txt. Default "
+                      "(one --model_dir, no other export flag): the run's own export "
+                      "settings from its metrics.json.")
   flags.DEFINE_string("model_name", None, "Serving name (default: the Keras model's name).")
   flags.DEFINE_string("serving_task", None, "Task behind classify/regress (default: first).")
   flags.DEFINE_string("warmup_files", None, "Training-layout TFRecords to take warm-up "
@@ -51,6 +58,32 @@ def _fail(message: str) -> None:
   sys.exit(1)
 
 
+def export_as_trained(model_dirs, trained) -> None:
+  """Exports one run with the export settings its training run recorded."""
+  chosen = [name for name in ("model_name", "serving_task", "warmup_files", "keep", "fusion",
+                              "serving_threads") if FLAGS[name].present]
+  if len(model_dirs) != 1 or chosen:
+    _fail("--export_base is needed to combine runs or to export with other settings ("
+          + ", ".join(f"--{name}" for name in chosen or ["several --model_dir"]) + ").")
+  path = files.join(model_dirs[0], "metrics.json")
+  try:
+    summary = files.read_json(path)
+    if not summary["export_settings"]["export_dir"]:
+      raise KeyError("export_dir")
+  except (OSError, ValueError, KeyError, tf.errors.OpError):
+    _fail(f"{path} does not say where the run exports (its training run had "
+          "--export_dir=''); give --export_base.")
+  model, schema = trained[0]
+  exported = runner.export_run(model, schema, summary, bad_records=summary.get(
+      "bad_records", {}).get("policy", "fail"))
+  summary.update(exported)
+  files.write_json(path, summary)
+  for backup_dir in summary.get("backups", []):  # kept for this export; the run is complete
+    distribute.remove_backup(backup_dir)
+  print(f"SavedModel: {exported['export']}")
+  print("Serving configs: " + ", ".join(exported["serving_configs"]))
+
+
 def main(argv):
   del argv
   trained = []
@@ -62,6 +95,9 @@ def main(argv):
     except (OSError, ValueError) as e:
       _fail(f"--model_dir={model_dir} does not hold a trained model (model.keras and "
             f"schema.json, as `python -m mtl_zoo.train` writes them): {e}")
+  if FLAGS.export_base is None:
+    export_as_trained(FLAGS.model_dir, trained)
+    return
   if len(trained) == 1:
     model, schema = trained[0]
   else:

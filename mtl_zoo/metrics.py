@@ -207,10 +207,15 @@ class EpochEvaluation(keras.callbacks.Callback):
     self._predict = predict_function(self._probe)
     self._writer = tf.summary.create_file_writer(log_dir) if log_dir else None
 
-  def on_epoch_end(self, epoch, logs=None):
+  def evaluate(self) -> None:
+    """Evaluates the model as it is now into `latest` and `gates` (also used
+    after training, once the best epoch's weights are back)."""
     collected = collect(self._probe, self.dataset, self._predict)
     self.latest = task_metrics(self.schema, collected)
     self.gates = diagnostics.gate_report(collected)
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.evaluate()
     self.curve.append({"step": (epoch + 1) * (self.steps_per_epoch or 0),
                        "metrics": self.latest})
     if self._writer:

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import tensorflow as tf
 
 from mtl_zoo import distribute
+from mtl_zoo import early_stopping
 from mtl_zoo import layers
 from mtl_zoo import metrics as metrics_lib
 from mtl_zoo import models
@@ -43,6 +44,11 @@ from pipelines.sources import SOURCES
 
 class DataError(Exception):
   """The data cannot be used as given; the message says what to change."""
+
+
+class ExportError(Exception):
+  """Training finished and its outputs are saved, but the export failed; the
+  message says how to export the saved run."""
 
 
 @dataclasses.dataclass
@@ -105,6 +111,11 @@ def run(config: RunConfig) -> RunResult:
   if config.serving_task and config.serving_task not in tasks:
     raise ConfigError(f"--serving_task={config.serving_task} is not a task of the model; "
                       f"its tasks are {tasks}.")
+  if eval_pattern:
+    try:
+      early_stopping.Monitor(config.monitor_spec).check_tasks(tasks)
+    except ValueError as e:
+      raise ConfigError(f"--monitor={config.monitor_spec} {e}") from None
   if config.strategy == "fusion":
     fusion = fusion or strategies.default_fusion(data_schema)
   tf.io.gfile.makedirs(model_dir)
@@ -133,16 +144,25 @@ def run(config: RunConfig) -> RunResult:
     _print_eval(config, eval_pattern, summary)
     summary["ranking"] = ranking_report(config, model, schema, data_schema, eval_pattern,
                                         fusion)
-  if export_dir:
-    warmup = (schema.serving_examples(reader.read_columns(
-        eval_pattern, schema, limit=32, bad_records=config.bad_records))
-              if eval_pattern else None)
-    summary["export"] = serving.export_saved_model(
-        model, schema, export_dir, serving_task=config.serving_task,
-        warmup_examples=warmup, keep=config.keep, fusion=fusion)
-    summary["serving_configs"] = serving.write_serving_configs(
-        export_dir, num_batch_threads=config.serving_threads)
+  # Saved before the export, and the backup removed only after it: a failed
+  # export loses nothing, and `python -m mtl_zoo.export --model_dir` redoes it.
+  summary["backups"] = [run.report["backup_dir"] for run in fitted
+                        if run.report["backup_dir"]]
+  summary["export_settings"] = {"export_dir": export_dir, "serving_task": config.serving_task,
+                                "keep": config.keep, "serving_threads": config.serving_threads}
   files.write_json(files.join(model_dir, "metrics.json"), summary)
+  if export_dir:
+    try:
+      summary.update(export_run(model, schema, summary, config.bad_records))
+    except Exception as e:
+      raise ExportError(
+          f"the export to {_shown(export_dir)} failed ({type(e).__name__}: {e}). The trained "
+          f"model is saved in {_shown(model_dir)} (model.keras, metrics.json, and the "
+          "backup); after fixing the cause, export it with: python -m mtl_zoo.export "
+          f"--model_dir={model_dir}") from e
+    files.write_json(files.join(model_dir, "metrics.json"), summary)
+  for backup_dir in summary["backups"]:  # the run is complete: a rerun starts afresh
+    distribute.remove_backup(backup_dir)
   _say(config, f"\nModel dir:   {_shown(model_dir)} (checkpoints/, logs/, metrics.json, "
        "model.keras)")
   if export_dir:
@@ -150,6 +170,33 @@ def run(config: RunConfig) -> RunResult:
          f"{', '.join(summary['serving_configs'])})")
   _say(config, f"TensorBoard: tensorboard --logdir {_shown(files.join(model_dir, 'logs'))}")
   return RunResult(model, schema, summary, fitted[0].curve if len(fitted) == 1 else [])
+
+
+def export_run(model: keras.Model, schema: schema_lib.Schema, summary: dict,
+               bad_records: str = validation.FAIL) -> dict:
+  """Exports a trained run as its summary's `export_settings` say, with warm-up
+  requests from its eval data and its fusion as the `rank` signature.
+
+  Args:
+    model: the run's model (as saved in model.keras).
+    schema: its schema.
+    summary: the run's summary (metrics.json).
+    bad_records: the policy for reading the warm-up examples.
+
+  Returns:
+    {"export": the new version's path, "serving_configs": the config files}.
+  """
+  settings = summary["export_settings"]
+  eval_pattern = summary.get("eval_files")
+  warmup = (schema.serving_examples(reader.read_columns(
+      eval_pattern, schema, limit=32, bad_records=bad_records)) if eval_pattern else None)
+  export_dir = settings["export_dir"]
+  path = serving.export_saved_model(model, schema, export_dir,
+                                    serving_task=settings["serving_task"],
+                                    warmup_examples=warmup, keep=settings["keep"],
+                                    fusion=summary.get("fusion"))
+  return {"export": path, "serving_configs": serving.write_serving_configs(
+      export_dir, num_batch_threads=settings["serving_threads"])}
 
 
 def _parse_fusion(config: RunConfig) -> Optional[dict]:
@@ -481,9 +528,16 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
   # (parameter-server workers read at their own pace: no such order to keep).
   done_steps = (resumed[0] * steps_per_epoch + resumed[1]
                 if resumed and not _is_ps(strategy) else 0)
+  progress, curve = early_stopping.Progress(), []
+  monitor = early_stopping.Monitor(config.monitor_spec).for_tasks(schema.task_names)
+  if resumed and eval_pattern:
+    progress, curve = early_stopping.load_progress(model_dir, monitor, resumed[0])
+  finished = bool(resumed) and (resumed[0] >= config.max_epochs
+                                or progress.should_stop(config.patience_epochs))
   if resumed:
-    _say(config, f"Resuming from the backup in {backup_dir}: epoch {resumed[0] + 1}, step "
-         f"{resumed[1]} of {steps_per_epoch}.")
+    _say(config, f"Resuming from the backup in {backup_dir}: " + (
+        "training had finished." if finished else
+        f"epoch {resumed[0] + 1}, step {resumed[1]} of {steps_per_epoch}."))
 
   def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
     readers, index = distribute.input_shard(strategy, context, workers)
@@ -546,27 +600,48 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
       keras.callbacks.TensorBoard(files.join(model_dir, "logs"), profile_batch=0),
   ]
   if backup_dir:
+    # Kept when training ends: the run removes it once the model is saved and
+    # exported, so a failed export loses nothing.
     callbacks.append(distribute.Backup(
         backup_dir, save_freq=(config.backup_every_steps
                                if config.backup_every_steps > 0 and not _is_ps(strategy)
-                               else "epoch")))
+                               else "epoch"), delete_checkpoint=False))
   evaluator = (metrics_lib.EpochEvaluation(
       model, schema, eval_ds, steps_per_epoch,
       log_dir=files.join(model_dir, "logs", "eval_gates"), report=not config.quiet)
                if eval_ds is not None else None)
+  stopper = None
+  if eval_pattern:  # workers of a cluster join the chief's decision without evaluating
+    stopper = early_stopping.EarlyStopping(
+        monitor, config.patience_epochs, evaluator, state_dir=model_dir if chief else None,
+        progress=progress, strategy=strategy, report=not config.quiet)
+    callbacks.insert(0, stopper)
   if evaluator:
+    evaluator.curve = curve
     callbacks.insert(0, evaluator)  # first, so later callbacks log its metrics
   start = time.perf_counter()
-  try:
-    history = trainable.fit(train_input, epochs=config.epochs,
-                            steps_per_epoch=steps_per_epoch, callbacks=callbacks,
-                            verbose=0 if config.quiet else 1 if sys.stdout.isatty() else 2)
-  except (tf.errors.OpError, UnicodeDecodeError) as e:
-    raise DataError(explain_data_error(
-        e, ",".join(p for p in (train_pattern, eval_pattern) if p), schema)) from None
+  history = None
+  if not finished:
+    try:
+      history = trainable.fit(train_input, epochs=config.max_epochs,
+                              steps_per_epoch=steps_per_epoch, callbacks=callbacks,
+                              verbose=0 if config.quiet else 1 if sys.stdout.isatty() else 2)
+    except (tf.errors.OpError, UnicodeDecodeError) as e:
+      raise DataError(explain_data_error(
+          e, ",".join(p for p in (train_pattern, eval_pattern) if p), schema)) from None
   seconds = time.perf_counter() - start
-  if backup_dir and chief:  # the run is complete: a rerun starts afresh
-    distribute.remove_backup(backup_dir)
+  best_epoch = progress.best_epoch if evaluator else None
+  epochs_trained = len(progress.values) if evaluator else None
+  # The weights to keep: the best epoch's, or after a resumed run that had
+  # already finished (nothing was fitted), its last epoch's.
+  kept = best_epoch or (resumed[0] if finished else None)
+  if kept and (finished or kept != epochs_trained):
+    if best_epoch:
+      _say(config, f"Keeping epoch {best_epoch}'s weights, the best by --monitor="
+           f"{monitor.spec} ({epochs_trained} epochs trained).")
+    trainable.load_weights(early_stopping.checkpoint_path(model_dir, kept)).expect_partial()
+    if evaluator:
+      evaluator.evaluate()  # the report is the kept model's, measured again
   if strategy is not None:
     # Saved and exported: the same architecture outside the strategy, so loading
     # it needs no cluster and sharded tables are whole again.
@@ -576,10 +651,17 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
       "train_seconds": seconds, "steps_per_epoch": steps_per_epoch,
       "resumed_from": ({"epoch": resumed[0] + 1, "step": resumed[1]} if resumed else None),
       "train_loss": {k: float(v[-1]) for k, v in history.history.items()
-                     if k.endswith("loss")},
+                     if k.endswith("loss")} if history else {},
       "task_weights": {k[len("weight_"):]: float(v[-1])
-                       for k, v in history.history.items() if k.startswith("weight_")},
+                       for k, v in history.history.items()
+                       if k.startswith("weight_")} if history else {},
+      "backup_dir": backup_dir,
       "eval": evaluator.latest if evaluator else {},
+      "monitor": ({"spec": monitor.spec, "patience": config.patience_epochs,
+                   "values": progress.values, "best_epoch": best_epoch,
+                   "epochs_trained": epochs_trained,
+                   "stopped_early": epochs_trained < config.max_epochs}
+                  if evaluator else None),
       "gates": evaluator.gates if evaluator else {},
       # Training data: the counting pass; eval data: its cached first pass.
       "skipped": skipped,
@@ -611,7 +693,8 @@ def _summary(config: RunConfig, fitted: List[_Fitted], schema: schema_lib.Schema
           "hyperparameters": _hyperparameters(config),
           "tasks": schema.task_names,
           "train_files": train_pattern, "eval_files": eval_pattern,
-          "epochs": config.epochs, "batch_size": config.batch_size,
+          "max_epochs": config.max_epochs, "batch_size": config.batch_size,
+          "monitor": _merged(fitted, "monitor"),
           "steps_per_epoch": _merged(fitted, "steps_per_epoch"),
           "distribution": config.distribution, "workers": workers,
           "resumed_from": _merged(fitted, "resumed_from"),

@@ -87,7 +87,20 @@ flags.DEFINE_string("serving_task", None, "Task behind the classify/regress sign
 flags.DEFINE_integer("serving_threads", None, "num_batch_threads of the exported "
                      "batching_parameters.txt. Default: TF Serving's own (one per core of "
                      "the serving machine).", lower_bound=1)
-flags.DEFINE_integer("epochs", 5, "Passes over the training data.", lower_bound=1)
+flags.DEFINE_integer("max_epochs", 10, "Passes over the training data at most: with eval "
+                     "data, training stops earlier when --monitor has not improved for "
+                     "--patience epochs, and the best epoch's weights are kept.",
+                     lower_bound=1)
+flags.DEFINE_alias("epochs", "max_epochs")
+flags.DEFINE_string("monitor", None, "The validation objective watched after every epoch "
+                    "(needs eval data): 'auc' (the mean of the tasks' AUCs, the default), "
+                    "one task's metric ('cvr:auc', 'ctr:logloss') or a weighted mean "
+                    "('ctr:auc=1,cvr:auc=2'); metrics auc, logloss, mse, ne, ece (lower is "
+                    "better for all but auc). The saved and exported model is the best "
+                    "epoch's.")
+flags.DEFINE_integer("patience", None, "Stop after this many epochs without improvement "
+                     "of --monitor (default 2; 0: train all --max_epochs, still keeping "
+                     "the best epoch).", lower_bound=0)
 flags.DEFINE_integer("batch_size", 2048, "Examples per training step: the global batch of "
                      "one optimizer update, split over all replicas under --distribution.",
                      lower_bound=1)
@@ -199,7 +212,8 @@ def config_from_flags() -> RunConfig:
                         if FLAGS[option].present},
       fusion=FLAGS.fusion, keep=given("keep"), serving_task=given("serving_task"),
       serving_threads=FLAGS.serving_threads,
-      epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+      max_epochs=FLAGS.max_epochs, monitor=FLAGS.monitor,
+      patience=FLAGS.patience, batch_size=FLAGS.batch_size,
       steps_per_epoch=FLAGS.steps_per_epoch, distribution=FLAGS.distribution,
       ps_shards=FLAGS.ps_shards, ps_min_shard_bytes=FLAGS.ps_min_shard_bytes,
       backup_every_steps=FLAGS.backup_every_steps, learning_rate=FLAGS.learning_rate,
@@ -232,7 +246,7 @@ def train(argv_rest: Optional[list] = None) -> dict:
 def main(argv):
   try:
     train(argv[1:])
-  except runner.DataError as e:
+  except (runner.DataError, runner.ExportError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 

@@ -75,7 +75,7 @@ def run(strategy: str, architecture: str, options: dict, schema: schema_lib.Sche
   with tempfile.TemporaryDirectory(prefix="mtl_zoo-strategy-") as output_dir:
     result = runner.run(config_lib.RunConfig(
         strategy=strategy, model=architecture, train_files=os.path.join(data_dir, "train-*"),
-        schema=schema, output_dir=output_dir, export_dir="", epochs=FLAGS.epochs,
+        schema=schema, output_dir=output_dir, export_dir="", max_epochs=FLAGS.epochs,
         batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
         hyperparameters=models.hyperparameters_of(architecture, HPARAMS), seed=seed,
         event_weights=(",".join(f"{k}={v}" for k, v in event_weights.items())
