@@ -37,6 +37,21 @@ STRATEGY_OPTIONS = {"event_weights": ("sample_weighting", None),
 RANKING_LOSSES = ("listwise", "pairwise")
 
 
+# Resume identity: every RunConfig field is in exactly one of these two sets
+# (tests/test_early_stopping.py checks it). A backup is resumed only by a run
+# whose RESULT_FIELDS are equal: any of them changes the trained weights, the
+# order or number of steps, or the checkpoint's layout. The rest choose where
+# outputs go, what is printed, or what happens after training.
+RESULT_FIELDS = ("strategy", "model", "train_files", "schema", "tasks", "event_weights",
+                 "duplicate", "grades", "ranking_loss", "list_size", "loss_weighting",
+                 "balancer_options", "max_epochs", "monitor", "patience", "batch_size",
+                 "steps_per_epoch", "distribution", "ps_shards", "ps_min_shard_bytes",
+                 "backup_every_steps", "learning_rate", "hyperparameters", "seed", "cache",
+                 "shuffle_block", "bad_records", "source", "source_options", "eval_files")
+OUTPUT_FIELDS = ("output_dir", "model_dir", "export_dir", "fusion", "keep", "serving_task",
+                 "serving_threads", "quiet")
+
+
 @dataclasses.dataclass
 class RunConfig:
   """Everything one training run depends on. See `python -m mtl_zoo.train

@@ -199,12 +199,16 @@ def backup_resume_point(backup_dir: str, steps_per_epoch: int,
   latest = tf.train.latest_checkpoint(os.path.join(backup_dir, "chief"))
   if not latest:
     return None
-  checkpoint = tf.train.load_checkpoint(latest)
   try:
+    checkpoint = tf.train.load_checkpoint(latest)
     epoch = int(checkpoint.get_tensor("ckpt_saved_epoch/.ATTRIBUTES/VARIABLE_VALUE"))
     batch = int(checkpoint.get_tensor("ckpt_saved_batch/.ATTRIBUTES/VARIABLE_VALUE"))
-  except tf.errors.NotFoundError:
-    return None
+  except tf.errors.OpError as e:
+    # Resuming without knowing where would silently retrain seen batches.
+    raise BackupOwnerError(
+        f"{backup_dir} holds a backup that cannot be read as a training backup "
+        f"({type(e).__name__}: {e.message.splitlines()[0] if e.message else e}). Delete "
+        f"{backup_dir} or pass another --model_dir to start over.") from None
   if epoch < 0 or (per_step and batch < 0):
     return None
   if not per_step or batch >= steps_per_epoch - 1:
@@ -213,7 +217,8 @@ def backup_resume_point(backup_dir: str, steps_per_epoch: int,
 
 
 class BackupOwnerError(ValueError):
-  """A backup that another run's settings wrote; the message says how to go on."""
+  """A backup that another run's settings wrote, or that cannot be read; the
+  message says how to go on."""
 
 
 def claim_backup(model_dir: Optional[str], chief: bool, identity: dict,

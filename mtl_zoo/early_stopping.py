@@ -233,7 +233,7 @@ def _any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
   """Whether `flag` is set on any worker: one all-reduce that every worker joins."""
   value = tf.constant(1.0 if flag else 0.0)
   per_replica = strategy.run(tf.identity, args=(value,))
-  return bool(strategy.reduce(tf.distribute.ReduceOp.MAX, per_replica, axis=None) > 0)
+  return bool(strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None) > 0)
 
 
 def checkpoint_path(model_dir: str, epoch: int) -> str:

@@ -32,7 +32,7 @@ from mtl_zoo import serving
 from mtl_zoo import strategies
 from mtl_zoo._keras import keras
 from mtl_zoo.compile import compile_model
-from mtl_zoo.config import ConfigError, RunConfig
+from mtl_zoo.config import RESULT_FIELDS, STRATEGY_OPTIONS, ConfigError, RunConfig
 from pipelines import files
 from pipelines import reader
 from pipelines import schema as schema_lib
@@ -381,19 +381,16 @@ def examples_per_step(config: RunConfig, schema: schema_lib.Schema) -> int:
 
 def run_identity(config: RunConfig, train_pattern: str, schema: schema_lib.Schema,
                  steps_per_epoch: int) -> dict:
-  """The settings a backup belongs to: resuming with others would mix two runs."""
-  return {"model": config.architecture,
-          "hyperparameters": _hyperparameters(config),
-          "train_files": train_pattern, "tasks": schema.task_names,
-          "strategy": config.strategy, "event_weights": config.event_weights,
-          "duplicate": config.option("duplicate"), "grades": config.grades,
-          "ranking_loss": config.option("ranking_loss"),
-          "list_size": config.option("list_size"),
-          "loss_weighting": config.loss_weighting,
-          "balancer_options": config.balancer_options, "batch_size": config.batch_size,
-          "steps_per_epoch": steps_per_epoch, "learning_rate": config.learning_rate,
-          "seed": config.seed, "shuffle_block": config.shuffle_block,
-          "distribution": config.distribution}
+  """The settings a backup belongs to (`config.RESULT_FIELDS`, with the
+  defaults they resolve to): resuming with others would mix two runs."""
+  identity = {name: getattr(config, name) for name in RESULT_FIELDS}
+  # eval_files matter through the monitor (which epoch is kept, when to stop).
+  identity.update(model=config.architecture, hyperparameters=_hyperparameters(config),
+                  train_files=train_pattern, tasks=schema.task_names,
+                  schema=schema.to_dict(), steps_per_epoch=steps_per_epoch,
+                  monitor=config.monitor_spec, patience=config.patience_epochs,
+                  **{name: config.option(name) for name in STRATEGY_OPTIONS})
+  return identity
 
 
 def _hyperparameters(config: RunConfig) -> dict:

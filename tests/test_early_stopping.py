@@ -1,6 +1,7 @@
 """Early stopping on the validation monitor, the best epoch kept, resume, and a
 failed export that loses nothing."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -127,25 +128,31 @@ def test_training_stops_early_and_keeps_the_best_epoch(ads_dir, tmp_path):
       "best_epoch"] == best
 
 
+class Killed(Exception):
+  """Stands for the process dying."""
+
+
+def kill_after_epoch(monkeypatch, epoch: int) -> None:
+  """Makes training die right after 1-based `epoch`'s backup is written."""
+  backup_epoch_end = distribute.Backup.on_epoch_end
+
+  def die(self, index, logs=None):
+    backup_epoch_end(self, index, logs)
+    if index + 1 == epoch:
+      raise Killed()
+
+  monkeypatch.setattr(distribute.Backup, "on_epoch_end", die)
+
+
 def test_a_resumed_run_keeps_its_monitor_history(ads_dir, tmp_path, monkeypatch):
   """Killed after epoch 2's backup, then resumed: the same monitor values, best
   epoch and weights as the uninterrupted run."""
   reference = runner.run(overfitting_config(ads_dir, tmp_path / "reference", patience=0,
                                             max_epochs=4, export_dir=""))
 
-  class Killed(Exception):
-    pass
-
-  backup_epoch_end = distribute.Backup.on_epoch_end
-
-  def die_after_epoch_2(self, epoch, logs=None):
-    backup_epoch_end(self, epoch, logs)
-    if epoch == 1:
-      raise Killed()
-
   config = overfitting_config(ads_dir, tmp_path / "killed", patience=0, max_epochs=4,
                               export_dir="")
-  monkeypatch.setattr(distribute.Backup, "on_epoch_end", die_after_epoch_2)
+  kill_after_epoch(monkeypatch, 2)
   with pytest.raises(Killed):
     runner.run(config)
   monkeypatch.undo()
@@ -190,3 +197,35 @@ def test_a_failed_export_keeps_the_run_and_the_export_cli_finishes_it(ads_dir, t
   served = exported_eval(config.export_dir, runner.schema_lib.Schema.load(
       os.path.join(config.model_dir, "schema.json")), config.eval_files)
   assert served["ctr"] == pytest.approx(summary["eval"]["ctr"]["auc"], abs=1e-6)
+
+
+def test_every_setting_is_classified_for_resume_identity():
+  from mtl_zoo import config as config_lib
+  fields = [f.name for f in dataclasses.fields(RunConfig)]
+  classified = config_lib.RESULT_FIELDS + config_lib.OUTPUT_FIELDS
+  assert sorted(classified) == sorted(fields), (
+      "classify each RunConfig field in config.RESULT_FIELDS or OUTPUT_FIELDS: "
+      f"{sorted(set(fields) ^ set(classified))}")
+
+
+@pytest.mark.parametrize("change", [{"backup_every_steps": 5}, {"bad_records": "skip"},
+                                    {"cache": False}, {"patience": 1}])
+def test_resuming_with_a_setting_that_changes_the_result_is_refused(ads_dir, tmp_path,
+                                                                    monkeypatch, change):
+  config = overfitting_config(ads_dir, tmp_path, patience=0, max_epochs=2, export_dir="")
+
+  kill_after_epoch(monkeypatch, 1)
+  with pytest.raises(Killed):
+    runner.run(config)
+  monkeypatch.undo()
+  with pytest.raises(ConfigError, match=f"other settings \\({next(iter(change))}\\)"):
+    runner.run(dataclasses.replace(config, **change))
+
+
+def test_an_unreadable_backup_is_an_error_not_a_fresh_start(tmp_path):
+  backup = tmp_path / "backup" / "chief"
+  backup.mkdir(parents=True)
+  (backup / "checkpoint").write_text('model_checkpoint_path: "ckpt-1"\n')
+  (backup / "ckpt-1.index").write_bytes(b"not a checkpoint index")
+  with pytest.raises(distribute.BackupOwnerError, match="cannot be read as a training backup"):
+    distribute.backup_resume_point(str(tmp_path / "backup"), 10, True)
