@@ -20,6 +20,7 @@ from mtl_zoo import early_stopping
 from mtl_zoo import models
 from mtl_zoo import strategies
 from mtl_zoo.distribute import DISTRIBUTIONS
+from pipelines import caching
 from pipelines import schema as schema_lib
 from pipelines import validation
 
@@ -47,6 +48,7 @@ RESULT_FIELDS = ("strategy", "model", "train_files", "schema", "tasks", "event_w
                  "balancer_options", "max_epochs", "monitor", "patience", "batch_size",
                  "steps_per_epoch", "distribution", "ps_shards", "ps_min_shard_bytes",
                  "backup_every_steps", "learning_rate", "hyperparameters", "seed", "cache",
+                 "cache_memory_mb",
                  "shuffle_block", "bad_records", "source", "source_options", "eval_files")
 OUTPUT_FIELDS = ("output_dir", "model_dir", "export_dir", "fusion", "keep", "serving_task",
                  "serving_threads", "quiet")
@@ -98,7 +100,8 @@ class RunConfig:
   learning_rate: float = 2e-3
   hyperparameters: Dict[str, Any] = dataclasses.field(default_factory=dict)
   seed: int = 0
-  cache: bool = True
+  cache: str = "auto"
+  cache_memory_mb: Optional[int] = None
   shuffle_block: int = 8192
   bad_records: str = validation.FAIL
   source: str = "synthetic"
@@ -127,6 +130,7 @@ class RunConfig:
     _choice("loss_weighting", self.loss_weighting, sorted(balancers.BALANCERS))
     _choice("distribution", self.distribution, DISTRIBUTIONS)
     _choice("bad_records", self.bad_records, validation.BAD_RECORD_POLICIES)
+    _choice("cache", self.cache, caching.MODES)
     if self.ranking_loss is not None:
       _choice("ranking_loss", self.ranking_loss, RANKING_LOSSES)
     for name, (strategy, _) in STRATEGY_OPTIONS.items():

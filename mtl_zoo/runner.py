@@ -33,7 +33,9 @@ from mtl_zoo import strategies
 from mtl_zoo._keras import keras
 from mtl_zoo.compile import compile_model
 from mtl_zoo.config import RESULT_FIELDS, STRATEGY_OPTIONS, ConfigError, RunConfig
+from pipelines import caching
 from pipelines import files
+from pipelines import manifest
 from pipelines import reader
 from pipelines import schema as schema_lib
 from pipelines import shards
@@ -536,8 +538,17 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
         "training had finished." if finished else
         f"epoch {resumed[0] + 1}, step {resumed[1]} of {steps_per_epoch}."))
 
+  records = examples if counted else _vouched_records(train_files)
+  cache_mode, why = caching.choose(config.cache, records, schema,
+                                   budget_bytes=(config.cache_memory_mb << 20
+                                                 if config.cache_memory_mb else None),
+                                   file_possible=not _is_ps(strategy))
+  _say(config, f"Cache: {why}.")
+
   def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
     readers, index = distribute.input_shard(strategy, context, workers)
+    cache = (_cache_file(model_dir, index) if cache_mode == "file"
+             else cache_mode == "memory")
     if readers > 1 and isinstance(index, int):
       _say(config, f"Input: reader {index} of {readers} reads "
            f"{len(train_files[index::readers])} of the {len(train_files)} training files.")
@@ -548,7 +559,7 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
     # steps on every worker, so none waits for another that ran out of data.
     ds = reader.make_dataset(train_pattern, schema,
                              context.get_per_replica_batch_size(config.batch_size),
-                             seed=config.seed, cache=config.cache,
+                             seed=config.seed, cache=cache,
                              shuffle_block=config.shuffle_block,
                              duplicate_task=duplicate_task,
                              shard=(readers, index) if readers > 1 else None,
@@ -627,6 +638,8 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
       raise DataError(explain_data_error(
           e, ",".join(p for p in (train_pattern, eval_pattern) if p), schema)) from None
   seconds = time.perf_counter() - start
+  if cache_mode == "file" and chief:
+    files.remove(files.join(model_dir, "cache"))
   best_epoch = progress.best_epoch if evaluator else None
   epochs_trained = len(progress.values) if evaluator else None
   # The weights to keep: the best epoch's, or after a resumed run that had
@@ -652,7 +665,7 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
       "task_weights": {k[len("weight_"):]: float(v[-1])
                        for k, v in history.history.items()
                        if k.startswith("weight_")} if history else {},
-      "backup_dir": backup_dir,
+      "backup_dir": backup_dir, "cache": cache_mode,
       "eval": evaluator.latest if evaluator else {},
       "monitor": ({"spec": monitor.spec, "patience": config.patience_epochs,
                    "values": progress.values, "best_epoch": best_epoch,
@@ -667,6 +680,22 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
       "examples_past_list_size": (list_overflow.count if list_overflow and counted
                                   else None)}
   return _Fitted(name, model, schema, report, evaluator.curve if evaluator else [])
+
+
+def _vouched_records(train_files: List[str]) -> Optional[int]:
+  """Training records per the converter's manifest, None unless it vouches for all."""
+  counts = manifest.vouched_counts(train_files)
+  return sum(counts.values()) if len(counts) == len(train_files) else None
+
+
+def _cache_file(model_dir: str, index) -> str:
+  """A reader's file cache, emptied first: a crashed run leaves a partial cache
+  and its lock, which tf.data would refuse."""
+  prefix = files.join(model_dir, "cache", f"train-{index}")
+  for stale in tf.io.gfile.glob(prefix + "*"):
+    tf.io.gfile.remove(stale)
+  tf.io.gfile.makedirs(files.join(model_dir, "cache"))
+  return prefix
 
 
 def _is_ps(strategy) -> bool:
@@ -697,6 +726,7 @@ def _summary(config: RunConfig, fitted: List[_Fitted], schema: schema_lib.Schema
           "resumed_from": _merged(fitted, "resumed_from"),
           "learning_rate": config.learning_rate, "seed": config.seed,
           "train_seconds": round(sum(run.report["train_seconds"] for run in fitted), 2),
+          "cache": _merged(fitted, "cache"),
           "train_loss": _merged_dicts(fitted, "train_loss"),
           "task_weights": _merged_dicts(fitted, "task_weights"),
           "eval": {task: values for run in fitted for task, values in

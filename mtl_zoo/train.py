@@ -29,6 +29,7 @@ from mtl_zoo import runner
 from mtl_zoo import strategies
 from mtl_zoo.config import STRATEGY_OPTIONS, ConfigError, RunConfig
 from mtl_zoo.distribute import DISTRIBUTIONS
+from pipelines import caching
 from pipelines import validation
 
 FLAGS = flags.FLAGS
@@ -144,7 +145,13 @@ flags.DEFINE_float("cross_stitch_self_weight", 0.9, "Initial weight a cross-stit
                    "gives a task's own activations (cross_stitch).", lower_bound=0.0,
                    upper_bound=1.0)
 flags.DEFINE_integer("seed", 0, "Seed for weights, shuffling and the synthetic data.")
-flags.DEFINE_boolean("cache", True, "Keep parsed training data in memory after epoch 1.")
+flags.DEFINE_enum("cache", "auto", list(caching.MODES), "Where parsed training data is "
+                  "kept after epoch 1: memory, a file under --model_dir, or none. auto: in "
+                  "memory when it fits in half of the memory available (from the record "
+                  "count), else a file.")
+flags.DEFINE_integer("cache_memory_mb", None, "--cache=auto: memory the parsed training "
+                     "data may take in memory (default: half of the memory available at "
+                     "start).", lower_bound=1)
 flags.DEFINE_string("source", "synthetic", "Data source (pipelines.sources.SOURCES) of the "
                     "built-in data used without --train_files.")
 flags.DEFINE_integer("shuffle_block", 8192, "Examples shuffled together (see "
@@ -218,6 +225,7 @@ def config_from_flags() -> RunConfig:
       ps_shards=FLAGS.ps_shards, ps_min_shard_bytes=FLAGS.ps_min_shard_bytes,
       backup_every_steps=FLAGS.backup_every_steps, learning_rate=FLAGS.learning_rate,
       hyperparameters=hyperparameters(architecture), seed=FLAGS.seed, cache=FLAGS.cache,
+      cache_memory_mb=FLAGS.cache_memory_mb,
       shuffle_block=FLAGS.shuffle_block, bad_records=FLAGS.bad_records, source=FLAGS.source,
       source_options=({"synthetic_requests": FLAGS.synthetic_requests}
                       if FLAGS.source == "synthetic" else {}))
