@@ -36,7 +36,7 @@ def test_a_balancer_registered_from_outside_trains_through_the_runner(
   config = RunConfig(train_files=f"{ads_dir}/train-*", eval_files=f"{ads_dir}/eval-*",
                      model="shared_bottom", hyperparameters={"bottom_units": [8]},
                      loss_weighting="favour_first", balancer_options={"favour_first": 3.0},
-                     epochs=2, batch_size=256, model_dir=str(tmp_path / "run"),
+                     max_epochs=2, batch_size=256, model_dir=str(tmp_path / "run"),
                      export_dir=str(tmp_path / "export"), quiet=True)
   result = runner.run(config)
   assert result.summary["task_weights"] == {"ctr": 3.0, "cvr": 1.0}
@@ -80,7 +80,7 @@ class TwoTaskToySource(Source):
 def test_a_source_registered_from_outside_is_the_runs_built_in_data(tmp_path, monkeypatch):
   monkeypatch.setitem(SOURCES, "toy", TwoTaskToySource())
   config = RunConfig(source="toy", source_options={"toy_rows": 2000}, model="shared_bottom",
-                     hyperparameters={"bottom_units": [8], "tower_units": []}, epochs=4,
+                     hyperparameters={"bottom_units": [8], "tower_units": []}, max_epochs=4,
                      batch_size=100, learning_rate=3e-2, output_dir=str(tmp_path), quiet=True)
   result = runner.run(config)
   assert result.schema.task_names == ["up", "far"]
@@ -117,7 +117,7 @@ def test_a_config_that_does_not_apply_is_refused_before_any_work(tmp_path):
 def test_builder_defaults_fill_what_the_config_leaves_out(ads_dir, tmp_path):
   result = runner.run(RunConfig(
       train_files=f"{ads_dir}/train-*", model="mmoe", hyperparameters={"num_experts": 2},
-      epochs=1, batch_size=512, output_dir=str(tmp_path), export_dir="", quiet=True))
+      max_epochs=1, batch_size=512, output_dir=str(tmp_path), export_dir="", quiet=True))
   assert result.summary["hyperparameters"]["num_experts"] == 2
   assert list(result.summary["hyperparameters"]["expert_units"]) == [16]
   assert np.isfinite(list(result.summary["train_loss"].values())).all()

@@ -4,6 +4,7 @@ gives what the same call gives on a local disk. ram:// lives in this process
 only, so everything here runs in-process (no CLI subprocesses)."""
 
 import csv
+import dataclasses
 import io
 import os
 import uuid
@@ -180,3 +181,39 @@ def test_export_failing_half_way_through_publishing_leaves_no_version(ads_schema
   assert len(published) == 2
   assert tf.io.gfile.listdir(base) == [kept.rsplit("/", 1)[1]]
   assert serving.existing_versions(base) == [int(kept.rsplit("/", 1)[1])]
+
+
+def test_convert_train_with_backup_and_export_all_on_ram(ram_root):
+  """The whole training path on ram://: the built-in source writes its shards
+  there, training backs up, checkpoints, caches to a file and keeps its outputs
+  there, and the export keeps one version there; the exported model scores
+  the ram:// eval data as the trained model does."""
+  from mtl_zoo import runner
+  from mtl_zoo.config import RunConfig
+  from pipelines.sources import SOURCES
+  root = files.join(ram_root, "end_to_end")
+  data = files.join(root, "data")
+  SOURCES["synthetic"].write(data, num_shards=2, seed=3, synthetic_requests=100,
+                             synthetic_eval_requests=40, synthetic_users=100,
+                             synthetic_items=50)
+  config = RunConfig(train_files=files.join(data, "train-*"),
+                     eval_files=files.join(data, "eval-*"), model="shared_bottom",
+                     model_dir=files.join(root, "run"), export_dir=files.join(root, "export"),
+                     output_dir=files.join(root, "out"), keep=1, max_epochs=2, patience=0,
+                     backup_every_steps=1, batch_size=64, cache="file", quiet=True)
+  runner.run(config)
+  result = runner.run(dataclasses.replace(config, model_dir=files.join(root, "run2")))
+  assert result.summary["cache"] == "file"
+  run_files = tf.io.gfile.listdir(config.model_dir)
+  for name in ("model.keras", "metrics.json", "schema.json", "monitor.json"):
+    assert name in run_files, run_files
+  assert not any(name.startswith("backup") for name in run_files)  # removed when done
+  versions = [v for v in tf.io.gfile.listdir(config.export_dir) if v.strip("/").isdigit()]
+  assert len(versions) == 1  # keep=1 pruned the first run's version
+  schema = result.schema
+  columns = reader.read_columns(config.eval_files, schema)
+  loaded = tf.saved_model.load(result.summary["export"]).signatures["serving_default"]
+  served = loaded(examples=tf.constant(schema.serving_examples(columns)))
+  direct = result.model(schema.parse_serving_examples(
+      tf.constant(schema.serving_examples(columns))), training=False)
+  np.testing.assert_allclose(served["ctr"].numpy(), direct["ctr"].numpy().ravel(), atol=1e-6)
