@@ -47,6 +47,7 @@ RESULT_FIELDS = ("strategy", "model", "train_files", "schema", "tasks", "event_w
                  "duplicate", "grades", "ranking_loss", "list_size", "loss_weighting",
                  "balancer_options", "max_epochs", "monitor", "patience", "batch_size",
                  "steps_per_epoch", "distribution", "ps_shards", "ps_min_shard_bytes",
+                 "cpu_replicas",
                  "backup_every_steps", "learning_rate", "hyperparameters", "seed", "cache",
                  "cache_memory_mb",
                  "shuffle_block", "bad_records", "source", "source_options", "eval_files")
@@ -96,6 +97,7 @@ class RunConfig:
   distribution: str = "none"
   ps_shards: int = 0
   ps_min_shard_bytes: int = 256 << 10
+  cpu_replicas: int = 0
   backup_every_steps: int = 1000
   learning_rate: float = 2e-3
   hyperparameters: Dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -149,6 +151,9 @@ class RunConfig:
     if self.distribution in ("multi_worker", "parameter_server") and not self.train_files:
       raise ConfigError(f"--distribution={self.distribution} needs --train_files: "
                         "workers read shares of the same files.")
+    if self.cpu_replicas and self.distribution != "mirrored":
+      raise ConfigError(f"--cpu_replicas splits the CPU for --distribution=mirrored; this "
+                        f"run has --distribution={self.distribution}.")
     if self.eval_files and not self.train_files:
       raise ConfigError("--eval_files needs --train_files (without both, the built-in "
                         "synthetic data is used).")

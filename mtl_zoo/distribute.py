@@ -82,7 +82,8 @@ def num_workers(distribution: str, config: dict) -> int:
 
 
 def make_strategy(distribution: str, ps_shards: int = 0,
-                  ps_min_shard_bytes: int = 256 << 10) -> Optional[tf.distribute.Strategy]:
+                  ps_min_shard_bytes: int = 256 << 10,
+                  cpu_replicas: int = 0) -> Optional[tf.distribute.Strategy]:
   """The strategy for `--distribution` (None for `none`).
 
   Call it before TensorFlow runs anything else: the multi-worker strategy
@@ -90,7 +91,10 @@ def make_strategy(distribution: str, ps_shards: int = 0,
   needs `chief`, `worker` and `ps` tasks and must be called on the chief; its
   variables of at least `ps_min_shard_bytes` are split along their first axis
   into up to `ps_shards` parts (default: one per ps task), so an embedding
-  table larger than one server's memory still fits.
+  table larger than one server's memory still fits. On a machine without GPUs,
+  `cpu_replicas` > 1 splits the CPU into that many logical devices and mirrors
+  over them (several replicas on one CPU: slower, but exercises the same
+  splitting and all-reduce as several GPUs).
   """
   if distribution not in DISTRIBUTIONS:
     raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
@@ -98,6 +102,16 @@ def make_strategy(distribution: str, ps_shards: int = 0,
   if distribution == "none":
     return None
   if distribution == "mirrored":
+    if cpu_replicas > 1 and not tf.config.list_physical_devices("GPU"):
+      cpu = tf.config.list_physical_devices("CPU")[0]
+      try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas)
+      except RuntimeError:
+        raise ClusterError("--cpu_replicas must be set before TensorFlow starts running "
+                           "(start a new process).") from None
+      return tf.distribute.MirroredStrategy(
+          [d.name for d in tf.config.list_logical_devices("CPU")])
     return tf.distribute.MirroredStrategy()
   cluster = config.get("cluster") or {}
   task_type, _ = role(config)

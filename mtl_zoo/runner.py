@@ -434,7 +434,7 @@ def setup_distribution(config: RunConfig, cluster: dict):
     if config.distribution == "multi_worker" and workers > 1:
       _say(config, f"Waiting for all {workers} workers of TF_CONFIG to start ...")
     strategy = distribute.make_strategy(config.distribution, config.ps_shards,
-                                        config.ps_min_shard_bytes)
+                                        config.ps_min_shard_bytes, config.cpu_replicas)
   except distribute.ClusterError as e:
     raise ConfigError(f"--distribution={config.distribution}: {e}") from None
   if strategy is not None and config.batch_size % strategy.num_replicas_in_sync:

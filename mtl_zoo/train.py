@@ -117,6 +117,9 @@ flags.DEFINE_integer("ps_shards", 0, "parameter_server: split variables of at le
                      lower_bound=0)
 flags.DEFINE_integer("ps_min_shard_bytes", 256 << 10, "parameter_server: smallest part a "
                      "variable (an embedding table) is split into.", lower_bound=1)
+flags.DEFINE_integer("cpu_replicas", 0, "--distribution=mirrored without GPUs: split the "
+                     "CPU into this many logical devices, one replica each (to try "
+                     "multi-replica training on a laptop; slower than one).", lower_bound=0)
 flags.DEFINE_integer("backup_every_steps", 1000, "With --model_dir: back up the training "
                      "state every N steps (and after every epoch) into <model_dir>/backup; "
                      "0: after every epoch only. parameter_server backs up per epoch.",
@@ -223,6 +226,7 @@ def config_from_flags() -> RunConfig:
       patience=FLAGS.patience, batch_size=FLAGS.batch_size,
       steps_per_epoch=FLAGS.steps_per_epoch, distribution=FLAGS.distribution,
       ps_shards=FLAGS.ps_shards, ps_min_shard_bytes=FLAGS.ps_min_shard_bytes,
+      cpu_replicas=FLAGS.cpu_replicas,
       backup_every_steps=FLAGS.backup_every_steps, learning_rate=FLAGS.learning_rate,
       hyperparameters=hyperparameters(architecture), seed=FLAGS.seed, cache=FLAGS.cache,
       cache_memory_mb=FLAGS.cache_memory_mb,

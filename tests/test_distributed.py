@@ -135,14 +135,14 @@ def single_worker_run(two_shards, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_mirrored_on_the_cpu_matches_no_strategy(two_shards, single_worker_run, processes,
+def test_mirrored_over_two_cpu_replicas_matches_no_strategy(two_shards, single_worker_run, processes,
                                                   tmp_path):
   model_dir = str(tmp_path / "mirrored")
   processes.start("mirrored", *full_batch_flags(two_shards, model_dir),
-                  "--distribution=mirrored")
+                  "--distribution=mirrored", "--cpu_replicas=2")
   code, log = processes.wait("mirrored")
   assert code == 0, log[-3000:]
-  assert "(1 replica)" in log
+  assert "(2 replicas)" in log  # the global batch of 1,000 split in two
   assert eval_metrics(model_dir)["distribution"] == "mirrored"
   assert_same_run(model_dir, single_worker_run, atol=1e-5)
 
