@@ -150,7 +150,7 @@ def normalized_entropy(labels: np.ndarray, probabilities: np.ndarray) -> float:
   if rate <= 0 or rate >= 1:
     return float("nan")
   entropy = -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))
-  return log_loss(y, probabilities) / entropy
+  return float(log_loss(y, probabilities) / entropy)
 
 
 def mse(labels: np.ndarray, predictions: np.ndarray) -> float:
