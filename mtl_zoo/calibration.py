@@ -184,15 +184,17 @@ def calibrated_model(model: keras.Model, schema: schema_lib.Schema,
   produced = model({name: inputs[name] for name in model.input_names})
   outputs = {}
   for task in schema.task_names:
+    corrected = negative_sampling is not None and negative_sampling[0] == task
     tensor = produced[task]
-    if negative_sampling and negative_sampling[0] == task:
+    # Keras names an output after its last layer, which therefore takes the task's
+    # name (a pass-through where nothing else comes last).
+    if corrected:
       tensor = layers.NegativeSamplingCorrection(
-          negative_sampling[1], name=task if task not in calibrators
-          else f"{task}_negative_sampling")(tensor)
+          negative_sampling[1],
+          name=f"{task}_negative_sampling" if task in calibrators else task)(tensor)
     if task in calibrators:
       tensor = calibrator_layer(calibrators[task], name=task)(tensor)
-    elif not (negative_sampling and negative_sampling[0] == task):
-      # Outputs are named by their last layer: a named pass-through keeps the task's.
+    elif not corrected:
       tensor = keras.layers.Activation("linear", name=task)(tensor)
     outputs[task] = tensor
   return keras.Model(inputs, outputs, name=model.name)

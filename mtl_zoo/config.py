@@ -168,7 +168,6 @@ class RunConfig:
                           f"{self.loss_weighting}"
                           + (f"; it belongs to --loss_weighting={owner}." if owner else "."))
 
-
   def _check_calibration(self) -> None:
     """--calibrate, --calibration_files, --negative_sampling; the checks that
     need the data's tasks are in `mtl_zoo.calibration.prepare`."""

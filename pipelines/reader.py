@@ -183,7 +183,8 @@ def _negative_sampler(schema: schema_lib.Schema, labels: Sequence[str], rate: fl
                      f"{schema.labels}.")
   columns = [schema.labels.index(label) for label in labels]
   threshold = int(rate * _SAMPLING_BUCKETS)
-  hash_key = seed & 0x7FFFFFFFFFFFFFFF  # SipHash takes a non-negative key
+  # SipHash's 128-bit key: the seed (non-negative) and a fixed second half.
+  hash_key = [seed & 0x7FFFFFFFFFFFFFFF, 0x6e5]
 
   def sample(block):
     parts = []
@@ -194,7 +195,7 @@ def _negative_sampler(schema: schema_lib.Schema, labels: Sequence[str], rate: fl
       parts.append(tf.reshape(tf.cast(value, tf.int64), [tf.shape(value)[0], -1]))
     text = tf.strings.reduce_join(tf.strings.as_string(tf.concat(parts, 1)), axis=1,
                                   separator=",")
-    draw = tf.strings.to_hash_bucket_strong(text, _SAMPLING_BUCKETS, key=[hash_key, 0x6e5])
+    draw = tf.strings.to_hash_bucket_strong(text, _SAMPLING_BUCKETS, key=hash_key)
     positive = tf.reduce_any(
         tf.gather(block[schema_lib.PACKED_LABELS], columns, axis=1) > 0.5, axis=1)
     keep = positive | (draw < threshold)

@@ -148,10 +148,13 @@ print(json.dumps(results))
 def test_calibrated_runs_export_what_model_keras_computes_in_a_fresh_process(
     ads_dir, ads_schema, calibration_dir, tmp_path):
   runs = {}
-  for method, architecture, hparams in (("isotonic", "mmoe", {"num_experts": 2}),
-                                        ("platt", "esmm", {"bottom_units": [8]})):
+  # isotonic after the negative-sampling correction; platt on every ESMM output.
+  for method, architecture, hparams, rate in (
+      ("isotonic", "mmoe", {"num_experts": 2}, 0.5),
+      ("platt", "esmm", {"bottom_units": [8]}, None)):
     result = runner.run(config.RunConfig(
-        model=architecture, hyperparameters=hparams, train_files=f"{ads_dir}/train-*",
+        model=architecture, hyperparameters=hparams, negative_sampling=rate,
+        train_files=f"{ads_dir}/train-*",
         eval_files=f"{ads_dir}/eval-*", calibrate=method,
         calibration_files=f"{calibration_dir}/calibration-*", fusion="product:ctr=1,cvr=1",
         epochs=1, batch_size=256, model_dir=str(tmp_path / method),
@@ -159,6 +162,8 @@ def test_calibrated_runs_export_what_model_keras_computes_in_a_fresh_process(
     summary = result.summary
     tasks = result.schema.task_names
     assert sorted(summary["calibration"]["calibrators"]) == sorted(tasks)
+    assert summary["calibration"]["negative_sampling"] == (
+        {"task": "ctr", "rate": rate} if rate else None)
     fitted = summary["calibration"]["calibrators"]["cvr"]
     assert fitted["method"] == method and fitted["examples"] < 1000  # clicked rows only
     assert summary["eval"] != summary["eval_uncalibrated"]
@@ -186,6 +191,7 @@ def test_calibrated_runs_export_what_model_keras_computes_in_a_fresh_process(
     out = served[method]
     layer_class = {"isotonic": "IsotonicCalibration", "platt": "PlattCalibration"}[method]
     assert out["layers"].count(layer_class) == len(tasks)
+    assert out["layers"].count("NegativeSamplingCorrection") == (method == "isotonic")
     keras_out = out["keras"]
     for kind in ("serving_default", "features", "classify", "regress", "rank"):
       for task, values in out[kind].items():
