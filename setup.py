@@ -27,11 +27,13 @@ setup(
         "tensorflow-serving-api>=2.16,<2.22",
         "numpy>=1.23",
         PYARROW,
+        # Every run with eval data draws <model_dir>/reliability.png.
+        "matplotlib>=3.5",
     ],
     extras_require={
         # Beam is in the test extra so that CI runs the Beam converter's test.
         "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", *BEAM],
-        # Only the experiment scripts in scripts/ draw plots.
+        # Kept so that `pip install .[experiments]` still works; matplotlib is now core.
         "experiments": ["matplotlib>=3.5"],
         "beam": BEAM,
         # Kept so that `pip install .[parquet]` still works; pyarrow is now core.

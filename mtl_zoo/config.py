@@ -36,6 +36,7 @@ STRATEGY_OPTIONS = {"event_weights": ("sample_weighting", None),
                     "ranking_loss": ("learning_to_rank", "listwise"),
                     "list_size": ("learning_to_rank", 10)}
 RANKING_LOSSES = ("listwise", "pairwise")
+CALIBRATION_METHODS = ("platt", "isotonic")
 
 
 # Resume identity: every RunConfig field is in exactly one of these two sets
@@ -50,9 +51,10 @@ RESULT_FIELDS = ("strategy", "model", "train_files", "schema", "tasks", "event_w
                  "cpu_replicas",
                  "backup_every_steps", "learning_rate", "hyperparameters", "seed", "cache",
                  "cache_memory_mb",
-                 "shuffle_block", "bad_records", "source", "source_options", "eval_files")
+                 "shuffle_block", "bad_records", "source", "source_options", "eval_files",
+                 "negative_sampling")
 OUTPUT_FIELDS = ("output_dir", "model_dir", "export_dir", "fusion", "keep", "serving_task",
-                 "serving_threads", "quiet")
+                 "serving_threads", "quiet", "calibrate", "calibration_files")
 
 
 @dataclasses.dataclass
@@ -109,6 +111,10 @@ class RunConfig:
   source: str = "synthetic"
   source_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
   quiet: bool = False
+  # Calibration (issue 13; mtl_zoo/calibration.py).
+  calibrate: Optional[str] = None
+  calibration_files: Optional[str] = None
+  negative_sampling: Optional[float] = None
 
   @property
   def architecture(self) -> str:
@@ -165,6 +171,7 @@ class RunConfig:
     self._check_hyperparameters()
     self._check_balancer_options()
     self._check_early_stopping()
+    self._check_calibration()
     for name in ("max_epochs", "batch_size", "shuffle_block"):
       if getattr(self, name) < 1:
         raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}.")
@@ -213,6 +220,25 @@ class RunConfig:
         raise ConfigError(f"--{name} does not apply to --loss_weighting="
                           f"{self.loss_weighting}"
                           + (f"; it belongs to --loss_weighting={owner}." if owner else "."))
+
+  def _check_calibration(self) -> None:
+    """--calibrate, --calibration_files, --negative_sampling; the checks that
+    need the data's tasks are in `mtl_zoo.calibration.prepare`."""
+    if self.calibrate is not None:
+      _choice("calibrate", self.calibrate, CALIBRATION_METHODS)
+    if self.calibration_files and not self.calibrate:
+      raise ConfigError("--calibration_files is the data --calibrate fits calibrators on; "
+                        "add --calibrate=platt or --calibrate=isotonic, or drop it.")
+    rate = self.negative_sampling
+    if rate is not None and not 0 < rate <= 1:
+      raise ConfigError(f"--negative_sampling is the fraction of negatives training keeps, "
+                        f"in (0, 1]; got {rate}.")
+    if self.strategy == "learning_to_rank":
+      for name in ("calibrate", "negative_sampling"):
+        if getattr(self, name) is not None:
+          raise ConfigError(f"--{name} applies to binary tasks' probabilities; "
+                            "--strategy=learning_to_rank scores requests' lists with a "
+                            f"ranking task. Drop --{name} or choose another --strategy.")
 
 
 def _choice(name: str, value, choices) -> None:

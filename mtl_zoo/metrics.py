@@ -86,6 +86,73 @@ def log_loss(labels: np.ndarray, probabilities: np.ndarray, eps: float = 1e-7) -
   return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
+def pcoc(labels: np.ndarray, probabilities: np.ndarray) -> float:
+  """Predicted over observed: sum of predictions / sum of labels (1 when the
+  predictions add up to the events that happened; NaN without a positive)."""
+  positives = float(np.sum(np.asarray(labels, np.float64)))
+  return float(np.sum(np.asarray(probabilities, np.float64))) / positives if positives \
+      else float("nan")
+
+
+ECE_BINS = 20
+
+
+def calibration_bins(labels: np.ndarray, probabilities: np.ndarray, bins: int = ECE_BINS
+                     ) -> Dict[str, np.ndarray]:
+  """Equal-frequency bins of the predictions: each holds ~1/`bins` of the
+  examples, cut at the predictions' quantiles; equal predictions share a bin,
+  and bins left empty by ties are dropped.
+
+  Equal-frequency rather than equal-width: click and conversion probabilities
+  crowd near 0, where equal-width bins would put nearly every example into the
+  first one or two bins and leave the others with a handful each, so the error
+  would rest on a few noisy bins. With equal counts, every bin's observed rate
+  has about the same noise.
+
+  Args:
+    labels: 0/1 labels.
+    probabilities: predicted probabilities, one per label.
+    bins: the number of quantile bins.
+
+  Returns:
+    {"prediction": mean prediction per bin, "rate": observed rate per bin,
+     "count": examples per bin}, bins in increasing order of prediction.
+  """
+  y = np.asarray(labels, np.float64).ravel()
+  p = np.asarray(probabilities, np.float64).ravel()
+  edges = np.quantile(p, np.arange(1, bins) / bins) if p.size else np.zeros(0)
+  index = np.searchsorted(edges, p, side="left")
+  count = np.bincount(index, minlength=bins).astype(np.float64)
+  used = count > 0
+  return {"prediction": np.bincount(index, p, bins)[used] / count[used],
+          "rate": np.bincount(index, y, bins)[used] / count[used],
+          "count": count[used].astype(np.int64)}
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray,
+                               bins: int = ECE_BINS) -> float:
+  """ECE: |mean prediction - observed rate| per bin, averaged with weights equal
+  to the bins' example counts, over `bins` equal-frequency bins
+  (`calibration_bins` says why equal-frequency). NaN without examples."""
+  binned = calibration_bins(labels, probabilities, bins)
+  if not binned["count"].size:
+    return float("nan")
+  gap = np.abs(binned["prediction"] - binned["rate"])
+  return float(np.sum(gap * binned["count"]) / np.sum(binned["count"]))
+
+
+def normalized_entropy(labels: np.ndarray, probabilities: np.ndarray) -> float:
+  """NE: log-loss divided by the entropy of the labels' base rate, i.e. by the
+  log-loss of always predicting that rate. Below 1: better than that constant;
+  exactly 1 for it. NaN when the labels hold only one class."""
+  y = np.asarray(labels, np.float64).ravel()
+  rate = y.mean() if y.size else 0.0
+  if rate <= 0 or rate >= 1:
+    return float("nan")
+  entropy = -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))
+  return float(log_loss(y, probabilities) / entropy)
+
+
 def mse(labels: np.ndarray, predictions: np.ndarray) -> float:
   diff = np.asarray(labels, np.float64).ravel() - np.asarray(predictions, np.float64).ravel()
   return float(np.mean(diff ** 2))
@@ -142,8 +209,10 @@ def collect(model, dataset: tf.data.Dataset, predict=None
 
 def task_metrics(schema: schema_lib.Schema, collected: Dict[str, Dict[str, np.ndarray]]
                  ) -> Dict[str, Dict[str, float]]:
-  """AUC and log-loss for binary tasks, MSE for regression, AUC of "any event"
-  for ranking tasks; over masked-in examples."""
+  """AUC, log-loss and calibration (PCOC, ECE, NE: `pcoc`,
+  `expected_calibration_error`, `normalized_entropy`) for binary tasks, MSE
+  for regression, AUC of "any event" for ranking tasks; over masked-in
+  examples."""
   results = {}
   for task in schema.tasks:
     data = collected[task.name]
@@ -151,6 +220,8 @@ def task_metrics(schema: schema_lib.Schema, collected: Dict[str, Dict[str, np.nd
     y, p = data["label"][keep], data["prediction"][keep]
     if task.type == schema_lib.BINARY:
       results[task.name] = {"auc": auc(y, p), "logloss": log_loss(y, p),
+                            "pcoc": pcoc(y, p), "ece": expected_calibration_error(y, p),
+                            "ne": normalized_entropy(y, p),
                             "positive_rate": float(y.mean()) if y.size else float("nan"),
                             "examples": int(keep.sum())}
     elif task.type == schema_lib.RANKING:

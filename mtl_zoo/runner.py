@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
+from mtl_zoo import calibration
 from mtl_zoo import distribute
 from mtl_zoo import early_stopping
 from mtl_zoo import layers
@@ -120,6 +121,8 @@ def run(config: RunConfig) -> RunResult:
       raise ConfigError(f"--monitor={config.monitor_spec} {e}") from None
   if config.strategy == "fusion":
     fusion = fusion or strategies.default_fusion(data_schema)
+  calibration_pattern = calibration.prepare(config, [s for _, s in runs], train_pattern,
+                                            eval_pattern)
   tf.io.gfile.makedirs(model_dir)
   keras.utils.set_random_seed(config.seed)
 
@@ -140,6 +143,10 @@ def run(config: RunConfig) -> RunResult:
     model, schema = fitted[0].model, fitted[0].schema
 
   summary = _summary(config, fitted, schema, fusion, train_pattern, eval_pattern, workers)
+  # Negative-sampling correction and calibrators join the model saved and exported.
+  model, calibrated = calibration.finish(config, model, schema, calibration_pattern,
+                                         eval_pattern, model_dir)
+  summary.update(calibrated)
   save_model(model, files.join(model_dir, "model.keras"))
   schema.save(files.join(model_dir, schema_lib.SCHEMA_FILENAME))
   if eval_pattern:
@@ -358,19 +365,22 @@ def save_model(model: keras.Model, path: str) -> None:
 
 def count_examples(config: RunConfig, pattern: str, schema: schema_lib.Schema,
                    duplicate_task: Optional[str], skipped: validation.SkippedRecords,
-                   list_overflow: Optional[validation.ListOverflow] = None) -> int:
+                   list_overflow: Optional[validation.ListOverflow] = None,
+                   negative_sampling=None) -> int:
   """Training examples in one pass: records, copies with --duplicate, or list
   slots (padding included) for ranking tasks, whose examples past list_size
   `list_overflow` counts; with --bad_records=skip, of the good records only, and
   `skipped` counts the others. Plain records are counted from the converter's
-  manifest where it vouches for the files."""
+  manifest where it vouches for the files. With `negative_sampling`, the rows
+  it keeps."""
   skip = config.bad_records == validation.SKIP
-  if not duplicate_task and not schema.list_size and not skip:
+  if not duplicate_task and not schema.list_size and not skip and not negative_sampling:
     return reader.count_records(pattern)
   ds = reader.make_dataset(pattern, schema, 8192, shuffle=False, cache=False,
                            check_values=skip, duplicate_task=duplicate_task,
                            bad_records=config.bad_records, skipped=skipped,
-                           list_overflow=list_overflow)
+                           list_overflow=list_overflow, negative_sampling=negative_sampling,
+                           seed=config.seed)
   return sum(int(tf.shape(next(iter(labels.values())))[0]) for _, labels, _ in ds)
 
 
@@ -488,6 +498,7 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
   """
   chief = distribute.is_chief(cluster)
   duplicate_task = strategies.ENGAGEMENT_TASK if config.option("duplicate") else None
+  sampling = calibration.negative_sampling_spec(config, schema)  # (labels, rate) or None
   train_files = shards.list_files(train_pattern)
   skipped = {"train": validation.SkippedRecords()}
   list_overflow = validation.ListOverflow() if schema.list_size else None
@@ -497,7 +508,7 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
   if counted:
     try:
       examples = count_examples(config, train_pattern, schema, duplicate_task,
-                                skipped["train"], list_overflow)
+                                skipped["train"], list_overflow, sampling)
     except validation.BadRecordError as e:
       raise DataError(f"--train_files: {e}") from None
     except (tf.errors.OpError, UnicodeDecodeError) as e:
@@ -564,7 +575,8 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
                              duplicate_task=duplicate_task,
                              shard=(readers, index) if readers > 1 else None,
                              deterministic=backup_dir is not None,
-                             bad_records=config.bad_records).repeat()
+                             bad_records=config.bad_records,
+                             negative_sampling=sampling).repeat()
     replicas_per_reader = context.num_replicas_in_sync // context.num_input_pipelines
     return ds.skip(done_steps * replicas_per_reader) if done_steps else ds
 
@@ -737,8 +749,11 @@ def _summary(config: RunConfig, fitted: List[_Fitted], schema: schema_lib.Schema
 
 def _print_eval(config: RunConfig, eval_pattern: str, summary: dict) -> None:
   _say(config, "\nEval metrics (" + eval_pattern + "):")
-  _say(config, metrics_lib.format_table(summary["eval"], ["auc", "logloss", "mse",
-                                                          "positive_rate", "examples"]))
+  columns = ["auc", "logloss", "pcoc", "ece", "ne", "mse", "positive_rate", "examples"]
+  _say(config, metrics_lib.format_table(summary["eval"], columns))
+  if "eval_uncalibrated" in summary:
+    _say(config, "As trained, before the negative-sampling correction and calibrators:")
+    _say(config, metrics_lib.format_table(summary["eval_uncalibrated"], columns))
   for gate, gate_summary in summary["gates"].items():
     weights = " ".join(f"{w:.2f}" for w in gate_summary["mean_weights"])
     starved = gate_summary["starved_experts"]

@@ -27,7 +27,7 @@ from mtl_zoo import balancers
 from mtl_zoo import models
 from mtl_zoo import runner
 from mtl_zoo import strategies
-from mtl_zoo.config import STRATEGY_OPTIONS, ConfigError, RunConfig
+from mtl_zoo.config import CALIBRATION_METHODS, STRATEGY_OPTIONS, ConfigError, RunConfig
 from mtl_zoo.distribute import DISTRIBUTIONS
 from pipelines import caching
 from pipelines import validation
@@ -165,6 +165,23 @@ flags.DEFINE_enum("bad_records", validation.FAIL, list(validation.BAD_RECORD_POL
                   "infinite numeric): 'fail' stops with an error naming the file and "
                   "record; 'skip' leaves each one out, never the good records around it, "
                   "and reports how many at the end and in metrics.json.")
+flags.DEFINE_enum("calibrate", None, list(CALIBRATION_METHODS),
+                  "After training, fit a calibrator per binary task on --calibration_files "
+                  "(platt: logistic regression on the logit; isotonic: pool adjacent "
+                  "violators, served piecewise-linear) and make it part of the saved and "
+                  "exported model. Masked tasks are fitted on their masked-in rows.")
+flags.DEFINE_string("calibration_files", None,
+                    "Glob(s) of the calibration split --calibrate fits on: neither training "
+                    "nor eval data. Default without --train_files: the built-in data's "
+                    "calibration-* split.")
+flags.DEFINE_float("negative_sampling", None,
+                   "Train on this fraction R (0 < R <= 1) of the negatives of the first "
+                   "binary task, the engagement task (e.g. click=0 impressions; a seeded, "
+                   "deterministic choice), and serve its probability corrected by "
+                   "p / (p + (1 - p) / R) inside the model, before any calibrator. Eval and "
+                   "calibration data are never sampled. Tasks masked by the engagement label "
+                   "(cvr) keep all their rows, those with a positive engagement label; other "
+                   "tasks would be biased and are refused. Default: every negative.")
 flags.DEFINE_integer("synthetic_requests", 12_000, "Training requests (10 impressions "
                      "each) of the default synthetic log.", lower_bound=1)
 
@@ -232,7 +249,9 @@ def config_from_flags() -> RunConfig:
       cache_memory_mb=FLAGS.cache_memory_mb,
       shuffle_block=FLAGS.shuffle_block, bad_records=FLAGS.bad_records, source=FLAGS.source,
       source_options=({"synthetic_requests": FLAGS.synthetic_requests}
-                      if FLAGS.source == "synthetic" else {}))
+                      if FLAGS.source == "synthetic" else {}),
+      calibrate=FLAGS.calibrate, calibration_files=FLAGS.calibration_files,
+      negative_sampling=FLAGS.negative_sampling)
 
 
 def check_source_flags() -> None:

@@ -42,7 +42,9 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
                  deterministic: Optional[bool] = None,
                  bad_records: str = validation.FAIL,
                  skipped: Optional[validation.SkippedRecords] = None,
-                 list_overflow: Optional[validation.ListOverflow] = None) -> tf.data.Dataset:
+                 list_overflow: Optional[validation.ListOverflow] = None,
+                 negative_sampling: Optional[Tuple[Sequence[str], float]] = None
+                 ) -> tf.data.Dataset:
   """A dataset of `(features, labels, sample_weights)` batches for Keras `fit`.
 
   Records are read and parsed in blocks of `shuffle_block` examples (one batched
@@ -107,6 +109,11 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
       dataset_fn).
     list_overflow: with request lists, counts the examples left out past
       `list_size` (None: not counted).
+    negative_sampling: (label columns, rate): keep every record where any of
+      these label columns is set (> 0.5) and a fraction `rate` of the others,
+      chosen by a hash of the record's content keyed by `seed` (0 if None):
+      the same records in every epoch, run, shard order and reader, before the
+      cache. For training only; eval data must see every negative.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -125,6 +132,9 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
   ds = shards.parsed_blocks(files, schema, block, bad_records, skipped, check_values,
                             shuffle=shuffle, seed=seed, deterministic=deterministic,
                             shard=shard)
+  if negative_sampling:
+    ds = ds.map(_negative_sampler(schema, *negative_sampling, seed or 0),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
   if duplicate_task:
     ds = ds.map(_duplicator(schema, duplicate_task), num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=deterministic)
@@ -153,6 +163,45 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
 
   ds = ds.map(split, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+# Hash buckets of the negative-sampling draw: rates resolve to 2^-24.
+_SAMPLING_BUCKETS = 1 << 24
+
+
+def _negative_sampler(schema: schema_lib.Schema, labels: Sequence[str], rate: float,
+                      seed: int):
+  """A block map keeping the records with any of `labels` set and a fraction
+  `rate` of the others, decided per record by a keyed hash of its packed
+  values (floats by their bits), so the draw depends on nothing but the record
+  and the seed."""
+  if not 0 < rate <= 1:
+    raise ValueError(f"negative sampling rate must be in (0, 1], got {rate}.")
+  unknown = [label for label in labels if label not in schema.labels]
+  if unknown or not labels:
+    raise ValueError(f"negative sampling labels {list(labels)} must be label columns of "
+                     f"{schema.labels}.")
+  columns = [schema.labels.index(label) for label in labels]
+  threshold = int(rate * _SAMPLING_BUCKETS)
+  # SipHash's 128-bit key: the seed (non-negative) and a fixed second half.
+  hash_key = [seed & 0x7FFFFFFFFFFFFFFF, 0x6e5]
+
+  def sample(block):
+    parts = []
+    for key in sorted(block):
+      value = block[key]
+      if value.dtype == tf.float32:
+        value = tf.bitcast(value, tf.int32)
+      parts.append(tf.reshape(tf.cast(value, tf.int64), [tf.shape(value)[0], -1]))
+    text = tf.strings.reduce_join(tf.strings.as_string(tf.concat(parts, 1)), axis=1,
+                                  separator=",")
+    draw = tf.strings.to_hash_bucket_strong(text, _SAMPLING_BUCKETS, key=hash_key)
+    positive = tf.reduce_any(
+        tf.gather(block[schema_lib.PACKED_LABELS], columns, axis=1) > 0.5, axis=1)
+    keep = positive | (draw < threshold)
+    return {key: tf.boolean_mask(value, keep) for key, value in block.items()}
+
+  return sample
 
 
 def _duplicator(schema: schema_lib.Schema, task_name: str):
