@@ -209,7 +209,7 @@ def test_every_setting_is_classified_for_resume_identity():
 
 
 @pytest.mark.parametrize("change", [{"backup_every_steps": 5}, {"bad_records": "skip"},
-                                    {"cache": False}, {"patience": 1}])
+                                    {"cache": "none"}, {"patience": 1}])
 def test_resuming_with_a_setting_that_changes_the_result_is_refused(ads_dir, tmp_path,
                                                                     monkeypatch, change):
   config = overfitting_config(ads_dir, tmp_path, patience=0, max_epochs=2, export_dir="")
