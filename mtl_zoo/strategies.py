@@ -80,8 +80,7 @@ def parse_event_values(spec: str, what: str) -> Dict[str, float]:
 
 def _with_single_task(schema: schema_lib.Schema, task: schema_lib.Task
                       ) -> schema_lib.Schema:
-  return schema_lib.Schema(schema.features, schema.labels, [task], schema.request_id,
-                           schema.name)
+  return schema.replace(tasks=[task])
 
 
 def sample_weighting_schema(schema: schema_lib.Schema, event_weights: Dict[str, float]
