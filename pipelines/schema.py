@@ -332,13 +332,6 @@ class Schema:
                         "it must be its own column.")
     if not self.tasks:
       raise SchemaError("the schema declares no tasks; add at least one to 'tasks'.")
-    self._validate_label_masks()
-    for role in ("item_id", "item_category"):
-      name = getattr(self, role)
-      if name is not None and not any(f.name == name and f.kind == CATEGORICAL
-                                       for f in self.features):
-        raise SchemaError(f"{role} {name!r} must name a categorical feature; the "
-                          f"categorical features are {[f.name for f in self.categorical]}.")
     task_names = set()
     for t in self.tasks:
       where = f"task {t.name!r}"
@@ -369,6 +362,13 @@ class Schema:
               f"(label columns: {self.labels}).")
         if t.negative_weight is not None and not t.negative_weight > 0:
           raise SchemaError(f"{where}: negative_weight must be > 0.")
+    self._validate_label_masks()
+    for role in ("item_id", "item_category"):
+      name = getattr(self, role)
+      if name is not None and not any(f.name == name and f.kind == CATEGORICAL
+                                       for f in self.features):
+        raise SchemaError(f"{role} {name!r} must name a categorical feature; the "
+                          f"categorical features are {[f.name for f in self.categorical]}.")
 
   def _validate_label_masks(self) -> None:
     if not isinstance(self.label_masks, dict):

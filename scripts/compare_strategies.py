@@ -17,7 +17,9 @@ same epochs, batch and learning rate; no per-strategy tuning):
   ESMM              one model, ranked by pCTR x pCVR (its pCTCVR output)
 
 Each strategy's ranking score is rated against every objective on the eval
-split (`mtl_zoo.strategies.objective_report`). For the strategies with a CTR and
+split (`mtl_zoo.strategies.objective_report`), and where the schema names the
+item and its category (the synthetic log does), beyond accuracy: catalog
+coverage, category diversity and novelty of each request's top 10. For the strategies with a CTR and
 a CVR output, the fusion weight w of pCTR x pCVR^w is swept to draw their
 CTR-vs-CVR trade-off curves. Writes results/strategies_<data>.md/.json/.png.
 """
@@ -27,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import numpy as np
 from absl import app, flags
@@ -64,14 +67,17 @@ STRATEGY_RUNS = {
 CURVE_WEIGHTS = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
 COLUMNS = [("ctr_auc", "CTR AUC"), ("cvr_auc", "CVR AUC (clicked)"),
            ("cvr_entire_auc", "CTCVR AUC"), ("gauc", "GAUC (click)"),
-           ("ndcg@10", "NDCG@10 (conversion)"), ("train_seconds", "train s"),
-           ("parameters", "parameters")]
+           ("ndcg@10", "NDCG@10 (conversion)"), ("coverage@10", "catalog coverage@10"),
+           ("diversity@10", "category diversity@10"), ("novelty@10", "novelty@10 (bits)"),
+           ("train_seconds", "train s"), ("parameters", "parameters")]
 
 
 def run(strategy: str, architecture: str, options: dict, schema: schema_lib.Schema,
-        data_dir: str, columns: dict, event_weights: dict, seed: int) -> dict:
+        data_dir: str, columns: dict, event_weights: dict, seed: int,
+        popularity: Optional[np.ndarray]) -> dict:
   """One strategy trained by the training runner (as the train CLI would), then
-  its ranking score rated against every objective."""
+  its ranking score rated against every objective (beyond accuracy too, where
+  the schema names the item: `popularity` gives novelty)."""
   with tempfile.TemporaryDirectory(prefix="mtl_zoo-strategy-") as output_dir:
     result = runner.run(config_lib.RunConfig(
         strategy=strategy, model=architecture, train_files=os.path.join(data_dir, "train-*"),
@@ -85,26 +91,31 @@ def run(strategy: str, architecture: str, options: dict, schema: schema_lib.Sche
   seconds, parameters = result.summary["train_seconds"], result.model.count_params()
   fusion = (strategies.default_fusion(schema) if strategy in ("fusion", "multi_task")
             else None)
-  score = strategies.ranking_score(outputs, columns, fusion)
-  result = strategies.objective_report(score, columns, schema)
+  score = strategies.ranking_score(outputs, columns, fusion, schema)
+  result = strategies.objective_report(score, columns, schema, item_popularity=popularity)
   result.update(train_seconds=seconds, parameters=parameters)
   first, second = [t.name for t in strategies.funnel(schema)][:2]
   if first in outputs and second in outputs:
     result["curve"] = []
     for w in CURVE_WEIGHTS:
       fused = strategies.ranking_score(outputs, columns, {
-          "mode": "product", "terms": [first, second], "weights": [1.0, w]})
+          "mode": "product", "terms": [first, second], "weights": [1.0, w]}, schema)
       report = strategies.objective_report(fused, columns, schema)
       result["curve"].append({"weight": w, "ctr_auc": report[f"{first}_auc"],
                               "cvr_auc": report[f"{second}_auc"]})
   return result
 
 
+def _columns(results: list) -> list:
+  """The COLUMNS the results have (beyond-accuracy ones need the schema's item_id)."""
+  return [(key, label) for key, label in COLUMNS if key in results[0]]
+
+
 def summarize(runs: dict) -> dict:
   table = {}
   for name, results in runs.items():
     table[name] = {key: experiments.mean_interval([r[key] for r in results])
-                   for key, _ in COLUMNS}
+                   for key, _ in _columns(results)}
     if "curve" in results[0]:
       table[name]["curve"] = [
           {"weight": point["weight"],
@@ -115,11 +126,12 @@ def summarize(runs: dict) -> dict:
 
 
 def markdown(table: dict, header: str) -> str:
-  lines = [header, "", "| strategy | " + " | ".join(label for _, label in COLUMNS) + " |",
-           "|---|" + "---|" * len(COLUMNS)]
+  columns = [(key, label) for key, label in COLUMNS if key in next(iter(table.values()))]
+  lines = [header, "", "| strategy | " + " | ".join(label for _, label in columns) + " |",
+           "|---|" + "---|" * len(columns)]
   for name, row in table.items():
     cells = []
-    for key, _ in COLUMNS:
+    for key, _ in columns:
       stat = row[key]
       if key == "parameters":
         cells.append(f"{stat['mean']:,.0f}")
@@ -171,13 +183,16 @@ def main(argv):
   columns = reader.read_columns(os.path.join(data_dir, "eval-*"), schema)
   event_weights = targets.event_weights_from_counts(targets.count_events(
       os.path.join(data_dir, "train-*"), schema, [t.label for t in strategies.funnel(schema)]))
+  popularity = (metrics.popularity(reader.count_ids(os.path.join(data_dir, "train-*"), schema,
+                                                    schema.item_id))
+                if schema.item_id else None)
   start = time.perf_counter()
   runs = {}
   for name, (strategy, architecture, options) in STRATEGY_RUNS.items():
     runs[name] = []
     for seed in FLAGS.seeds:
       result = run(strategy, architecture, options, schema, data_dir, columns,
-                   event_weights, int(seed))
+                   event_weights, int(seed), popularity)
       runs[name].append(result)
       print(f"{name} seed {seed}: " + ", ".join(
           f"{k} {result[k]:.4f}" for k, _ in COLUMNS[:5]), flush=True)
