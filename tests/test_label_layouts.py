@@ -69,7 +69,9 @@ def test_blank_conversion_reads_as_zero_where_not_clicked(blank_log):
   assert columns["conversion"][columns["click"] == 1].sum() > 0
 
 
-CASES = {"esmm": dict(model="esmm", hyperparameters={"bottom_units": [8], "tower_units": [4]}),
+CASES = {"mmoe": dict(model="mmoe", hyperparameters={"num_experts": 2, "expert_units": [4],
+                                                     "tower_units": [4]}),
+         "esmm": dict(model="esmm", hyperparameters={"bottom_units": [8], "tower_units": [4]}),
          "sample_weighting": dict(strategy="sample_weighting",
                                   hyperparameters={"bottom_units": [8], "tower_units": [4]}),
          "learning_to_rank": dict(strategy="learning_to_rank", list_size=5,
@@ -92,6 +94,30 @@ def test_every_strategy_trains_on_every_record_of_a_blank_label_log(blank_log, c
   task = next(iter(summary["eval"]))
   assert summary["eval"][task]["examples"] == EVAL_ROWS
   assert all(math.isfinite(v) for v in summary["ranking"].values())
+  # Beyond accuracy (the schema names item and category): 20 items in a
+  # catalog of 20, each request's top 5 of 4 categories.
+  ranking = summary["ranking"]
+  assert 0 < ranking["coverage@10"] <= 1 and 0 < ranking["diversity@10"] <= 1
+  assert ranking["novelty@10"] > math.log2(20) - 1
+
+
+def test_a_metric_without_positives_stops_the_run_naming_the_column(tmp_path):
+  base = tmp_path / "no-conversions"
+  base.mkdir()
+  (base / "template.json").write_text(json.dumps(TEMPLATE))
+  _write_log(base / "train.csv", 100, 1)
+  with open(base / "eval.csv", "w") as f:  # clicks, never a conversion
+    f.write("req,item,category,price,click,conversion\n")
+    f.writelines(f"{i // 5},item{i % 20},cat{i % 4},2.0,{i % 2},{0 if i % 2 else ''}\n"
+                 for i in range(40))
+  SOURCES["csv"].write(str(base / "data"), csv_schema=str(base / "template.json"),
+                       csv=[f"train:{base / 'train.csv'}", f"eval:{base / 'eval.csv'}"])
+  config = RunConfig(train_files=f"{base}/data/train-*", eval_files=f"{base}/data/eval-*",
+                     epochs=1, batch_size=50, export_dir="", model_dir=str(tmp_path / "run"),
+                     quiet=True, **CASES["mmoe"])
+  with pytest.raises(runner.DataError, match="eval-\\*: no positive conversion in the eval "
+                     "data where click is 1 \\(task cvr\\) \\(20 examples\\)"):
+    runner.run(config)
 
 
 def test_a_missing_label_where_it_counts_is_still_a_bad_record(tmp_path):
