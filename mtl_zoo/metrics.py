@@ -59,9 +59,9 @@ def check_labels(labels: np.ndarray, column: str, where: str = "") -> np.ndarray
   missing = int(np.isnan(labels).sum())
   if missing:
     raise MetricError(f"label column {column} has {missing} missing values{where} in the "
-                      "eval data; a label may be missing only where its mask (the schema's "
-                      "label_masks) is 0. Fix the data or skip such records with "
-                      "--bad_records=skip.")
+                      "eval data; a label may be missing only where its gate (the schema's "
+                      "label_masks) is 0. Fix the data, or leave such records out "
+                      "(--bad_records=skip).")
   return labels
 
 

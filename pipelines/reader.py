@@ -314,12 +314,15 @@ def read_columns(file_pattern: Union[str, Sequence[str]], schema: schema_lib.Sch
                  ) -> Dict[str, np.ndarray]:
   """Reads shards back into numpy columns (features and label columns), in file
   order, the first `limit` records or all; damaged and unparsable records fail
-  or are skipped as `make_dataset`'s `bad_records` says (values are not
-  checked). For evaluation, tests and small data; not a training path."""
+  or are skipped as `make_dataset`'s `bad_records` says. Under "skip" records
+  with values the schema forbids are left out too (reports then see the records
+  training saw); under "fail" values are not checked. For evaluation, tests and
+  small data; not a training path."""
   files = shards.list_files(file_pattern)
   shards.detect_compression(files)
-  ds = shards.parsed_blocks(files, schema, batch_size, bad_records, skipped, check_values=False,
-                      shuffle=False, cycle_length=1)
+  ds = shards.parsed_blocks(files, schema, batch_size, bad_records, skipped,
+                            check_values=bad_records == validation.SKIP, shuffle=False,
+                            cycle_length=1)
   parts, count = {}, 0
   for packed in ds:
     features, columns = schema.split_packed(packed)

@@ -10,4 +10,5 @@ from mtl_zoo.layers.soft_sharing import CrossStitch, L2ConstrainedNetworks
 __all__ = ["MLP", "ExpertBank", "TaskHead", "ExpertMixture", "SoftmaxGate",
            "SoftmaxGates",
            "FeatureEmbedding", "feature_embedding", "schema_inputs", "ProbabilityProduct",
-           "CrossStitch", "L2ConstrainedNetworks", "ScoreFusion", "parse_fusion", "score_fusion", "FUSION_MODES"]
+           "CrossStitch", "L2ConstrainedNetworks", "ScoreFusion", "parse_fusion",
+           "score_fusion", "FUSION_MODES"]
