@@ -135,7 +135,8 @@ def ranking_score(outputs: Dict[str, np.ndarray], columns: Dict[str, np.ndarray]
 
 def objective_report(score: np.ndarray, columns: Dict[str, np.ndarray],
                      schema: schema_lib.Schema, k: int = 10,
-                     item_popularity: Optional[np.ndarray] = None) -> Dict[str, float]:
+                     item_popularity: Optional[np.ndarray] = None,
+                     beyond_k: Optional[int] = None) -> Dict[str, float]:
   """How well one ranking score serves each objective of the data's schema.
 
   Per binary task: `<task>_auc` on the examples its mask selects (CVR AUC on
@@ -143,7 +144,7 @@ def objective_report(score: np.ndarray, columns: Dict[str, np.ndarray],
   impressions (for cvr that is the CTCVR AUC). With request ids: `gauc`
   (impression-weighted per-request AUC of the shallowest event) and
   `ndcg@k` with the deepest event as relevance; beyond accuracy, over each
-  request's top k by the score, where the schema names the item
+  request's top `beyond_k` by the score, where the schema names the item
   (`item_id`): `coverage@k` (`metrics.catalog_coverage`) and, given the
   items' training popularity, `novelty@k` (`metrics.novelty`); where it names
   their category (`item_category`): `diversity@k`
@@ -153,9 +154,12 @@ def objective_report(score: np.ndarray, columns: Dict[str, np.ndarray],
     score: the ranking score [examples].
     columns: the eval data's columns (`reader.read_columns`).
     schema: the data's schema.
-    k: list length of the per-request metrics.
+    k: list length of NDCG.
     item_popularity: `metrics.popularity` of the training impressions per
       item row (`reader.count_ids`); None: no novelty.
+    beyond_k: list length of coverage, diversity and novelty (default: k).
+      They measure what a ranking shows, so they only tell scores apart when
+      requests hold more than `beyond_k` candidates.
 
   Returns:
     Metric name -> value.
@@ -184,7 +188,8 @@ def objective_report(score: np.ndarray, columns: Dict[str, np.ndarray],
                                 f"negative {shallowest}: GAUC is undefined.")
     report[f"ndcg@{k}"] = metrics.ndcg_at_k(columns[deepest], score, requests, k)
     if schema.item_id and schema.item_id in columns:
-      report.update(_beyond_accuracy(score, columns, schema, k, item_popularity))
+      report.update(_beyond_accuracy(score, columns, schema, beyond_k or k,
+                                     item_popularity))
   return report
 
 

@@ -19,7 +19,9 @@ same epochs, batch and learning rate; no per-strategy tuning):
 Each strategy's ranking score is rated against every objective on the eval
 split (`mtl_zoo.strategies.objective_report`), and where the schema names the
 item and its category (the synthetic log does), beyond accuracy: catalog
-coverage, category diversity and novelty of each request's top 10. For the strategies with a CTR and
+coverage, category diversity and novelty of each request's top --beyond_k (3:
+the log's requests hold 10 impressions, so their top 10 is every score's
+same set). For the strategies with a CTR and
 a CVR output, the fusion weight w of pCTR x pCVR^w is swept to draw their
 CTR-vs-CVR trade-off curves. Writes results/strategies_<data>.md/.json/.png.
 """
@@ -53,6 +55,9 @@ flags.DEFINE_integer("epochs", 3, "Epochs per model.")
 flags.DEFINE_integer("batch_size", 2048, "Examples per step (LTR: whole requests).")
 flags.DEFINE_float("learning_rate", 2e-3, "Adam learning rate.")
 flags.DEFINE_string("out_dir", "results", "Where the table, JSON and plot go.")
+flags.DEFINE_integer("beyond_k", 3, "List length of catalog coverage, category diversity and "
+                     "novelty: each request's top k. Below the impressions per request (10 "
+                     "in the synthetic log), or every score shows the same items.")
 
 HPARAMS = {"bottom_units": [128], "tower_units": [8], "num_experts": 8, "expert_units": [16]}
 # name: (strategy, architecture, options)
@@ -67,8 +72,8 @@ STRATEGY_RUNS = {
 CURVE_WEIGHTS = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
 COLUMNS = [("ctr_auc", "CTR AUC"), ("cvr_auc", "CVR AUC (clicked)"),
            ("cvr_entire_auc", "CTCVR AUC"), ("gauc", "GAUC (click)"),
-           ("ndcg@10", "NDCG@10 (conversion)"), ("coverage@10", "catalog coverage@10"),
-           ("diversity@10", "category diversity@10"), ("novelty@10", "novelty@10 (bits)"),
+           ("ndcg@10", "NDCG@10 (conversion)"), ("coverage@{k}", "catalog coverage@{k}"),
+           ("diversity@{k}", "category diversity@{k}"), ("novelty@{k}", "novelty@{k} (bits)"),
            ("train_seconds", "train s"), ("parameters", "parameters")]
 
 
@@ -92,7 +97,8 @@ def run(strategy: str, architecture: str, options: dict, schema: schema_lib.Sche
   fusion = (strategies.default_fusion(schema) if strategy in ("fusion", "multi_task")
             else None)
   score = strategies.ranking_score(outputs, columns, fusion, schema)
-  result = strategies.objective_report(score, columns, schema, item_popularity=popularity)
+  result = strategies.objective_report(score, columns, schema, item_popularity=popularity,
+                                       beyond_k=FLAGS.beyond_k)
   result.update(train_seconds=seconds, parameters=parameters)
   first, second = [t.name for t in strategies.funnel(schema)][:2]
   if first in outputs and second in outputs:
@@ -106,16 +112,19 @@ def run(strategy: str, architecture: str, options: dict, schema: schema_lib.Sche
   return result
 
 
-def _columns(results: list) -> list:
-  """The COLUMNS the results have (beyond-accuracy ones need the schema's item_id)."""
-  return [(key, label) for key, label in COLUMNS if key in results[0]]
+def _columns(row: dict) -> list:
+  """The COLUMNS, with --beyond_k, that a result row has (beyond-accuracy ones
+  need the schema's item_id)."""
+  columns = [(key.format(k=FLAGS.beyond_k), label.format(k=FLAGS.beyond_k))
+             for key, label in COLUMNS]
+  return [(key, label) for key, label in columns if key in row]
 
 
 def summarize(runs: dict) -> dict:
   table = {}
   for name, results in runs.items():
     table[name] = {key: experiments.mean_interval([r[key] for r in results])
-                   for key, _ in _columns(results)}
+                   for key, _ in _columns(results[0])}
     if "curve" in results[0]:
       table[name]["curve"] = [
           {"weight": point["weight"],
@@ -126,7 +135,7 @@ def summarize(runs: dict) -> dict:
 
 
 def markdown(table: dict, header: str) -> str:
-  columns = [(key, label) for key, label in COLUMNS if key in next(iter(table.values()))]
+  columns = _columns(next(iter(table.values())))
   lines = [header, "", "| strategy | " + " | ".join(label for _, label in columns) + " |",
            "|---|" + "---|" * len(columns)]
   for name, row in table.items():
@@ -202,6 +211,7 @@ def main(argv):
             f"impressions); mean ± 95% CI over seeds {','.join(FLAGS.seeds)}; "
             f"{FLAGS.epochs} epochs, batch {FLAGS.batch_size}, lr {FLAGS.learning_rate}; "
             f"event weights {', '.join(f'{k}={v:.3f}' for k, v in event_weights.items())}; "
+            f"coverage, diversity and novelty of each request's top {FLAGS.beyond_k}; "
             f"whole comparison {minutes:.1f} min.")
   text = markdown(table, header)
   print("\n" + text)
@@ -213,6 +223,7 @@ def main(argv):
     json.dump({"settings": {"seeds": FLAGS.seeds, "epochs": FLAGS.epochs,
                             "batch_size": FLAGS.batch_size,
                             "learning_rate": FLAGS.learning_rate, "hparams": HPARAMS,
+                            "beyond_k": FLAGS.beyond_k,
                             "event_weights": event_weights},
                "table": table, "runs": runs}, f, indent=1)
   plot(table, stem + ".png", f"Ranking strategies on {data_name}: CTR vs CVR AUC of each "
