@@ -22,7 +22,7 @@ numbers do not give away linearly.
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 from absl import app, flags

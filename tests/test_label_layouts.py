@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mtl_zoo import metrics, runner, strategies
+from mtl_zoo import runner, strategies
 from mtl_zoo.config import RunConfig
 from pipelines import reader, validation
 from pipelines import schema as schema_lib
