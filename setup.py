@@ -9,6 +9,9 @@ BEAM = ["apache-beam>=2.77,<3", "google-crc32c>=1.5"]
 # The CSV and census sources read CSV with pyarrow's streaming, vectorised reader
 # (pipelines/sources/csv.py); also `python -m mtl_zoo.predict --output=scores.parquet`.
 PYARROW = "pyarrow>=10"
+# scripts/baseline_logreg.py: logistic regression on sparse one-hot ids (scipy
+# comes with it).
+BASELINE = ["scikit-learn>=1.3"]
 
 setup(
     name="mtl_zoo",
@@ -32,10 +35,12 @@ setup(
     ],
     extras_require={
         # Beam is in the test extra so that CI runs the Beam converter's test.
-        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", *BEAM],
+        # ... and scikit-learn, so that it runs the baseline script's test.
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", *BEAM, *BASELINE],
         # Kept so that `pip install .[experiments]` still works; matplotlib is now core.
         "experiments": ["matplotlib>=3.5"],
         "beam": BEAM,
+        "baseline": BASELINE,
         # Kept so that `pip install .[parquet]` still works; pyarrow is now core.
         "parquet": [PYARROW],
     },

@@ -53,7 +53,7 @@ def search(outputs: Dict[str, np.ndarray], columns: Dict[str, np.ndarray],
   rows = []
   for weights in candidates:
     fusion = {"mode": mode, "terms": list(terms), "weights": list(weights)}
-    score = strategies.ranking_score(outputs, columns, fusion)
+    score = strategies.ranking_score(outputs, columns, fusion, schema)
     row = {f"w_{t}": float(w) for t, w in zip(terms, weights)}
     row.update(strategies.objective_report(score, columns, schema, k))
     rows.append(row)
@@ -132,7 +132,11 @@ def _main(argv):
   candidates = (random_candidates(len(terms), FLAGS.random, 0.0, FLAGS.random_max,
                                   FLAGS.seed)
                 if FLAGS.random else grid_candidates(len(terms), grid))
-  rows = search(outputs, columns, schema, mode, terms, candidates, FLAGS.k)
+  try:
+    rows = search(outputs, columns, schema, mode, terms, candidates, FLAGS.k)
+  except metrics_lib.MetricError as e:
+    print(f"error: --eval_files={FLAGS.eval_files}: {e}", file=sys.stderr)
+    sys.exit(1)
   report_columns = [c for c in rows[0] if not c.startswith("w_")]
   objectives = FLAGS.objectives or [c for c in report_columns if c.endswith("_auc")
                                     and not c.endswith("_entire_auc")]

@@ -4,7 +4,7 @@ Keras' streaming AUC bins scores into thresholds and is approximate; the
 figures we report (and compare with papers) use the exact rank statistic.
 """
 
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -14,10 +14,16 @@ from mtl_zoo._keras import keras
 from pipelines import schema as schema_lib
 
 
+class MetricError(ValueError):
+  """A reported metric is undefined on the data (an AUC without positives, a
+  label with missing values); the message names the label column and why. The
+  runner reports it as a data error instead of printing NaN."""
+
+
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
   """Area under the ROC curve (Mann-Whitney U with tied scores averaged).
 
-  NaN when only one class is present.
+  NaN when only one class is present (`reported_auc` raises instead).
   """
   labels = np.asarray(labels, np.float64).ravel()
   scores = np.asarray(scores, np.float64).ravel()
@@ -36,6 +42,51 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
   ranks[order] = np.repeat(average_rank, ends - starts)
   return float((ranks[labels == 1].sum() - positives * (positives + 1) / 2)
                / (positives * negatives))
+
+
+def check_labels(labels: np.ndarray, column: str, where: str = "") -> np.ndarray:
+  """`labels` as float64, or a MetricError when some are missing (NaN).
+
+  Args:
+    labels: label values.
+    column: the label column they come from, for the message.
+    where: which examples they are, for the message (e.g. " where click is 1").
+
+  Returns:
+    The labels, flattened.
+  """
+  labels = np.asarray(labels, np.float64).ravel()
+  missing = int(np.isnan(labels).sum())
+  if missing:
+    raise MetricError(f"label column {column} has {missing} missing values{where} in the "
+                      "eval data; a label may be missing only where its gate (the schema's "
+                      "label_masks) is 0. Fix the data, or leave such records out "
+                      "(--bad_records=skip).")
+  return labels
+
+
+def reported_auc(labels: np.ndarray, scores: np.ndarray, column: str, where: str = ""
+                 ) -> float:
+  """`auc` for a report: a MetricError, naming `column`, where it is undefined.
+
+  Args:
+    labels: 0/1 labels (values > 0.5 count as positive).
+    scores: scores of the same examples.
+    column: the label column, for the message.
+    where: which examples these are, for the message (e.g. " where click is 1").
+
+  Returns:
+    The AUC.
+
+  Raises:
+    MetricError: missing labels, or no positive or no negative example.
+  """
+  positive = check_labels(labels, column, where) > 0.5
+  for found, kind in ((positive.sum(), "positive"), ((~positive).sum(), "negative")):
+    if not found:
+      raise MetricError(f"no {kind} {column} in the eval data{where} ({positive.size} "
+                        f"examples): its AUC is undefined. Evaluate on more data.")
+  return auc(positive, scores)
 
 
 def _groups(group_ids: np.ndarray) -> List[np.ndarray]:
@@ -78,6 +129,92 @@ def ndcg_at_k(relevance: np.ndarray, scores: np.ndarray, group_ids: np.ndarray,
     if ideal_dcg > 0:
       values.append(float(((2.0 ** ranked - 1) * discounts).sum()) / ideal_dcg)
   return float(np.mean(values)) if values else float("nan")
+
+
+def top_k_lists(scores: np.ndarray, group_ids: np.ndarray, k: int = 10) -> List[np.ndarray]:
+  """Per group (request), in group id order, the indices of its `k`
+  highest-scored examples, best first (ties keep the input order)."""
+  scores = np.asarray(scores).ravel()
+  return [index[np.argsort(-scores[index], kind="mergesort")][:k]
+          for index in _groups(group_ids)]
+
+
+def item_rows(ids: np.ndarray, feature: schema_lib.Feature) -> np.ndarray:
+  """Categorical ids -> the embedding rows models look them up in: hashed ids
+  folded into vocab_size buckets, other ids outside [0, vocab_size) to the
+  out-of-vocabulary row vocab_size (as `layers.feature_embedding` does)."""
+  ids = np.asarray(ids, np.int64).ravel()
+  if feature.hashed:
+    return np.mod(ids, feature.vocab_size)
+  return np.where((ids >= 0) & (ids < feature.vocab_size), ids, feature.vocab_size)
+
+
+def catalog_coverage(lists: Sequence[np.ndarray], catalog_size: int) -> float:
+  """Share of the catalog's items shown in any list: distinct ids in
+  [0, catalog_size) over all lists, / catalog_size (out-of-vocabulary ids are
+  no catalog item).
+
+  Args:
+    lists: per request, the item ids (embedding rows, `item_rows`) it shows.
+    catalog_size: items in the catalog (the item feature's vocab_size).
+
+  Returns:
+    The coverage in [0, 1].
+  """
+  shown = np.unique(np.concatenate([np.asarray(l, np.int64).ravel() for l in lists] or [[]]))
+  return float(np.sum((shown >= 0) & (shown < catalog_size))) / catalog_size
+
+
+def intra_list_diversity(category_lists: Sequence[np.ndarray]) -> float:
+  """Mean over lists of the share of item pairs whose categories differ
+  (intra-list diversity with the 0/1 category distance, Ziegler et al. 2005):
+  1 when every shown item has its own category, 0 when all share one. Lists of
+  fewer than two items have no pairs and are left out.
+
+  Args:
+    category_lists: per request, the categories of the items it shows.
+
+  Returns:
+    The mean diversity in [0, 1].
+
+  Raises:
+    MetricError: no list has two items.
+  """
+  values = []
+  for categories in category_lists:
+    categories = np.asarray(categories).ravel()
+    n = categories.size
+    if n >= 2:
+      same = np.sum(categories[:, None] == categories[None, :]) - n  # ordered pairs
+      values.append(1.0 - same / (n * (n - 1)))
+  if not values:
+    raise MetricError("no request shows two items: intra-list diversity is undefined.")
+  return float(np.mean(values))
+
+
+def popularity(counts: np.ndarray) -> np.ndarray:
+  """Item popularity from training impressions per item: the item's share of
+  them, with one pseudo-impression per item (add-one smoothing) so that an
+  item never shown in training has a finite self-information."""
+  counts = np.asarray(counts, np.float64)
+  return (counts + 1.0) / (counts.sum() + counts.size)
+
+
+def novelty(lists: Sequence[np.ndarray], item_popularity: np.ndarray) -> float:
+  """Mean self-information -log2(popularity) of the shown items (Zhou et al.
+  2010): higher means less popular, more novel recommendations.
+
+  Args:
+    lists: per request, the item ids (embedding rows, `item_rows`) it shows.
+    item_popularity: popularity of each id (`popularity`), all > 0.
+
+  Returns:
+    Bits per shown item.
+  """
+  shown = np.concatenate([np.asarray(l, np.int64).ravel() for l in lists] or [[]])
+  if not shown.size:
+    raise MetricError("no item is shown: novelty is undefined.")
+  return float(np.mean(-np.log2(np.asarray(item_popularity, np.float64)[shown])))
 
 
 def log_loss(labels: np.ndarray, probabilities: np.ndarray, eps: float = 1e-7) -> float:
@@ -212,24 +349,36 @@ def task_metrics(schema: schema_lib.Schema, collected: Dict[str, Dict[str, np.nd
   """AUC, log-loss and calibration (PCOC, ECE, NE: `pcoc`,
   `expected_calibration_error`, `normalized_entropy`) for binary tasks, MSE
   for regression, AUC of "any event" for ranking tasks; over masked-in
-  examples."""
+  examples.
+
+  Raises:
+    MetricError: a metric is undefined: a task without positive (or negative)
+      examples, a regression task without examples, or missing labels.
+  """
   results = {}
   for task in schema.tasks:
     data = collected[task.name]
     keep = data["weight"] > 0
     y, p = data["label"][keep], data["prediction"][keep]
+    where = (f" where {task.mask} is 1" if task.mask else "") + f" (task {task.name})"
     if task.type == schema_lib.BINARY:
-      results[task.name] = {"auc": auc(y, p), "logloss": log_loss(y, p),
+      results[task.name] = {"auc": reported_auc(y, p, task.label, where),
+                            "logloss": log_loss(y, p),
                             "pcoc": pcoc(y, p), "ece": expected_calibration_error(y, p),
-                            "ne": normalized_entropy(y, p),
-                            "positive_rate": float(y.mean()) if y.size else float("nan"),
+                            "ne": normalized_entropy(y, p), "positive_rate": float(y.mean()),
                             "examples": int(keep.sum())}
     elif task.type == schema_lib.RANKING:
       # Scores are only comparable within a request; across requests, how well
       # they separate examples with any event from those without.
-      results[task.name] = {"auc": auc(y > 0, p), "examples": int(keep.sum())}
+      events = "/".join(task.events)
+      results[task.name] = {"auc": reported_auc(y > 0, p, events, where),
+                            "examples": int(keep.sum())}
     else:
-      results[task.name] = {"mse": mse(y, p), "examples": int(keep.sum())}
+      if not y.size:
+        raise MetricError(f"no example of {task.label} in the eval data{where}: its MSE is "
+                          "undefined. Evaluate on more data.")
+      results[task.name] = {"mse": mse(check_labels(y, task.label, where), p),
+                            "examples": int(keep.sum())}
   return results
 
 

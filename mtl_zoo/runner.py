@@ -152,7 +152,7 @@ def run(config: RunConfig) -> RunResult:
   if eval_pattern:
     _print_eval(config, eval_pattern, summary)
     summary["ranking"] = ranking_report(config, model, schema, data_schema, eval_pattern,
-                                        fusion)
+                                        fusion, train_pattern)
   # Saved before the export, and the backup removed only after it: a failed
   # export loses nothing, and `python -m mtl_zoo.export --model_dir` redoes it.
   summary["backups"] = [run.report["backup_dir"] for run in fitted
@@ -649,6 +649,8 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
     except (tf.errors.OpError, UnicodeDecodeError) as e:
       raise DataError(explain_data_error(
           e, ",".join(p for p in (train_pattern, eval_pattern) if p), schema)) from None
+    except metrics_lib.MetricError as e:  # from the epoch evaluation
+      raise DataError(f"--eval_files={eval_pattern}: {e}") from None
   seconds = time.perf_counter() - start
   if cache_mode == "file" and chief:
     files.remove(files.join(model_dir, "cache"))
@@ -795,9 +797,11 @@ def _merged_dicts(fitted: List[_Fitted], key: str) -> dict:
 
 def ranking_report(config: RunConfig, model: keras.Model, schema: schema_lib.Schema,
                    data_schema: schema_lib.Schema, eval_pattern: str,
-                   fusion: Optional[dict]) -> Dict[str, float]:
+                   fusion: Optional[dict], train_pattern: str) -> Dict[str, float]:
   """How the strategy's one ranking score (the fused outputs, or the only
-  output) serves each of the data's objectives on the eval data; printed."""
+  output) serves each of the data's objectives on the eval data; printed.
+  Where the schema names the item, novelty is counted against the items'
+  popularity in the training data (one pass over its item column)."""
   if not strategies.funnel(data_schema):
     return {}  # no binary objectives to rank by
   columns = reader.read_columns(eval_pattern, data_schema, bad_records=config.bad_records)
@@ -805,8 +809,15 @@ def ranking_report(config: RunConfig, model: keras.Model, schema: schema_lib.Sch
   outputs = {task: outputs[task] for task in schema.task_names}
   if fusion is None and len(outputs) > 1:
     fusion = strategies.default_fusion(data_schema)
-  report = strategies.objective_report(strategies.ranking_score(outputs, columns, fusion),
-                                       columns, data_schema)
+  popularity = (metrics_lib.popularity(reader.count_ids(
+      train_pattern, data_schema, data_schema.item_id, config.bad_records))
+                if data_schema.item_id and data_schema.request_id else None)
+  try:
+    report = strategies.objective_report(
+        strategies.ranking_score(outputs, columns, fusion, data_schema), columns,
+        data_schema, item_popularity=popularity)
+  except metrics_lib.MetricError as e:
+    raise DataError(f"--eval_files={eval_pattern}: {e}") from None
   how = (f"{fusion['mode']} of " + ", ".join(f"{t}^{w:g}" if fusion["mode"] == "product"
                                              else f"{w:g}*{t}"
                                              for t, w in zip(fusion["terms"],

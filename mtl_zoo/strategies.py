@@ -80,8 +80,7 @@ def parse_event_values(spec: str, what: str) -> Dict[str, float]:
 
 def _with_single_task(schema: schema_lib.Schema, task: schema_lib.Task
                       ) -> schema_lib.Schema:
-  return schema_lib.Schema(schema.features, schema.labels, [task], schema.request_id,
-                           schema.name)
+  return schema.replace(tasks=[task])
 
 
 def sample_weighting_schema(schema: schema_lib.Schema, event_weights: Dict[str, float]
@@ -108,28 +107,66 @@ def learning_to_rank_schema(schema: schema_lib.Schema, grades: Dict[str, float],
 
 
 def ranking_score(outputs: Dict[str, np.ndarray], columns: Dict[str, np.ndarray],
-                  fusion: Optional[dict]) -> np.ndarray:
-  """The one score a strategy ranks by: the fused outputs (numeric terms such
-  as price come from `columns`), or the only output when there is no fusion."""
+                  fusion: Optional[dict], schema: schema_lib.Schema) -> np.ndarray:
+  """The one score a strategy ranks by: the fused outputs, or the only output
+  when there is no fusion.
+
+  Args:
+    outputs: task name -> model outputs [examples].
+    columns: feature columns (`reader.read_columns`); numeric fusion terms such
+      as price come from here.
+    fusion: {"mode", "terms", "weights"}, or None.
+    schema: the data's schema: numeric terms that are missing or not finite
+      count as missing exactly as in the served `rank` signature (one fusion
+      layer, `layers.score_fusion`).
+
+  Returns:
+    The scores [examples].
+  """
   if fusion is None:
     if len(outputs) != 1:
       raise ValueError(f"outputs {sorted(outputs)} need a fusion to make one score.")
     return np.asarray(next(iter(outputs.values()))).ravel()
-  fuse = layers.ScoreFusion(fusion["mode"], fusion["terms"], fusion["weights"])
+  fuse = layers.score_fusion(fusion, schema, task_names=list(outputs))
   terms = {t: outputs[t] if t in outputs else columns[t] for t in fusion["terms"]}
   return fuse({t: tf.constant(np.asarray(v, np.float32)) for t, v in terms.items()}
               ).numpy()
 
 
 def objective_report(score: np.ndarray, columns: Dict[str, np.ndarray],
-                     schema: schema_lib.Schema, k: int = 10) -> Dict[str, float]:
+                     schema: schema_lib.Schema, k: int = 10,
+                     item_popularity: Optional[np.ndarray] = None,
+                     beyond_k: Optional[int] = None) -> Dict[str, float]:
   """How well one ranking score serves each objective of the data's schema.
 
   Per binary task: `<task>_auc` on the examples its mask selects (CVR AUC on
   clicked impressions) and, for masked tasks, `<task>_entire_auc` on all
   impressions (for cvr that is the CTCVR AUC). With request ids: `gauc`
   (impression-weighted per-request AUC of the shallowest event) and
-  `ndcg@k` with the deepest event as relevance.
+  `ndcg@k` with the deepest event as relevance; beyond accuracy, over each
+  request's top `beyond_k` by the score, where the schema names the item
+  (`item_id`): `coverage@k` (`metrics.catalog_coverage`) and, given the
+  items' training popularity, `novelty@k` (`metrics.novelty`); where it names
+  their category (`item_category`): `diversity@k`
+  (`metrics.intra_list_diversity`).
+
+  Args:
+    score: the ranking score [examples].
+    columns: the eval data's columns (`reader.read_columns`).
+    schema: the data's schema.
+    k: list length of NDCG.
+    item_popularity: `metrics.popularity` of the training impressions per
+      item row (`reader.count_ids`); None: no novelty.
+    beyond_k: list length of coverage, diversity and novelty (default: k).
+      They measure what a ranking shows, so they only tell scores apart when
+      requests hold more than `beyond_k` candidates.
+
+  Returns:
+    Metric name -> value.
+
+  Raises:
+    metrics.MetricError: a metric is undefined on these data (e.g. no positive
+      conversion), or a label has missing values where it counts.
   """
   score = np.asarray(score).ravel()
   report = {}
@@ -137,13 +174,37 @@ def objective_report(score: np.ndarray, columns: Dict[str, np.ndarray],
     label = np.asarray(columns[task.label]).ravel()
     keep = (np.asarray(columns[task.mask]).ravel() > 0.5 if task.mask
             else np.ones(label.size, bool))
-    report[f"{task.name}_auc"] = metrics.auc(label[keep], score[keep])
+    where = f" where {task.mask} is 1" if task.mask else ""
+    report[f"{task.name}_auc"] = metrics.reported_auc(label[keep], score[keep], task.label,
+                                                      where)
     if task.mask:
-      report[f"{task.name}_entire_auc"] = metrics.auc(label, score)
+      report[f"{task.name}_entire_auc"] = metrics.reported_auc(label, score, task.label)
   if schema.request_id and schema.request_id in columns:
     requests = columns[schema.request_id]
-    shallowest = funnel(schema)[0].label
+    shallowest, deepest = funnel(schema)[0].label, _deepest_label(schema)
     report["gauc"] = metrics.gauc(columns[shallowest], score, requests)
-    report[f"ndcg@{k}"] = metrics.ndcg_at_k(columns[_deepest_label(schema)], score,
-                                            requests, k)
+    if np.isnan(report["gauc"]):
+      raise metrics.MetricError(f"no request in the eval data has both a positive and a "
+                                f"negative {shallowest}: GAUC is undefined.")
+    report[f"ndcg@{k}"] = metrics.ndcg_at_k(columns[deepest], score, requests, k)
+    if schema.item_id and schema.item_id in columns:
+      report.update(_beyond_accuracy(score, columns, schema, beyond_k or k,
+                                     item_popularity))
+  return report
+
+
+def _beyond_accuracy(score, columns, schema, k, item_popularity) -> Dict[str, float]:
+  """Coverage, diversity and novelty of each request's top k (see `objective_report`)."""
+  lists = metrics.top_k_lists(score, columns[schema.request_id], k)
+  item = schema.feature(schema.item_id)
+  rows = metrics.item_rows(columns[item.name], item)
+  shown = [rows[index] for index in lists]
+  report = {f"coverage@{k}": metrics.catalog_coverage(shown, item.vocab_size)}
+  if schema.item_category and schema.item_category in columns:
+    categories = metrics.item_rows(columns[schema.item_category],
+                                   schema.feature(schema.item_category))
+    report[f"diversity@{k}"] = metrics.intra_list_diversity(
+        [categories[index] for index in lists])
+  if item_popularity is not None:
+    report[f"novelty@{k}"] = metrics.novelty(shown, item_popularity)
   return report

@@ -321,6 +321,41 @@ def count_records(file_pattern: Union[str, Sequence[str]]) -> int:
   return sum(scan.records for scan in scans)
 
 
+def count_ids(file_pattern: Union[str, Sequence[str]], schema: schema_lib.Schema,
+              feature: str, bad_records: str = validation.FAIL) -> np.ndarray:
+  """Records per id of one categorical feature (e.g. impressions per item), in
+  one streaming pass that keeps only the counts.
+
+  Args:
+    file_pattern: glob(s) of training-layout shards.
+    schema: the schema they were written with.
+    feature: a categorical feature of the schema.
+    bad_records: what to do with bad records (see `make_dataset`); with
+      "skip", they are not counted.
+
+  Returns:
+    int64 [vocab_size + 1] counts by embedding row: ids outside the vocabulary
+    in the last (OOV) one; for a hashed feature [vocab_size], ids folded.
+  """
+  files = shards.list_files(file_pattern)
+  shards.detect_compression(files)
+  f = schema.feature(feature)
+  column = [c.name for c in schema.categorical].index(f.name)
+  rows = f.num_embedding_rows
+  ds = shards.parsed_blocks(files, schema, 8192, bad_records, None,
+                            check_values=bad_records == validation.SKIP, shuffle=False)
+
+  def count(packed):
+    ids = packed[schema_lib.PACKED_CATEGORICAL][:, column]
+    ids = (tf.math.floormod(ids, f.vocab_size) if f.hashed else
+           tf.where((ids >= 0) & (ids < f.vocab_size), ids, f.vocab_size))
+    return tf.math.bincount(tf.cast(ids, tf.int32), minlength=rows, maxlength=rows,
+                            dtype=tf.int64)
+
+  totals = ds.map(count).reduce(tf.zeros([rows], tf.int64), lambda total, n: total + n)
+  return totals.numpy()
+
+
 def read_columns(file_pattern: Union[str, Sequence[str]], schema: schema_lib.Schema,
                  batch_size: int = 8192, limit: Optional[int] = None,
                  bad_records: str = validation.FAIL,
@@ -328,12 +363,15 @@ def read_columns(file_pattern: Union[str, Sequence[str]], schema: schema_lib.Sch
                  ) -> Dict[str, np.ndarray]:
   """Reads shards back into numpy columns (features and label columns), in file
   order, the first `limit` records or all; damaged and unparsable records fail
-  or are skipped as `make_dataset`'s `bad_records` says (values are not
-  checked). For evaluation, tests and small data; not a training path."""
+  or are skipped as `make_dataset`'s `bad_records` says. Under "skip" records
+  with values the schema forbids are left out too (reports then see the records
+  training saw); under "fail" values are not checked. For evaluation, tests and
+  small data; not a training path."""
   files = shards.list_files(file_pattern)
   shards.detect_compression(files)
-  ds = shards.parsed_blocks(files, schema, batch_size, bad_records, skipped, check_values=False,
-                      shuffle=False, cycle_length=1)
+  ds = shards.parsed_blocks(files, schema, batch_size, bad_records, skipped,
+                            check_values=bad_records == validation.SKIP, shuffle=False,
+                            cycle_length=1)
   parts, count = {}, 0
   for packed in ds:
     features, columns = schema.split_packed(packed)

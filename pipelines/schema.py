@@ -180,17 +180,66 @@ class Task:
 
 
 class Schema:
-  """Features, label columns and tasks, with the parse specs derived from them."""
+  """Features, label columns and tasks, with the parse specs derived from them.
+
+  Args:
+    features: the model inputs.
+    labels: the label columns, in record order.
+    tasks: the training objectives.
+    request_id: optional int64 column grouping the impressions of one request
+      (ranking tasks, per-request metrics).
+    name: the dataset's name.
+    label_masks: label column -> the label column that gates it, e.g.
+      {"conversion": "click"}: where the gate is 0 the label is not observed and
+      may be missing (NaN; a blank CSV cell), and readers read it as 0, for every
+      task that uses the column (ESMM's entire-space task, sample-weighting
+      events, relevance grades). Default: each masked task's label -> its mask.
+    item_id: optional categorical feature naming the ranked item (for the
+      catalog coverage and novelty of the ranking report).
+    item_category: optional categorical feature naming the item's category
+      (for the ranking report's intra-list diversity).
+  """
 
   def __init__(self, features: Sequence[Feature], labels: Sequence[str],
                tasks: Sequence[Task], request_id: Optional[str] = None,
-               name: str = "dataset"):
+               name: str = "dataset", label_masks: Optional[Dict[str, str]] = None,
+               item_id: Optional[str] = None, item_category: Optional[str] = None):
     self.features = list(features)
     self.labels = list(labels)
     self.tasks = list(tasks)
     self.request_id = request_id
     self.name = name
+    self.label_masks = (dict(label_masks) if label_masks is not None
+                        else self._default_label_masks())
+    self.item_id = item_id
+    self.item_category = item_category
     self.validate()
+
+  def _default_label_masks(self) -> Dict[str, str]:
+    return {t.label: t.mask for t in self.tasks if t.mask}
+
+  def replace(self, **changes) -> "Schema":
+    """A copy with some constructor arguments changed (e.g. `tasks=[...]`); the
+    rest, label_masks included, carried over."""
+    args = dict(features=self.features, labels=self.labels, tasks=self.tasks,
+                request_id=self.request_id, name=self.name, label_masks=self.label_masks,
+                item_id=self.item_id, item_category=self.item_category)
+    return Schema(**{**args, **changes})
+
+  def gated_labels(self) -> List[Tuple[str, str]]:
+    """(label column, its gate) from `label_masks`, each gate before the labels
+    it gates (click before conversion before a deeper event), so that filling
+    in order reads a whole funnel."""
+    order: List[Tuple[str, str]] = []
+
+    def visit(label):
+      if label in self.label_masks and (label, self.label_masks[label]) not in order:
+        visit(self.label_masks[label])
+        order.append((label, self.label_masks[label]))
+
+    for label in self.label_masks:
+      visit(label)
+    return order
 
   # ---------------------------------------------------------------- grouping
   @property
@@ -236,8 +285,7 @@ class Schema:
 
   def with_tasks(self, task_names: Sequence[str]) -> "Schema":
     """A copy of this schema that keeps only the named tasks (same data layout)."""
-    return Schema(self.features, self.labels, [self.task(n) for n in task_names],
-                  self.request_id, self.name)
+    return self.replace(tasks=[self.task(n) for n in task_names])
 
   # -------------------------------------------------------------- validation
   def validate(self) -> None:
@@ -314,6 +362,29 @@ class Schema:
               f"(label columns: {self.labels}).")
         if t.negative_weight is not None and not t.negative_weight > 0:
           raise SchemaError(f"{where}: negative_weight must be > 0.")
+    self._validate_label_masks()
+    for role in ("item_id", "item_category"):
+      name = getattr(self, role)
+      if name is not None and not any(f.name == name and f.kind == CATEGORICAL
+                                       for f in self.features):
+        raise SchemaError(f"{role} {name!r} must name a categorical feature; the "
+                          f"categorical features are {[f.name for f in self.categorical]}.")
+
+  def _validate_label_masks(self) -> None:
+    if not isinstance(self.label_masks, dict):
+      raise SchemaError(f"label_masks maps label columns to label columns, e.g. "
+                        f"{{\"conversion\": \"click\"}}; got {self.label_masks!r}.")
+    for label, gate in self.label_masks.items():
+      if label not in self.labels or gate not in self.labels or label == gate:
+        raise SchemaError(f"label_masks entry {label!r}: {gate!r} must map a label column "
+                          f"to another label column; label columns are {self.labels}.")
+    for label in self.label_masks:
+      seen = [label]
+      while seen[-1] in self.label_masks:
+        seen.append(self.label_masks[seen[-1]])
+        if seen[-1] in seen[:-1]:
+          raise SchemaError(f"label_masks form a cycle {' -> '.join(seen)}; each label "
+                            "column is gated by an earlier event.")
 
   def _validate_ranking_task(self, t: "Task", where: str) -> None:
     if not self.request_id:
@@ -352,6 +423,11 @@ class Schema:
            "tasks": [t.to_dict() for t in self.tasks]}
     if self.request_id:
       out["request_id"] = self.request_id
+    if self.label_masks != self._default_label_masks():
+      out["label_masks"] = dict(self.label_masks)
+    for role in ("item_id", "item_category"):
+      if getattr(self, role) is not None:
+        out[role] = getattr(self, role)
     return out
 
   def to_json(self) -> str:
@@ -370,7 +446,8 @@ class Schema:
         raise SchemaError(f"schema needs a list under {key!r}.")
     features = [_build(Feature, f, "feature") for f in d["features"]]
     tasks = [_build(Task, t, "task") for t in d["tasks"]]
-    return cls(features, d["labels"], tasks, d.get("request_id"), d.get("name", "dataset"))
+    return cls(features, d["labels"], tasks, d.get("request_id"), d.get("name", "dataset"),
+               d.get("label_masks"), d.get("item_id"), d.get("item_category"))
 
   @classmethod
   def from_json(cls, text: str) -> "Schema":

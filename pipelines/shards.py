@@ -126,7 +126,8 @@ def parsed_blocks(files: Sequence[str], schema: schema_lib.Schema, block: int,
       i mod num_shards == index.
 
   Returns:
-    A dataset of dicts of packed tensors (the training parse spec's keys).
+    A dataset of dicts of packed tensors (the training parse spec's keys),
+    missing labels read as 0 where their gate is 0 (`validation.label_filler`).
 
   Raises:
     validation.BadRecordError: under FAIL, a shard is damaged (found by the
@@ -180,6 +181,10 @@ def parsed_blocks(files: Sequence[str], schema: schema_lib.Schema, block: int,
   else:
     ds = ds.interleave(_salvaging_parser(spec, skipped), cycle_length=8,
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+  fill = validation.label_filler(schema)
+  if fill:
+    ds = ds.map(lambda path, first, packed: (path, first, fill(packed)),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
   if not check_values:
     return ds.map(lambda path, first, packed: packed)
   checker = (validation.failing_checker(schema) if bad_records == validation.FAIL

@@ -120,8 +120,10 @@ class ValueRules:
   """The schema's rules for values, checked with a few vectorized ops per block.
 
   Binary labels are 0 or 1 and regression labels finite, except that a label
-  may be missing (NaN) where the task's mask is 0; masks are 0 or 1; event
-  columns are finite; numeric features are not infinite. NaN in a numeric
+  may be missing (NaN) where the task's mask is 0, or where its gate in the
+  schema's `label_masks` is 0 (conversion unlogged without a click); masks are
+  0 or 1; event columns are finite, or missing where their gate is 0; numeric
+  features are not infinite. NaN in a numeric
   feature means "missing" (CSV converters write empty cells so): models treat
   it as the training mean. Out-of-vocabulary ids are valid; models send them to
   the OOV row (or hash them).
@@ -135,12 +137,20 @@ class ValueRules:
     # (what must hold, packed key, column, kind, mask column or -1); numerics first.
     rules = [(f"numeric feature {f.name} must not be infinite", schema_lib.PACKED_NUMERIC,
               i, _NOT_INFINITE, -1) for i, f in enumerate(schema.numeric)]
+    def gate(column):
+      """(gate column index or -1, what the message says about missing values)."""
+      if column not in schema.label_masks:
+        return -1, ""
+      gate = schema.label_masks[column]
+      return label[gate], f" (or NaN, missing, where {gate} is 0)"
+
     for task in schema.tasks:
       if task.events:
-        rules += [(f"event column {c} of task {task.name} must be a finite number",
-                   schema_lib.PACKED_LABELS, label[c], _FINITE, -1) for c in task.events]
+        rules += [(f"event column {c} of task {task.name} must be a finite number"
+                   f"{gate(c)[1]}", schema_lib.PACKED_LABELS, label[c], _FINITE, gate(c)[0])
+                  for c in task.events]
         continue
-      mask, where = -1, ""
+      mask, where = gate(task.label)
       if task.mask:
         mask, where = label[task.mask], f" (or NaN, missing, where its mask {task.mask} is 0)"
         rules.append((f"mask column {task.mask} of task {task.name} must be 0 or 1",
@@ -181,6 +191,26 @@ class ValueRules:
     masked_out = tf.logical_and(masks[None, :] >= 0,
                                 tf.gather(labels, tf.maximum(masks, 0), axis=1) == 0.0)
     return values, tf.logical_or(ok, tf.logical_and(masked_out, tf.math.is_nan(values)))
+
+
+def label_filler(schema: schema_lib.Schema):
+  """A function packed -> packed that reads a missing (NaN) label as 0 where its
+  gate in `schema.label_masks` is 0 (no conversion logged without a click), or
+  None when the schema gates no label. Gates are filled first, so a whole funnel
+  reads (a purchase missing where the cart column is missing for want of a
+  click). A NaN where the gate is 1 stays, for `ValueRules` to refuse."""
+  order = [(schema.labels.index(c), schema.labels.index(g)) for c, g in schema.gated_labels()]
+  if not order:
+    return None
+
+  def fill(packed):
+    columns = tf.unstack(packed[schema_lib.PACKED_LABELS], num=len(schema.labels), axis=1)
+    for column, gate in order:
+      columns[column] = tf.where(tf.math.is_nan(columns[column]) & (columns[gate] == 0.0),
+                                 0.0, columns[column])
+    return {**packed, schema_lib.PACKED_LABELS: tf.stack(columns, axis=1)}
+
+  return fill
 
 
 def failing_checker(schema: schema_lib.Schema):

@@ -109,8 +109,7 @@ def with_statistics(schema: schema_lib.Schema,
             f"numeric feature {f.name!r} has no finite values to compute statistics from.")
       f = dataclasses.replace(f, mean=float(m.mean), std=m.std if m.std > 0 else 1.0)
     features.append(f)
-  return schema_lib.Schema(features, schema.labels, schema.tasks, schema.request_id,
-                           schema.name)
+  return schema.replace(features=features)
 
 
 def with_numeric_statistics(schema: schema_lib.Schema, columns: Columns) -> schema_lib.Schema:

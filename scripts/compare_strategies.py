@@ -17,7 +17,11 @@ same epochs, batch and learning rate; no per-strategy tuning):
   ESMM              one model, ranked by pCTR x pCVR (its pCTCVR output)
 
 Each strategy's ranking score is rated against every objective on the eval
-split (`mtl_zoo.strategies.objective_report`). For the strategies with a CTR and
+split (`mtl_zoo.strategies.objective_report`), and where the schema names the
+item and its category (the synthetic log does), beyond accuracy: catalog
+coverage, category diversity and novelty of each request's top --beyond_k (3:
+the log's requests hold 10 impressions, so their top 10 is every score's
+same set). For the strategies with a CTR and
 a CVR output, the fusion weight w of pCTR x pCVR^w is swept to draw their
 CTR-vs-CVR trade-off curves. Writes results/strategies_<data>.md/.json/.png.
 """
@@ -27,6 +31,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import numpy as np
 from absl import app, flags
@@ -50,6 +55,9 @@ flags.DEFINE_integer("epochs", 3, "Epochs per model.")
 flags.DEFINE_integer("batch_size", 2048, "Examples per step (LTR: whole requests).")
 flags.DEFINE_float("learning_rate", 2e-3, "Adam learning rate.")
 flags.DEFINE_string("out_dir", "results", "Where the table, JSON and plot go.")
+flags.DEFINE_integer("beyond_k", 3, "List length of catalog coverage, category diversity and "
+                     "novelty: each request's top k. Below the impressions per request (10 "
+                     "in the synthetic log), or every score shows the same items.")
 
 HPARAMS = {"bottom_units": [128], "tower_units": [8], "num_experts": 8, "expert_units": [16]}
 # name: (strategy, architecture, options)
@@ -64,14 +72,17 @@ STRATEGY_RUNS = {
 CURVE_WEIGHTS = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
 COLUMNS = [("ctr_auc", "CTR AUC"), ("cvr_auc", "CVR AUC (clicked)"),
            ("cvr_entire_auc", "CTCVR AUC"), ("gauc", "GAUC (click)"),
-           ("ndcg@10", "NDCG@10 (conversion)"), ("train_seconds", "train s"),
-           ("parameters", "parameters")]
+           ("ndcg@10", "NDCG@10 (conversion)"), ("coverage@{k}", "catalog coverage@{k}"),
+           ("diversity@{k}", "category diversity@{k}"), ("novelty@{k}", "novelty@{k} (bits)"),
+           ("train_seconds", "train s"), ("parameters", "parameters")]
 
 
 def run(strategy: str, architecture: str, options: dict, schema: schema_lib.Schema,
-        data_dir: str, columns: dict, event_weights: dict, seed: int) -> dict:
+        data_dir: str, columns: dict, event_weights: dict, seed: int,
+        popularity: Optional[np.ndarray]) -> dict:
   """One strategy trained by the training runner (as the train CLI would), then
-  its ranking score rated against every objective."""
+  its ranking score rated against every objective (beyond accuracy too, where
+  the schema names the item: `popularity` gives novelty)."""
   with tempfile.TemporaryDirectory(prefix="mtl_zoo-strategy-") as output_dir:
     result = runner.run(config_lib.RunConfig(
         strategy=strategy, model=architecture, train_files=os.path.join(data_dir, "train-*"),
@@ -85,26 +96,35 @@ def run(strategy: str, architecture: str, options: dict, schema: schema_lib.Sche
   seconds, parameters = result.summary["train_seconds"], result.model.count_params()
   fusion = (strategies.default_fusion(schema) if strategy in ("fusion", "multi_task")
             else None)
-  score = strategies.ranking_score(outputs, columns, fusion)
-  result = strategies.objective_report(score, columns, schema)
+  score = strategies.ranking_score(outputs, columns, fusion, schema)
+  result = strategies.objective_report(score, columns, schema, item_popularity=popularity,
+                                       beyond_k=FLAGS.beyond_k)
   result.update(train_seconds=seconds, parameters=parameters)
   first, second = [t.name for t in strategies.funnel(schema)][:2]
   if first in outputs and second in outputs:
     result["curve"] = []
     for w in CURVE_WEIGHTS:
       fused = strategies.ranking_score(outputs, columns, {
-          "mode": "product", "terms": [first, second], "weights": [1.0, w]})
+          "mode": "product", "terms": [first, second], "weights": [1.0, w]}, schema)
       report = strategies.objective_report(fused, columns, schema)
       result["curve"].append({"weight": w, "ctr_auc": report[f"{first}_auc"],
                               "cvr_auc": report[f"{second}_auc"]})
   return result
 
 
+def _columns(row: dict) -> list:
+  """The COLUMNS, with --beyond_k, that a result row has (beyond-accuracy ones
+  need the schema's item_id)."""
+  columns = [(key.format(k=FLAGS.beyond_k), label.format(k=FLAGS.beyond_k))
+             for key, label in COLUMNS]
+  return [(key, label) for key, label in columns if key in row]
+
+
 def summarize(runs: dict) -> dict:
   table = {}
   for name, results in runs.items():
     table[name] = {key: experiments.mean_interval([r[key] for r in results])
-                   for key, _ in COLUMNS}
+                   for key, _ in _columns(results[0])}
     if "curve" in results[0]:
       table[name]["curve"] = [
           {"weight": point["weight"],
@@ -115,11 +135,12 @@ def summarize(runs: dict) -> dict:
 
 
 def markdown(table: dict, header: str) -> str:
-  lines = [header, "", "| strategy | " + " | ".join(label for _, label in COLUMNS) + " |",
-           "|---|" + "---|" * len(COLUMNS)]
+  columns = _columns(next(iter(table.values())))
+  lines = [header, "", "| strategy | " + " | ".join(label for _, label in columns) + " |",
+           "|---|" + "---|" * len(columns)]
   for name, row in table.items():
     cells = []
-    for key, _ in COLUMNS:
+    for key, _ in columns:
       stat = row[key]
       if key == "parameters":
         cells.append(f"{stat['mean']:,.0f}")
@@ -171,13 +192,16 @@ def main(argv):
   columns = reader.read_columns(os.path.join(data_dir, "eval-*"), schema)
   event_weights = targets.event_weights_from_counts(targets.count_events(
       os.path.join(data_dir, "train-*"), schema, [t.label for t in strategies.funnel(schema)]))
+  popularity = (metrics.popularity(reader.count_ids(os.path.join(data_dir, "train-*"), schema,
+                                                    schema.item_id))
+                if schema.item_id else None)
   start = time.perf_counter()
   runs = {}
   for name, (strategy, architecture, options) in STRATEGY_RUNS.items():
     runs[name] = []
     for seed in FLAGS.seeds:
       result = run(strategy, architecture, options, schema, data_dir, columns,
-                   event_weights, int(seed))
+                   event_weights, int(seed), popularity)
       runs[name].append(result)
       print(f"{name} seed {seed}: " + ", ".join(
           f"{k} {result[k]:.4f}" for k, _ in COLUMNS[:5]), flush=True)
@@ -187,6 +211,7 @@ def main(argv):
             f"impressions); mean ± 95% CI over seeds {','.join(FLAGS.seeds)}; "
             f"{FLAGS.epochs} epochs, batch {FLAGS.batch_size}, lr {FLAGS.learning_rate}; "
             f"event weights {', '.join(f'{k}={v:.3f}' for k, v in event_weights.items())}; "
+            f"coverage, diversity and novelty of each request's top {FLAGS.beyond_k}; "
             f"whole comparison {minutes:.1f} min.")
   text = markdown(table, header)
   print("\n" + text)
@@ -198,6 +223,7 @@ def main(argv):
     json.dump({"settings": {"seeds": FLAGS.seeds, "epochs": FLAGS.epochs,
                             "batch_size": FLAGS.batch_size,
                             "learning_rate": FLAGS.learning_rate, "hparams": HPARAMS,
+                            "beyond_k": FLAGS.beyond_k,
                             "event_weights": event_weights},
                "table": table, "runs": runs}, f, indent=1)
   plot(table, stem + ".png", f"Ranking strategies on {data_name}: CTR vs CVR AUC of each "

@@ -316,6 +316,32 @@ def test_rank_signature_fuses_scores_and_takes_per_request_weights(ads_dir, ads_
                               fusion=layers.parse_fusion("sum:ctr=1,dwell=2"))
 
 
+def test_offline_ranking_score_equals_the_served_rank_score(ads_dir, ads_schema, tmp_path):
+  """fusion_search and the ranking report score through `strategies.ranking_score`;
+  with a missing, NaN or infinite price it gives what the rank signature serves."""
+  from mtl_zoo import fusion_search, layers, metrics, strategies
+  mtl_zoo.keras.utils.set_random_seed(0)
+  fusion = layers.parse_fusion("product:ctr=1,cvr=0.5,price=1")
+  path = serving.export_saved_model(mtl_zoo.build_mmoe(ads_schema), ads_schema,
+                                    str(tmp_path / "e"), fusion=fusion)
+  loaded = tf.saved_model.load(path)
+  columns = reader.read_columns(os.path.join(ads_dir, "eval-*"), ads_schema, limit=40)
+  # A blank CSV price is NaN in the records; serving callers leave it out.
+  columns["price"][:4] = [np.nan, np.nan, np.inf, -np.inf]
+  examples = ads_schema.serving_examples(columns)
+  examples[0] = ads_schema.serving_example(
+      {f.name: columns[f.name][0] for f in ads_schema.features if f.name != "price"}
+      | {"item_tags": [t for t in columns["item_tags"][0] if t >= 0]})
+  served = loaded.signatures["rank"](examples=tf.constant(examples))["score"].numpy()
+  outputs = metrics.predict_columns(loaded.signatures["features"], ads_schema, columns)
+  offline = strategies.ranking_score(outputs, columns, fusion, ads_schema)
+  assert np.isfinite(offline).all()
+  np.testing.assert_allclose(offline, served, rtol=1e-6, atol=1e-6)
+  (row,) = fusion_search.search(outputs, columns, ads_schema, "product", fusion["terms"],
+                                [fusion["weights"]])
+  assert row["ctr_auc"] == metrics.auc(columns["click"], offline)
+
+
 def test_combined_export_serves_several_models_as_one(ads_dir, ads_schema, tmp_path):
   from mtl_zoo import layers
   mtl_zoo.keras.utils.set_random_seed(0)

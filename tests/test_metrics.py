@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from mtl_zoo import metrics
+from pipelines import schema as schema_lib
 
 
 def test_auc_counts_ties_as_half():
@@ -59,3 +60,46 @@ def test_epoch_evaluation_records_a_curve_logs_and_gates(ads_dir, ads_schema, tm
   assert sorted(evaluation.gates) == ["gate_ctr", "gate_cvr"]
   assert "epoch 2 eval: ctr auc" in capsys.readouterr().out
   assert os.listdir(tmp_path / "logs")  # gate summaries for TensorBoard
+
+
+def test_beyond_accuracy_metrics_match_hand_computed_values():
+  # Two requests' top 3 (item ids) and their items' categories.
+  lists = [np.array([0, 1, 2]), np.array([2, 3, 9])]  # 9: outside a catalog of 8
+  assert metrics.catalog_coverage(lists, catalog_size=8) == 4 / 8  # items 0, 1, 2, 3
+  # Categories a, a, b: 2 of 3 pairs differ; b, c, d: 3 of 3; a one-item list has no pairs.
+  assert metrics.intra_list_diversity([np.array([0, 0, 1]), np.array([1, 2, 3]),
+                                       np.array([5])]) == pytest.approx((2 / 3 + 1) / 2)
+  with pytest.raises(metrics.MetricError, match="no request shows two items"):
+    metrics.intra_list_diversity([np.array([1])])
+  # Training impressions 5, 1, 0, 2 of 4 items: add-one shares 6/12, 2/12, 1/12, 3/12.
+  popularity = metrics.popularity([5, 1, 0, 2])
+  np.testing.assert_allclose(popularity, [0.5, 1 / 6, 1 / 12, 0.25])
+  # Shown: 0, 1, 1, 2 -> bits 1, log2(6), log2(6), log2(12).
+  assert metrics.novelty([np.array([0, 1]), np.array([1, 2])], popularity) == pytest.approx(
+      (1 + 2 * np.log2(6) + np.log2(12)) / 4)
+  # Each request's top 2 by score, best first; ties keep the input order.
+  assert [l.tolist() for l in metrics.top_k_lists(
+      [0.1, 0.9, 0.5, 0.3, 0.3, 0.8], [7, 7, 7, 4, 4, 4], k=2)] == [[5, 3], [1, 2]]
+  feature = schema_lib.Feature("item", "categorical", vocab_size=4, embedding_dim=2)
+  assert metrics.item_rows([-1, 0, 3, 4], feature).tolist() == [4, 0, 3, 4]
+
+
+def test_reported_metrics_name_the_column_instead_of_nan():
+  with pytest.raises(metrics.MetricError, match="no positive conversion in the eval data "
+                     "where click is 1 \\(3 examples\\)"):
+    metrics.reported_auc([0, 0, 0], [0.1, 0.2, 0.3], "conversion", " where click is 1")
+  with pytest.raises(metrics.MetricError, match="label column conversion has 1 missing"):
+    metrics.reported_auc([0, 1, np.nan], [0.1, 0.2, 0.3], "conversion")
+  schema = schema_lib.Schema([schema_lib.Feature("x", "numeric", mean=0.0, std=1.0)],
+                             ["click", "conversion"],
+                             [schema_lib.Task("ctr", "click"),
+                              schema_lib.Task("cvr", "conversion", mask="click")])
+  collected = {"ctr": {"label": np.array([1.0, 0.0]), "prediction": np.array([0.6, 0.4]),
+                       "weight": np.ones(2)},
+               "cvr": {"label": np.array([0.0, 0.0]), "prediction": np.array([0.6, 0.4]),
+                       "weight": np.array([1.0, 0.0])}}
+  with pytest.raises(metrics.MetricError, match="no positive conversion in the eval data "
+                     "where click is 1 \\(task cvr\\) \\(1 examples\\)"):
+    metrics.task_metrics(schema, collected)
+  collected["cvr"].update(label=np.array([1.0, 0.0]), weight=np.ones(2))
+  assert metrics.task_metrics(schema, collected)["cvr"]["auc"] == 1.0

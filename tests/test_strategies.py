@@ -138,6 +138,22 @@ def test_objective_report_ranks_one_score_against_every_objective(ads_schema):
   assert report["ndcg@2"] == pytest.approx((1 + 1 / np.log2(3)) / 2)
 
 
+def test_objective_report_rates_what_each_request_shows(ads_schema):
+  columns = {**_report_columns(), "item_id": np.array([5, 6, 7, 5, 8, 9, 5, 1]),
+             "item_category": np.array([0, 1, 2, 0, 1, 2, 3, 3])}
+  score = np.array([0.9, 0.1, 0.3, 0.5, 0.2, 0.6, 0.7, 0.05])
+  popularity = metrics.popularity(np.r_[np.zeros(100), 1.0])  # one OOV impression
+  report = strategies.objective_report(score, columns, ads_schema, k=4,
+                                       item_popularity=popularity, beyond_k=2)
+  # Top 2 of request 0: records 0, 3 (items 5, 5; categories 0, 0); of request
+  # 1: records 6, 5 (items 5, 9; categories 3, 2).
+  assert ads_schema.feature("item_id").vocab_size == 100
+  assert report["coverage@2"] == 2 / 100
+  assert report["diversity@2"] == 0.5
+  assert report["novelty@2"] == pytest.approx(np.log2(102))  # each item 1 / 102
+  assert "ndcg@4" in report and "coverage@4" not in report
+
+
 def test_fusion_search_scores_candidates_and_finds_the_pareto_front(ads_schema):
   columns = _report_columns()
   outputs = {"ctr": np.array([0.9, 0.1, 0.8, 0.2, 0.7, 0.6, 0.3, 0.1]),

@@ -179,7 +179,8 @@ def test_cli_strategies_train_report_and_export(strategy, tasks, signatures, ads
   # The log's requests hold 10 impressions, the default --list_size.
   assert metrics["examples_past_list_size"] == (0 if strategy == "learning_to_rank" else None)
   ranking = metrics["ranking"]
-  assert set(ranking) == {"ctr_auc", "cvr_auc", "cvr_entire_auc", "gauc", "ndcg@10"}
+  assert set(ranking) == {"ctr_auc", "cvr_auc", "cvr_entire_auc", "gauc", "ndcg@10",
+                          "coverage@10", "diversity@10", "novelty@10"}
   # Every strategy's score learns something about clicks or conversions.
   assert max(ranking["ctr_auc"], ranking["cvr_entire_auc"]) > 0.55, ranking
   assert "Ranking score" in result.stdout

@@ -6,6 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from mtl_zoo._keras import keras
+from pipelines import schema as schema_lib
 
 FUSION_MODES = ("sum", "product")
 # Just inside float32's normal range: exp of the exact logs rounds past it (to
@@ -28,10 +29,12 @@ class ScoreFusion(keras.layers.Layer):
   Those come from clients, so a NaN or infinite weight counts as missing (the
   configured weight), and scores saturate at float32's limits instead of
   overflowing: for finite scores every output is finite, and a ranking never
-  meets NaN. Scores themselves are not sanitised: a NaN score (or an infinite
-  one with weight 0) gives a NaN output, so callers replace non-finite scores
-  first (the export's `rank` signature does, for numeric-feature terms).
-  Output: [batch].
+  meets NaN. A term in `missing_values` (a numeric feature such as price) that
+  is NaN or infinite takes its missing value, the value models see for a
+  missing feature; `score_fusion` sets them from the schema, and both the
+  served `rank` signature and the offline `strategies.ranking_score` fuse
+  through it, so offline and served scores agree. Other non-finite scores are
+  not sanitised: a NaN score gives a NaN output. Output: [batch].
 
   Args:
     mode: "sum" or "product" (`FUSION_MODES`).
@@ -39,6 +42,8 @@ class ScoreFusion(keras.layers.Layer):
     weights: one float weight per term, in the order of `terms`.
     epsilon: "product" only: scores are clipped below at `epsilon` before
       their logarithm.
+    missing_values: term -> the value a non-finite score of that term takes
+      (default: none replaced).
     **kwargs: `keras.layers.Layer` arguments (`name`, ...).
 
   Call args:
@@ -56,7 +61,8 @@ class ScoreFusion(keras.layers.Layer):
   """
 
   def __init__(self, mode: str, terms: Sequence[str], weights: Sequence[float],
-               epsilon: float = 1e-7, **kwargs):
+               epsilon: float = 1e-7, missing_values: Optional[Dict[str, float]] = None,
+               **kwargs):
     super().__init__(**kwargs)
     if mode not in FUSION_MODES:
       raise ValueError(f"fusion mode must be one of {FUSION_MODES}, got {mode!r}.")
@@ -66,11 +72,17 @@ class ScoreFusion(keras.layers.Layer):
     self.mode, self.terms = mode, list(terms)
     self.weights_config = [float(w) for w in weights]
     self.epsilon = epsilon
+    self.missing_values = {t: float(v) for t, v in (missing_values or {}).items()}
+
+  def _term(self, scores: Dict[str, tf.Tensor], term: str) -> tf.Tensor:
+    value = tf.reshape(tf.cast(scores[term], tf.float32), [-1])
+    if term in self.missing_values:
+      value = tf.where(tf.math.is_finite(value), value, self.missing_values[term])
+    return value
 
   def call(self, scores: Dict[str, tf.Tensor],
            weights: Optional[tf.Tensor] = None) -> tf.Tensor:
-    values = tf.stack([tf.reshape(tf.cast(scores[t], tf.float32), [-1]) for t in self.terms],
-                      axis=1)
+    values = tf.stack([self._term(scores, t) for t in self.terms], axis=1)
     configured = tf.constant(self.weights_config)[None, :]
     weights = configured if weights is None else tf.where(
         tf.math.is_finite(weights), weights, configured)
@@ -83,7 +95,37 @@ class ScoreFusion(keras.layers.Layer):
 
   def get_config(self):
     return {**super().get_config(), "mode": self.mode, "terms": self.terms,
-            "weights": self.weights_config, "epsilon": self.epsilon}
+            "weights": self.weights_config, "epsilon": self.epsilon,
+            "missing_values": dict(self.missing_values)}
+
+
+def score_fusion(fusion: dict, schema: schema_lib.Schema,
+                 task_names: Optional[Sequence[str]] = None) -> ScoreFusion:
+  """The one fusion layer of a ranking score, for serving and offline alike.
+
+  Args:
+    fusion: {"mode", "terms", "weights"} (`parse_fusion`); terms are tasks of
+      `schema` or its numeric features.
+    schema: the schema whose numeric features may be terms.
+    task_names: the model outputs that may be terms (default: the schema's tasks).
+
+  Returns:
+    A `ScoreFusion` whose numeric-feature terms read a NaN or infinite value
+    as missing: the raw value models see as the training mean
+    (`Schema.missing_numeric_value`).
+
+  Raises:
+    pipelines.schema.SchemaError: a term is neither a task nor a numeric feature.
+  """
+  tasks = list(schema.task_names if task_names is None else task_names)
+  numeric = {f.name: f for f in schema.numeric}
+  unknown = [t for t in fusion["terms"] if t not in tasks and t not in numeric]
+  if unknown:
+    raise schema_lib.SchemaError(f"fusion terms {unknown} are neither tasks {tasks} nor "
+                                 f"numeric features {list(numeric)}.")
+  return ScoreFusion(fusion["mode"], fusion["terms"], fusion["weights"],
+                     missing_values={t: schema.missing_numeric_value(numeric[t])
+                                     for t in fusion["terms"] if t not in tasks})
 
 
 def parse_fusion(spec: str) -> dict:

@@ -61,5 +61,5 @@ def combine_runs(trained: Sequence[Tuple[keras.Model, schema_lib.Schema]],
           f"schemas {base.name!r} and {schema.name!r} declare different features; only "
           "models trained on the same data layout can be combined.")
   tasks: List[schema_lib.Task] = [task for _, schema in trained for task in schema.tasks]
-  schema = schema_lib.Schema(base.features, base.labels, tasks, base.request_id, base.name)
+  schema = base.replace(tasks=tasks)
   return combine_models([model for model, _ in trained], schema, name), schema

@@ -91,8 +91,7 @@ def entire_space_schema(schema: schema_lib.Schema) -> schema_lib.Schema:
     tasks.append(dataclasses.replace(task, loss_weight=0.0) if task in chain[1:] else task)
   for stage, name in zip(chain[1:], entire_space_names(chain)):
     tasks.append(schema_lib.Task(name, stage.label, stage.type, stage.loss_weight))
-  return schema_lib.Schema(schema.features, schema.labels, tasks, schema.request_id,
-                           schema.name)
+  return schema.replace(tasks=tasks)
 
 
 def build_esmm(schema: schema_lib.Schema,

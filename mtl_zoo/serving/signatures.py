@@ -63,15 +63,7 @@ class ServingModule(tf.Module):
     self.model = model
     self.schema = schema
     self.task = schema.task(serving_task or schema.task_names[0])
-    self.fusion = None
-    if fusion:
-      numeric = [f.name for f in schema.numeric]
-      unknown = [t for t in fusion["terms"] if t not in schema.task_names + numeric]
-      if unknown:
-        raise schema_lib.SchemaError(
-            f"fusion terms {unknown} are neither tasks {schema.task_names} nor numeric "
-            f"features {numeric}.")
-      self.fusion = layers.ScoreFusion(fusion["mode"], fusion["terms"], fusion["weights"])
+    self.fusion = layers.score_fusion(fusion, schema) if fusion else None
 
   def predict(self, features: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
     """Feature tensors -> one float32 [batch] output per task."""
@@ -136,11 +128,9 @@ def rank(module: ServingModule) -> Optional[SignatureFunction]:
     parsed = module.schema.parse_serving_examples(examples, weights_spec)
     weights = parsed.pop(FUSION_WEIGHTS_FEATURE)
     outputs = module.predict(parsed)
-    # Numeric terms use the raw value the caller sent (e.g. the price); a
-    # non-finite one counts as missing, as in the model, not as a NaN score.
-    numeric = {f.name: tf.where(tf.math.is_finite(parsed[f.name]), parsed[f.name],
-                                module.schema.missing_numeric_value(f))
-               for f in module.schema.numeric}
+    # Numeric terms use the raw value the caller sent (e.g. the price); the
+    # fusion reads a non-finite one as missing, as `strategies.ranking_score` does.
+    numeric = {f.name: parsed[f.name] for f in module.schema.numeric}
     return {**outputs, "score": fusion({**numeric, **outputs}, weights)}
   return tf.function(serve, input_signature=[EXAMPLES_SPEC])
 

@@ -53,7 +53,8 @@ def make_schema(num_users: int = 2000, num_items: int = 1000,
   tasks = [schema_lib.Task("ctr", label="click"),
            schema_lib.Task("cvr", label="conversion", mask="click")]
   return schema_lib.Schema(features, ["click", "conversion"], tasks,
-                           request_id="request_id", name="synthetic_ads")
+                           request_id="request_id", name="synthetic_ads",
+                           item_id="item_id", item_category="item_category")
 
 
 class AdsWorld:
