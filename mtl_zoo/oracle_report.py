@@ -42,7 +42,10 @@ def compare(schema: schema_lib.Schema, eval_pattern: str,
     tasks, the same for "logloss"}; a task the oracle cannot score (or data it
     does not cover) -> {"skipped": why}.
   """
-  truth = oracle_lib.find(eval_pattern)
+  try:
+    truth = oracle_lib.find(eval_pattern)
+  except ValueError as e:  # a damaged oracle costs its report, not the run
+    return {t: {"skipped": str(e)} for t in schema.task_names}
   if truth is None:
     return {}
   key = [schema.request_id, oracle_lib.KEY[1]]

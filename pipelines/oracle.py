@@ -25,6 +25,7 @@ import io
 import json
 import posixpath
 import re
+import zipfile
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -94,17 +95,19 @@ class Oracle:
     """Reads an oracle file written by `save`.
 
     Raises:
-      ValueError: the file is not an oracle of this format.
+      ValueError: the file is damaged or not an oracle of this format.
     """
-    with tf.io.gfile.GFile(path, "rb") as f:
-      data = np.load(io.BytesIO(f.read()), allow_pickle=False)
-      arrays = {name: data[name] for name in data.files}
-    meta = json.loads(str(arrays.pop("meta", "{}")))
-    if meta.get("format_version") != FORMAT_VERSION:
-      raise ValueError(f"{path} is not an oracle of format version {FORMAT_VERSION} "
-                       f"(found {meta.get('format_version')}); rewrite the data with "
-                       "`python -m pipelines.convert`.")
-    return cls(arrays, list(meta["funnel"]))
+    try:
+      with tf.io.gfile.GFile(path, "rb") as f:
+        data = np.load(io.BytesIO(f.read()), allow_pickle=False)
+        arrays = {name: data[name] for name in data.files}
+      meta = json.loads(str(arrays.pop("meta", "{}")))
+      if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"format version {meta.get('format_version')}, not {FORMAT_VERSION}")
+      return cls(arrays, list(meta["funnel"]))
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile, tf.errors.OpError) as e:
+      raise ValueError(f"{path} is not a readable oracle ({e}); rewrite the data with "
+                       "`python -m pipelines.convert --overwrite`.") from None
 
   def rows_of(self, request_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """The oracle's row of each record, by (request id, position).

@@ -175,5 +175,8 @@ def test_the_oracle_scores_every_strategys_tasks(tmp_path):
                             [schema_lib.Task("spend", "price_paid", schema_lib.REGRESSION)],
                             schema.request_id, schema.name)
   assert "regression" in truth.task_probabilities(price.tasks[0])
+  (tmp_path / "ads" / "oracle-eval.npz").write_bytes(b"damaged")
+  assert "oracle-eval.npz is not a readable oracle" in oracle_report.compare(
+      schema, f"{data}/eval-*", {})["cvr"]["skipped"]  # the run goes on without it
   os.remove(tmp_path / "ads" / "oracle-eval.npz")
   assert oracle_report.compare(schema, f"{data}/eval-*", {}) == {}  # no oracle, no report

@@ -54,7 +54,7 @@ NUM_HOURS = 24
 NUM_DEVICES = 3
 
 # Request frequency of the user of popularity rank r ~ (r + 10)^-USER_ZIPF (the
-# offset keeps the heaviest user near 1% of requests, not a bot's share).
+# offset keeps the heaviest of 5,000 users near 1.5% of requests, not a bot's share).
 USER_ZIPF = 1.0
 # Candidate frequency of the item of popularity rank r ~ r^-ITEM_ZIPF.
 ITEM_ZIPF = 1.0
