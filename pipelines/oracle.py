@@ -130,7 +130,8 @@ class Oracle:
   def task_probabilities(self, task: schema_lib.Task) -> Union[np.ndarray, str]:
     """The oracle's prediction for a task's target, or why there is none.
 
-    Binary task with a mask: P(label | mask); without: P(label). A task with
+    Binary task with a mask: P(label | mask) (stored, or P(label) / P(mask));
+    without: P(label). A task with
     events (sample weighting, ranking grades): P(any of its events), which in a
     funnel is the shallowest event's probability.
 
@@ -149,6 +150,8 @@ class Oracle:
       return self.columns[probability_name(task.label)]
     if self.funnel.index(task.mask) >= self.funnel.index(task.label):
       return f"{task.label} does not follow {task.mask} in the funnel {self.funnel}"
+    if probability_name(task.label, task.mask) in self.columns:
+      return self.columns[probability_name(task.label, task.mask)]
     joint, given = (self.columns[probability_name(l)] for l in (task.label, task.mask))
     return np.divide(joint, given, out=np.zeros(len(joint), np.float64),
                      where=given > 0)

@@ -153,7 +153,7 @@ class AdsWorld:
       n = rng.integers(1, MAX_TAGS + 1)
       own = list(category_tags[self.item_category[i]][: max(1, n - 1)])
       self.item_tags[i, :n] = own + list(rng.integers(0, NUM_TAGS, n - len(own)))
-    # Traffic peaks in the evening; clicks a little too.
+    # Traffic peaks in the evening (hour_weights); the click rate varies by hour too.
     self.hour_weights = 1.0 + 0.6 * np.sin((np.arange(NUM_HOURS) - 13) / NUM_HOURS * 2 * np.pi)
     self.hour_weights /= self.hour_weights.sum()
     self.hour_effect = 0.3 * np.sin(np.arange(NUM_HOURS) / NUM_HOURS * 2 * np.pi)
@@ -187,10 +187,7 @@ class AdsWorld:
     devices = rng.choice(NUM_DEVICES, num_requests, p=self.device_weights)
     candidates = self._distinct_items(
         rng, num_requests, min(self.num_items, CANDIDATES_PER_SLOT * slots))
-    per_candidate = lambda values: np.repeat(values, candidates.shape[1]).reshape(  # noqa: E731
-        candidates.shape)
-    relevance = self._click_logit(per_candidate(users), candidates, per_candidate(hours),
-                                  per_candidate(devices))
+    relevance = self._click_logit(users[:, None], candidates, hours[:, None], devices[:, None])
     # The logging policy: the best candidates by a noisy relevance, best on top.
     shown = np.argsort(-(relevance + POLICY_NOISE * rng.normal(size=relevance.shape)),
                        axis=1, kind="stable")[:, :slots]
@@ -217,18 +214,20 @@ class AdsWorld:
         "click": click.astype(np.float32), "conversion": conversion.astype(np.float32),
         "request_id": request_id,
     }
+    name = oracle_lib.probability_name
     truth = oracle_lib.Oracle({
         "request_id": request_id, "position": position, "item_id": item,
-        "p_click": p_click.astype(np.float32),
+        name("click"): p_click.astype(np.float32),
         "p_click_without_position": p_relevant.astype(np.float32),
-        "p_conversion_given_click": p_conversion.astype(np.float32),
-        "p_conversion": (p_click * p_conversion).astype(np.float32),
+        name("conversion", "click"): p_conversion.astype(np.float32),
+        name("conversion"): (p_click * p_conversion).astype(np.float32),
     }, funnel=["click", "conversion"])
     return columns, truth
 
   def _click_logit(self, user: np.ndarray, item: np.ndarray, hour: np.ndarray,
                    device: np.ndarray) -> np.ndarray:
-    """Logit of P(click | examined) of (user, item) in context, any shape."""
+    """Logit of P(click | examined) of (user, item) in context; the arguments
+    broadcast against each other."""
     affinity = np.einsum("...d,...d->...", self.user_factors[user], self.click_factors[item])
     return (-2.8 + 2.5 * affinity + 0.4 * self.item_quality[item] + self.click_offset[item]
             + self.hour_effect[hour] + self.device_effect[device]
