@@ -58,6 +58,9 @@ def test_the_oracle_joins_the_records_of_every_split(tmp_path):
                                rtol=1e-6)
     assert np.all(c["p_click"] <= c["p_click_without_position"])
     assert np.all(columns["conversion"] <= columns["click"])
+    # The oracle is the truth the labels were drawn from: rates agree within 4 sigma.
+    for label, p in (("click", c["p_click"]), ("conversion", c["p_conversion"])):
+      assert abs(columns[label].mean() - p.mean()) < 4 * np.sqrt(p.mean() / len(p))
     ids = set(np.unique(columns["request_id"]))
     assert not ids & seen  # splits hold different requests
     seen |= ids
