@@ -29,6 +29,7 @@ from mtl_zoo import early_stopping
 from mtl_zoo import layers
 from mtl_zoo import metrics as metrics_lib
 from mtl_zoo import models
+from mtl_zoo import oracle_report
 from mtl_zoo import serving
 from mtl_zoo import strategies
 from mtl_zoo._keras import keras
@@ -151,6 +152,10 @@ def run(config: RunConfig) -> RunResult:
   schema.save(files.join(model_dir, schema_lib.SCHEMA_FILENAME))
   if eval_pattern:
     _print_eval(config, eval_pattern, summary)
+    summary["oracle"] = oracle_report.compare(schema, eval_pattern, summary["eval"],
+                                              config.bad_records)
+    if summary["oracle"]:
+      _say(config, "\n" + oracle_report.format_table(summary["oracle"]))
     summary["ranking"] = ranking_report(config, model, schema, data_schema, eval_pattern,
                                         fusion, train_pattern)
   # Saved before the export, and the backup removed only after it: a failed

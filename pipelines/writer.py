@@ -305,6 +305,17 @@ class DatasetWriter:
       progress.done()
     return [files.join(self.out_dir, name) for name in names]
 
+  def path(self, name: str) -> str:
+    """Where to write, inside the `with` block, a file that belongs with the
+    dataset (e.g. a generated log's oracle): it is published with the shards.
+
+    Args:
+      name: the file's name in the dataset directory.
+    """
+    if self._tmp_dir is None:
+      raise RuntimeError("DatasetWriter writes inside its `with` block.")
+    return files.join(self._tmp_dir, name)
+
   def _add_statistics(self, columns: Columns) -> None:
     for f in self.schema.numeric:
       self._moments[f.name] = self._moments[f.name].merge(

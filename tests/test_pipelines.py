@@ -153,8 +153,8 @@ def test_exchange_paths_swaps_two_directories_in_one_step(tmp_path):
 
 def test_synthetic_log_is_deterministic_and_conversions_follow_clicks():
   world = synthetic_ads.AdsWorld(100, 50, seed=5)
-  a = world.sample_log(200, 10, seed=6)
-  b = synthetic_ads.AdsWorld(100, 50, seed=5).sample_log(200, 10, seed=6)
+  a, _ = world.sample_log(200, 10, seed=6)
+  b, _ = synthetic_ads.AdsWorld(100, 50, seed=5).sample_log(200, 10, seed=6)
   for k in a:
     np.testing.assert_array_equal(np.asarray(a[k], dtype=object),
                                   np.asarray(b[k], dtype=object))
@@ -346,7 +346,7 @@ def _hostile_columns(n: int) -> dict:
 @pytest.mark.parametrize("columns", ["mixed", "hostile", "ads"])
 def test_numpy_encoded_records_equal_the_proto_path_byte_for_byte(columns, tmp_path):
   if columns == "ads":
-    data = synthetic_ads.AdsWorld(100, 50, seed=2).sample_log(40, 10, seed=3)
+    data, _ = synthetic_ads.AdsWorld(100, 50, seed=2).sample_log(40, 10, seed=3)
     schema = writer_lib.with_numeric_statistics(synthetic_ads.make_schema(100, 50), data)
   else:
     schema = mixed_schema()
@@ -401,7 +401,7 @@ def test_sources_are_a_registry_with_declared_options(tmp_path, monkeypatch):
   assert len(names) == len(set(names))  # one flag per option
   assert [name for name, source in SOURCES.items() if source.runs_on_beam] == ["csv"]
   with pytest.raises(ValueError, match=r"source 'synthetic' takes no option \['csv'\]; its "
-                                       r"options are \['synthetic_eval_requests'"):
+                                       r"options are \['synthetic_calibration_requests'"):
     SOURCES["synthetic"].write(str(tmp_path / "a"), csv=["train:x.csv"])
   with pytest.raises(ValueError, match="option synthetic_requests must be at least 1"):
     SOURCES["synthetic"].write(str(tmp_path / "a"), synthetic_requests=0)
@@ -423,13 +423,16 @@ def test_synthetic_log_streams_in_chunks_and_the_first_is_the_single_draw(monkey
   world = synthetic_ads.AdsWorld(100, 50, seed=5)
   monkeypatch.setattr(synthetic_ads, "CHUNK_REQUESTS", 10)
   chunks = list(synthetic_ads.sample_chunks(world, 25, 10, seed=6))
-  assert [len(c["click"]) for c in chunks] == [100, 100, 50]
+  assert [len(c["click"]) for c, _ in chunks] == [100, 100, 50]
   # A log that fits one chunk is the single draw; each further chunk draws anew.
-  np.testing.assert_array_equal(chunks[0]["item_id"],
-                                world.sample_log(10, 10, seed=6)["item_id"])
-  np.testing.assert_array_equal(chunks[1]["item_id"],
-                                world.sample_log(10, 10, seed=[6, 1])["item_id"])
-  np.testing.assert_array_equal(np.concatenate([c["request_id"] for c in chunks]),
+  np.testing.assert_array_equal(chunks[0][0]["item_id"],
+                                world.sample_log(10, 10, seed=6)[0]["item_id"])
+  np.testing.assert_array_equal(chunks[1][0]["item_id"],
+                                world.sample_log(10, 10, seed=[6, 1])[0]["item_id"])
+  np.testing.assert_array_equal(np.concatenate([c["request_id"] for c, _ in chunks]),
+                                np.repeat(np.arange(25), 10))
+  # Each chunk's oracle holds the chunk's impressions, in order.
+  np.testing.assert_array_equal(np.concatenate([o.columns["request_id"] for _, o in chunks]),
                                 np.repeat(np.arange(25), 10))
 
 
@@ -605,6 +608,7 @@ def test_convert_cli_takes_each_source_with_its_own_flags(tmp_path):
   code, out, err = results["synthetic"]
   assert code == 0, err
   assert reader.count_records(f"{tmp_path}/ads/eval-*") == 70  # a quarter of the requests
+  assert reader.count_records(f"{tmp_path}/ads/calibration-*") == 70  # as many as eval
   code, _, err = results["another source's flag"]
   assert code == 1
   assert ("--census_group belongs to --source=census; it does not apply to "
