@@ -306,8 +306,9 @@ def _builtin_data(config: RunConfig) -> Tuple[str, str]:
     raise ConfigError(f"--source={config.source}: {e}") from None
   changed = "".join(f"-{o.name}={values[o.name]}" for o in source.options
                     if values[o.name] != o.default)
+  version = f"-v{source.version}" if source.version > 1 else ""
   data_dir = files.join(config.output_dir, "data",
-                        f"{config.source}{changed}-seed{config.seed}")
+                        f"{config.source}{version}{changed}-seed{config.seed}")
   if not tf.io.gfile.exists(files.join(data_dir, schema_lib.SCHEMA_FILENAME)):
     _say(config, f"Writing the {config.source} data to {data_dir} ...")
     try:

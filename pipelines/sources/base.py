@@ -93,12 +93,16 @@ class Source(abc.ABC):
     description: one line, for --help.
     options: the Options the source takes.
     runs_on_beam: whether `build_beam` is filled in (`pipelines.beam_convert`).
+    version: raised when the same options would write different data (a new
+      generator), so data written by an earlier version is not reused as if it
+      were this one's.
   """
 
   name: str = ""
   description: str = ""
   options: Tuple[Option, ...] = ()
   runs_on_beam: bool = False
+  version: int = 1
 
   def option_values(self, given: Dict[str, Any]) -> Dict[str, Any]:
     """Every option's value: the given ones, checked, and the defaults.

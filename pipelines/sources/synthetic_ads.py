@@ -274,6 +274,7 @@ class SyntheticAdsSource(base.Source):
   impressions, each with its oracle (`oracle-<split>.npz`)."""
 
   name = "synthetic"
+  version = 2  # issue 13: Zipf popularity, logging policy, position bias, oracle
   description = "the built-in synthetic ads log (click, conversion) with its oracle"
   options = (
       base.Option("synthetic_requests", 12_000, int, "synthetic: training requests (10 "
