@@ -65,7 +65,7 @@ class ServingModule(tf.Module):
     self.task = schema.task(serving_task or schema.task_names[0])
     self.fusion = None
     if fusion:
-      numeric = [f.name for f in schema.numeric]
+      numeric = [f.name for f in schema.numeric if not f.train_only]
       unknown = [t for t in fusion["terms"] if t not in schema.task_names + numeric]
       if unknown:
         raise schema_lib.SchemaError(
@@ -140,7 +140,7 @@ def rank(module: ServingModule) -> Optional[SignatureFunction]:
     # non-finite one counts as missing, as in the model, not as a NaN score.
     numeric = {f.name: tf.where(tf.math.is_finite(parsed[f.name]), parsed[f.name],
                                 module.schema.missing_numeric_value(f))
-               for f in module.schema.numeric}
+               for f in module.schema.numeric if not f.train_only}
     return {**outputs, "score": fusion({**numeric, **outputs}, weights)}
   return tf.function(serve, input_signature=[EXAMPLES_SPEC])
 
