@@ -239,9 +239,15 @@ class Schema:
     return [f for f in self.features if f.train_only]
 
   def biased_tasks(self, feature: Feature) -> List[Task]:
-    """The tasks train-only `feature` biases (see `Feature.bias_labels`): the
-    unmasked binary and ranking tasks, those learning one of its labels when
-    it names them."""
+    """The tasks a train-only feature biases (see `Feature.bias_labels`).
+
+    Args:
+      feature: one of this schema's train-only features.
+
+    Returns:
+      The unmasked binary and ranking tasks, in schema order; with
+      `bias_labels`, only those whose label or events include one of them.
+    """
     tasks = []
     for t in self.tasks:
       if t.mask or t.type not in (BINARY, RANKING):
