@@ -11,7 +11,7 @@ import tensorflow as tf
 
 import mtl_zoo
 from conftest import mixed_schema
-from mtl_zoo import layers, models, runner, serving
+from mtl_zoo import layers, models, runner, serving, strategies
 from mtl_zoo.compile import compile_model
 from mtl_zoo.config import RunConfig
 from pipelines import reader
@@ -170,3 +170,22 @@ def test_the_bias_tower_ranks_by_true_relevance():
   # Measured: 0.91 with the tower, 0.81 without position (seeds 1-3: 0.82-0.93
   # against 0.66-0.81).
   assert agreement["tower"] > agreement["no_position"] + 0.05, agreement
+
+
+def test_learning_to_rank_adds_the_bias_to_the_list_score(ads_dir, ads_schema, tmp_path):
+  schema = strategies.learning_to_rank_schema(ads_schema, {"click": 1.0, "conversion": 2.0})
+  model = models.build("single_task", schema, bottom_units=[8], tower_units=[])
+  (tower,) = [layer for layer in model.layers if isinstance(layer, layers.BiasTower)]
+  assert list(tower.tasks) == ["relevance"]
+  compile_model(model, schema)
+  model.fit(reader.make_dataset(f"{ads_dir}/train-*", schema, 200), epochs=1, verbose=0)
+  (kernel,) = [w for w in tower.weights if "relevance_bias/kernel" in w.name]
+  assert np.any(kernel.numpy() != 0)  # the list loss trained the tower (it starts at 0)
+  # Through the runner: training reads request lists, with the position in them.
+  result = runner.run(RunConfig(
+      train_files=f"{ads_dir}/train-*", eval_files=f"{ads_dir}/eval-*",
+      strategy="learning_to_rank", model="single_task",
+      hyperparameters={"bottom_units": [8], "tower_units": []}, epochs=1, batch_size=200,
+      model_dir=str(tmp_path / "run"), export_dir="", quiet=True))
+  assert "position" not in result.model.input_names
+  assert np.isfinite(result.summary["train_loss"]["loss"])
