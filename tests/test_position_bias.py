@@ -110,7 +110,7 @@ def test_csv_template_marks_a_column_train_only(tmp_path):
   assert list(columns["position"]) == [0, 1, 2]  # in the training layout
 
 
-def test_esmm_trains_pctcvr_on_the_biased_pctr():
+def test_esmm_trains_pctcvr_on_the_biased_pctr(tmp_path):
   schema = synthetic_ads.make_schema(50, 40)
   for f in schema.numeric:
     f.mean, f.std = 0.0, 1.0
@@ -129,6 +129,11 @@ def test_esmm_trains_pctcvr_on_the_biased_pctr():
   assert not np.allclose(trained["ctr"], served["ctr"])
   np.testing.assert_allclose(trained["cvr"], served["cvr"])
   np.testing.assert_allclose(trained["ctr_cvr"], trained["ctr"] * served["cvr"], rtol=1e-6)
+  # The training model (tower and all) saves and loads like any Keras model.
+  model.save(str(tmp_path / "training.keras"))
+  loaded = mtl_zoo.keras.models.load_model(str(tmp_path / "training.keras"))
+  for task, value in loaded(features).items():
+    np.testing.assert_allclose(value, trained[task], atol=1e-6)
 
 
 def _logged_clicks(seed: int, items: int = 100, requests: int = 3000, shown: int = 10):

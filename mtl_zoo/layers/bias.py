@@ -54,19 +54,20 @@ class BiasTower(keras.layers.Layer):
                units: Sequence[int] = (), activation: str = "relu", **kwargs):
     super().__init__(**kwargs)
     self.features_config = [dict(f) for f in features]
-    self.tasks = {task: list(names) for task, names in tasks.items()}
+    # Tuples, not a dict: Keras would track a dict as state and not serialize it.
+    self._task_features = tuple((task, tuple(names)) for task, names in tasks.items())
     self.units = [int(u) for u in units]
     self.activation = activation
     by_name = {f["name"]: f for f in self.features_config}
-    for task, names in self.tasks.items():
+    for task, names in self._task_features:
       unknown = [n for n in names if n not in by_name]
       if unknown or not names:
-        raise ValueError(f"bias tower task {task!r}: features {names} must be a non-empty "
-                         f"subset of the tower's features {sorted(by_name)}.")
-    self._task_names = tuple(self.tasks)
-    self._embeddings = [FeatureEmbedding([by_name[n] for n in self.tasks[task]],
+        raise ValueError(f"bias tower task {task!r}: features {list(names)} must be a "
+                         f"non-empty subset of the tower's features {sorted(by_name)}.")
+    self._task_names = tuple(task for task, _ in self._task_features)
+    self._embeddings = [FeatureEmbedding([by_name[n] for n in names],
                                          name=f"{task}_bias_embedding")
-                        for task in self._task_names]
+                        for task, names in self._task_features]
     self._hidden = [MLP(self.units, activation, name=f"{task}_bias_hidden")
                     if self.units else None for task in self._task_names]
     self._logits = [keras.layers.Dense(1, kernel_initializer="zeros", name=f"{task}_bias")
@@ -79,6 +80,11 @@ class BiasTower(keras.layers.Layer):
       x = embed(inputs)
       out[task] = logit(hidden(x) if hidden is not None else x)
     return out
+
+  @property
+  def tasks(self) -> Dict[str, List[str]]:
+    """Task name -> the names of the features that bias it."""
+    return {task: list(names) for task, names in self._task_features}
 
   def get_config(self):
     return {**super().get_config(), "features": self.features_config, "tasks": self.tasks,
