@@ -296,8 +296,12 @@ def mse(labels: np.ndarray, predictions: np.ndarray) -> float:
 
 
 def predict_function(model):
-  """A traced inference call that tolerates the smaller last batch."""
-  return tf.function(lambda features: model(features, training=False),
+  """A traced inference call that tolerates the smaller last batch and takes
+  only the model's inputs from the features (a serving model is evaluated on
+  data that also holds the train-only features)."""
+  names = set(model.input_names)
+  return tf.function(lambda features: model({k: v for k, v in features.items() if k in names},
+                                            training=False),
                      reduce_retracing=True)
 
 
@@ -315,7 +319,7 @@ def predict_columns(model, schema: schema_lib.Schema, columns: Dict[str, np.ndar
   parts: Dict[str, list] = {}
   for start in range(0, n, batch_size):
     batch = {f.name: tf.constant(columns[f.name][start:start + batch_size])
-             for f in schema.features}
+             for f in schema.serving_features}
     for name, output in call(**batch).items():
       output = output.numpy()
       parts.setdefault(name, []).append(output[:, 0] if output.shape[1:] == (1,) else output)

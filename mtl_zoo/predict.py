@@ -213,7 +213,7 @@ def _score_batches(ds: tf.data.Dataset, signature, schema: schema_lib.Schema, la
   for batch in ds:
     if layout == "training":
       features, labels = batch
-      outputs = signature(**features)
+      outputs = signature(**{f.name: features[f.name] for f in schema.serving_features})
     else:
       labels, outputs = {}, signature(examples=batch)
     scores = {t: outputs[t].numpy().astype(np.float32) for t in schema.task_names}

@@ -632,8 +632,9 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
         backup_dir, save_freq=(config.backup_every_steps
                                if config.backup_every_steps > 0 and not _is_ps(strategy)
                                else "epoch"), delete_checkpoint=False))
+  # Evaluated, saved and exported: the serving model (no train-only features).
   evaluator = (metrics_lib.EpochEvaluation(
-      model, schema, eval_ds, steps_per_epoch,
+      models.serving_model(model), schema, eval_ds, steps_per_epoch,
       log_dir=files.join(model_dir, "logs", "eval_gates"), report=not config.quiet)
                if eval_ds is not None else None)
   stopper = None
@@ -699,7 +700,8 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
       # pass (None: not counted, with --steps_per_epoch).
       "examples_past_list_size": (list_overflow.count if list_overflow and counted
                                   else None)}
-  return _Fitted(name, model, schema, report, evaluator.curve if evaluator else [])
+  return _Fitted(name, models.serving_model(model), schema, report,
+                 evaluator.curve if evaluator else [])
 
 
 def _vouched_records(train_files: List[str]) -> Optional[int]:

@@ -13,7 +13,9 @@ Two record layouts are derived from the schema:
   fixed-length lists is ~8x faster than one feature per column, so the input
   pipeline never limits training.
 * serving layout: an ordinary tf.Example with one named feature per schema
-  feature and no labels -- what a caller of TF Serving writes by hand.
+  feature and no labels -- what a caller of TF Serving writes by hand. Train-only
+  features (`Feature.train_only`, e.g. the logged position) are in the training
+  layout only: a server does not know them when it scores.
 
 Feature values seen by models (both layouts parse to the same tensors):
   categorical       int64 [batch]            ids; out-of-range ids hit the OOV row
@@ -80,6 +82,18 @@ class Feature:
     mean, std: numeric: normalisation statistics computed when data is written.
     transform: numeric: "none" or "log1p" (applied to sign(x)*log1p(|x|)
       before normalisation; for heavy-tailed counts and money).
+    train_only: categorical or numeric: known when the log is written but not
+      when a server scores candidates (e.g. the position an item was shown at).
+      It is in the training layout and feeds only a training-time bias tower
+      (`mtl_zoo.models.with_bias_tower`) whose logit is added to the tasks it
+      biases; the serving layout, signatures and model leave it out.
+    bias_labels: train_only: the label columns whose observation it biases
+      (e.g. ["click"] for position). The tower adds a logit to every unmasked
+      binary or ranking task whose label or events include one of them. Label
+      columns, not task names, because strategies and ESMM rename and replace
+      tasks while the labels stay. None: every unmasked binary or ranking task
+      (the engagement tasks; a masked task such as cvr is conditional on the
+      biased event and never gets a bias).
   """
 
   name: str
@@ -93,6 +107,8 @@ class Feature:
   mean: Optional[float] = None
   std: Optional[float] = None
   transform: str = "none"
+  train_only: bool = False
+  bias_labels: Optional[List[str]] = None
 
   @property
   def is_categorical(self) -> bool:
@@ -117,6 +133,10 @@ class Feature:
       out.update(mean=self.mean, std=self.std)
       if self.transform != "none":
         out["transform"] = self.transform
+    if self.train_only:
+      out["train_only"] = True
+    if self.bias_labels is not None:
+      out["bias_labels"] = list(self.bias_labels)
     return out
 
 
@@ -259,6 +279,34 @@ class Schema:
     return [f.name for f in self.features]
 
   @property
+  def serving_features(self) -> List[Feature]:
+    """The features a server sends: every feature but the train-only ones."""
+    return [f for f in self.features if not f.train_only]
+
+  @property
+  def train_only_features(self) -> List[Feature]:
+    return [f for f in self.features if f.train_only]
+
+  def biased_tasks(self, feature: Feature) -> List[Task]:
+    """The tasks a train-only feature biases (see `Feature.bias_labels`).
+
+    Args:
+      feature: one of this schema's train-only features.
+
+    Returns:
+      The unmasked binary and ranking tasks, in schema order; with
+      `bias_labels`, only those whose label or events include one of them.
+    """
+    tasks = []
+    for t in self.tasks:
+      if t.mask or t.type not in (BINARY, RANKING):
+        continue
+      learned = {t.label, *(t.events or {})}
+      if feature.bias_labels is None or learned & set(feature.bias_labels):
+        tasks.append(t)
+    return tasks
+
+  @property
   def task_names(self) -> List[str]:
     return [t.name for t in self.tasks]
 
@@ -314,6 +362,17 @@ class Schema:
           raise SchemaError(f"{where}: max_len must be a positive integer.")
         if f.combiner not in ("mean", "sum"):
           raise SchemaError(f"{where}: combiner must be 'mean' or 'sum'.")
+      if f.train_only and f.kind == CATEGORICAL_LIST:
+        raise SchemaError(f"{where}: a train_only feature must be categorical or numeric "
+                          "(one id or value per example, e.g. the position).")
+      if f.bias_labels is not None:
+        if not f.train_only:
+          raise SchemaError(f"{where}: bias_labels belong to train_only features; set "
+                            "train_only: true or drop bias_labels.")
+        unknown = [c for c in f.bias_labels if c not in self.labels]
+        if not f.bias_labels or unknown:
+          raise SchemaError(f"{where}: bias_labels must name label columns {self.labels}, "
+                            f"got {f.bias_labels}.")
       if f.kind == NUMERIC:
         if f.transform not in ("none", "log1p"):
           raise SchemaError(f"{where}: transform must be 'none' or 'log1p'.")
@@ -321,6 +380,9 @@ class Schema:
           raise SchemaError(f"{where}: std must be a positive finite number.")
         if f.mean is not None and not math.isfinite(f.mean):
           raise SchemaError(f"{where}: mean must be a finite number.")
+    if self.features and not self.serving_features:
+      raise SchemaError("every feature is train_only; a server needs at least one feature "
+                        "to score with.")
     if len(set(self.labels)) != len(self.labels):
       raise SchemaError(f"label columns must be unique, got {self.labels}.")
     overlap = seen & set(self.labels)
@@ -484,9 +546,10 @@ class Schema:
 
   # ------------------------------------------------------------ tensor specs
   def feature_signature(self) -> Dict[str, tf.TensorSpec]:
-    """The model's input tensors, one per feature (also the raw serving signature)."""
+    """The serving model's input tensors, one per feature but the train-only ones
+    (also the raw serving signature)."""
     specs = {}
-    for f in self.features:
+    for f in self.serving_features:
       if f.kind == CATEGORICAL:
         specs[f.name] = tf.TensorSpec([None], tf.int64, name=f.name)
       elif f.kind == CATEGORICAL_LIST:
@@ -505,10 +568,10 @@ class Schema:
     return float(f.mean)
 
   def serving_parse_spec(self) -> dict:
-    """One named feature per schema feature; missing values get neutral defaults
-    (OOV id, the training mean, an empty list)."""
+    """One named feature per serving feature (train-only ones are not sent);
+    missing values get neutral defaults (OOV id, the training mean, an empty list)."""
     spec = {}
-    for f in self.features:
+    for f in self.serving_features:
       if f.kind == CATEGORICAL:
         spec[f.name] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
       elif f.kind == CATEGORICAL_LIST:
@@ -524,7 +587,7 @@ class Schema:
     (plus the keys of `extra_spec`, parsed in the same pass)."""
     parsed = tf.io.parse_example(serialized, {**self.serving_parse_spec(),
                                               **(extra_spec or {})})
-    for f in self.categorical_lists:
+    for f in self.categorical_lists:  # never train-only
       dense = tf.sparse.to_dense(parsed[f.name], default_value=LIST_PADDING_ID)
       dense = dense[:, :f.max_len]
       pad = f.max_len - tf.shape(dense)[1]
@@ -642,13 +705,14 @@ class Schema:
 
   def serving_examples(self, columns: dict) -> List[bytes]:
     """Columnar features (as `read_columns` gives them: lists padded with -1)
-    -> serialized serving-layout tf.Examples, padding dropped."""
+    -> serialized serving-layout tf.Examples, padding and train-only features
+    dropped."""
     n = self.check_columns({k: v for k, v in columns.items() if k in self.feature_names},
                            need_labels=False)
     records = []
     for i in range(n):
       record = {}
-      for f in self.features:
+      for f in self.serving_features:
         if f.name in columns:
           value = columns[f.name][i]
           record[f.name] = ([v for v in value if v != LIST_PADDING_ID]
@@ -657,11 +721,11 @@ class Schema:
     return records
 
   def serving_example(self, record: dict) -> bytes:
-    """One record, serialized in the serving layout: one named feature each, labels
-    and features absent from the record left out."""
+    """One record, serialized in the serving layout: one named feature each; labels,
+    train-only features and features absent from the record left out."""
     self.check_columns({k: [v] for k, v in record.items()}, need_labels=False)
     feats = {}
-    for f in self.features:
+    for f in self.serving_features:
       value = record.get(f.name)
       if value is None:
         continue

@@ -19,14 +19,17 @@ def _layers_of(model, cls):
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_builders_have_feature_inputs_and_task_named_outputs(name, ads_schema):
   model = models.build(name, ads_schema)
+  # The training model takes the train-only position too; the served one does not.
   assert sorted(model.input_names) == sorted(ads_schema.feature_names)
+  assert sorted(models.serving_model(model).input_names) == sorted(
+      set(ads_schema.feature_names) - {"position"})
   assert not set(model.input_names) & set(ads_schema.labels)
   tasks = sorted(models.training_schema(name, ads_schema).task_names)
   assert tasks == (["ctr", "ctr_cvr", "cvr"] if name == "esmm" else ["ctr", "cvr"])
   assert sorted(model.output_names) == tasks
   features = {k: tf.zeros([3] + spec.shape[1:].as_list(), spec.dtype)
               for k, spec in ads_schema.feature_signature().items()}
-  outputs = model(features)
+  outputs = model({**features, "position": tf.zeros([3], tf.int64)})
   assert sorted(outputs) == tasks
   for value in outputs.values():
     assert value.shape == (3, 1)
@@ -238,7 +241,7 @@ def test_l2_constrained_penalty_pulls_task_networks_together(ads_dir, ads_schema
 @pytest.mark.parametrize("name", ["mmoe", "single_task", "esmm"])
 def test_any_architecture_can_use_a_dcn_cross_bottom(name, tmp_path, ads_dir, ads_schema):
   import tensorflow_recommenders as tfrs
-  model = models.build(name, ads_schema, cross_layers=2)
+  model = models.serving_model(models.build(name, ads_schema, cross_layers=2))
   crosses = [l for l in model.layers if isinstance(l, tfrs.layers.dcn.Cross)]
   assert len(crosses) == (4 if name == "single_task" else 2)
   ds = reader.make_dataset(os.path.join(ads_dir, "eval-*"), ads_schema, 50, shuffle=False)

@@ -2,6 +2,7 @@
 
 from mtl_zoo.layers.calibration import (IsotonicCalibration, NegativeSamplingCorrection,
                                         PlattCalibration)
+from mtl_zoo.layers.bias import BiasedOutput, BiasTower, bias_tower, train_only_inputs
 from mtl_zoo.layers.dense import MLP, ExpertBank, TaskHead
 from mtl_zoo.layers.fusion import FUSION_MODES, ScoreFusion, parse_fusion, score_fusion
 from mtl_zoo.layers.gates import ExpertMixture, SoftmaxGate, SoftmaxGates
@@ -14,4 +15,4 @@ __all__ = ["MLP", "ExpertBank", "TaskHead", "ExpertMixture", "SoftmaxGate",
            "FeatureEmbedding", "feature_embedding", "schema_inputs", "ProbabilityProduct",
            "CrossStitch", "L2ConstrainedNetworks", "ScoreFusion", "parse_fusion",
            "score_fusion", "FUSION_MODES", "IsotonicCalibration", "NegativeSamplingCorrection",
-           "PlattCalibration"]
+           "PlattCalibration", "BiasTower", "BiasedOutput", "bias_tower", "train_only_inputs"]

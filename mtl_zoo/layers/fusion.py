@@ -118,7 +118,8 @@ def score_fusion(fusion: dict, schema: schema_lib.Schema,
     pipelines.schema.SchemaError: a term is neither a task nor a numeric feature.
   """
   tasks = list(schema.task_names if task_names is None else task_names)
-  numeric = {f.name: f for f in schema.numeric}
+  # A server has no train-only feature to fuse.
+  numeric = {f.name: f for f in schema.numeric if not f.train_only}
   unknown = [t for t in fusion["terms"] if t not in tasks and t not in numeric]
   if unknown:
     raise schema_lib.SchemaError(f"fusion terms {unknown} are neither tasks {tasks} nor "

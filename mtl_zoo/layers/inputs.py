@@ -160,7 +160,8 @@ class FeatureEmbedding(keras.layers.Layer):
 
 
 def schema_inputs(schema: schema_lib.Schema) -> Dict[str, keras.Input]:
-  """One Keras input per schema feature, shaped and typed as the parse produces.
+  """One Keras input per serving feature (train-only ones are left out), shaped
+  and typed as the parse produces.
 
   Args:
     schema: the dataset schema.
@@ -176,7 +177,8 @@ def schema_inputs(schema: schema_lib.Schema) -> Dict[str, keras.Input]:
 
 def feature_embedding(schema: schema_lib.Schema, embeddings_l2: float = 0.0,
                       name: str = "feature_embedding") -> FeatureEmbedding:
-  """The FeatureEmbedding for every feature of `schema`.
+  """The FeatureEmbedding for every serving feature of `schema` (train-only
+  features feed the bias tower, `layers.BiasTower`, instead).
 
   Args:
     schema: the dataset schema; its numeric features need mean/std.
@@ -191,5 +193,5 @@ def feature_embedding(schema: schema_lib.Schema, embeddings_l2: float = 0.0,
     pipelines.schema.SchemaError: a numeric feature has no mean/std.
   """
   schema.require_statistics()
-  return FeatureEmbedding([f.to_dict() for f in schema.features], embeddings_l2,
+  return FeatureEmbedding([f.to_dict() for f in schema.serving_features], embeddings_l2,
                           name=name)

@@ -2,12 +2,14 @@
 
 A new architecture is one module here with a `build_<name>(schema, ...)` function
 and one line in MODELS (and one in TRAINING_SCHEMAS if it trains on derived tasks,
-like ESMM).
+like ESMM). Train-only features (`Feature.train_only`) need nothing from a builder:
+`build` wraps every architecture with the bias tower (`models/bias.py`).
 """
 
 import inspect
 from typing import Callable, Dict
 
+from mtl_zoo.models.bias import serving_model, with_bias_tower
 from mtl_zoo.models.combine import combine_models, combine_runs
 from mtl_zoo.models.common import task_towers
 from mtl_zoo.models.esmm import build_esmm, entire_space_schema
@@ -75,16 +77,19 @@ def build(architecture: str, schema, /, **hparams):
   """Builds `architecture` (a MODELS name) with `hparams` (`name` among them: the
   Keras model's name); a hyper-parameter its builder does not take is an error
   naming the architectures that do (use `hyperparameters_of` to pick a subset
-  of a shared dict)."""
+  of a shared dict). With train-only features that bias a task, the model to
+  train: the architecture inside `with_bias_tower` (`serving_model` gives it
+  back)."""
   accepted = builder_arguments(architecture)
   unknown = sorted(set(hparams) - set(accepted))
   if unknown:
     takers = sorted(m for m in MODELS if set(unknown) & set(builder_arguments(m)))
     raise ValueError(f"{architecture} does not take {unknown}"
                      + (f"; {', '.join(takers)} do." if takers else "."))
-  return get_builder(architecture)(schema, **hparams)
+  return with_bias_tower(get_builder(architecture)(schema, **hparams), schema)
 
 
 __all__ = ["MODELS", "combine_models", "combine_runs", "build", "get_builder", "hyperparameters_of", "build_single_task", "build_shared_bottom",
            "build_omoe", "build_mmoe", "build_cgc", "build_ple", "build_esmm",
-           "build_cross_stitch", "build_l2_constrained", "task_towers", "training_schema", "TRAINING_SCHEMAS"]
+           "build_cross_stitch", "build_l2_constrained", "task_towers", "training_schema", "TRAINING_SCHEMAS",
+           "serving_model", "with_bias_tower"]

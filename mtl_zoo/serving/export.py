@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
+from mtl_zoo import models
 from mtl_zoo._keras import keras
 from mtl_zoo.serving import signatures
 from mtl_zoo.serving import warmup
@@ -93,7 +94,9 @@ def export_saved_model(model: keras.Model, schema: schema_lib.Schema, export_dir
   TF Serving's warm-up requests.
 
   Args:
-    model: the functional model, one output per task of `schema`.
+    model: the functional model, one output per task of `schema`; a training
+      model with a bias tower is exported as its serving model
+      (`models.serving_model`).
     schema: the schema the model was built from.
     export_dir: the model's base directory (its name is the serving name).
     version: the version number (default: `next_version`); never overwritten.
@@ -107,6 +110,7 @@ def export_saved_model(model: keras.Model, schema: schema_lib.Schema, export_dir
   Returns:
     The version directory's path.
   """
+  model = models.serving_model(model)
   missing = [t for t in schema.task_names if t not in model.output_names]
   if missing:
     raise ValueError(f"model outputs {model.output_names} lack tasks {missing} of the "

@@ -130,7 +130,8 @@ def rank(module: ServingModule) -> Optional[SignatureFunction]:
     outputs = module.predict(parsed)
     # Numeric terms use the raw value the caller sent (e.g. the price); the
     # fusion reads a non-finite one as missing, as `strategies.ranking_score` does.
-    numeric = {f.name: parsed[f.name] for f in module.schema.numeric}
+    numeric = {f.name: parsed[f.name] for f in module.schema.numeric
+               if not f.train_only}
     return {**outputs, "score": fusion({**numeric, **outputs}, weights)}
   return tf.function(serve, input_signature=[EXAMPLES_SPEC])
 

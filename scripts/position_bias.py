@@ -1,0 +1,99 @@
+"""MMoE on the built-in synthetic ads log with and without the position bias tower.
+
+  python scripts/position_bias.py [--seeds=0,1] [--epochs=2]
+
+Variants, all trained with the same settings on the same log:
+
+  bias tower             position train-only: it feeds the bias tower in
+                         training; the served model never sees it
+  no position            position train-only but biasing no task (bias_labels
+                         ["conversion"]: only the masked cvr learns conversions),
+                         so nothing uses it
+  position feature       position an ordinary input, scored at the logged
+                         position (what eval reported before issue 13; a
+                         server does not know it)
+  position feature @0    the same model scored as a server would have to, with
+                         every candidate at position 0
+
+Each row: pCTR's AUC and per-request GAUC on the eval clicks, and the ranking
+score's (pCTR x pCVR) NDCG@10 by conversion, means over the seeds. Prints a
+markdown table.
+"""
+
+import dataclasses
+import os
+import sys
+import tempfile
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mtl_zoo import config as config_lib  # noqa: E402  (Keras 2 first)
+from mtl_zoo import metrics, runner, strategies  # noqa: E402
+from pipelines import reader  # noqa: E402
+from pipelines import schema as schema_lib  # noqa: E402
+from pipelines.sources import SOURCES  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("seeds", ["0", "1"], "Training seeds (the log is fixed: seed 0).")
+flags.DEFINE_integer("epochs", 2, "Epochs per model.")
+flags.DEFINE_integer("synthetic_requests", 12_000, "Training requests of the log.")
+
+HPARAMS = {"num_experts": 8, "expert_units": [16], "tower_units": [8]}
+
+
+def _with_position(schema: schema_lib.Schema, **changes) -> schema_lib.Schema:
+  features = [dataclasses.replace(f, **changes) if f.name == "position" else f
+              for f in schema.features]
+  return schema_lib.Schema(features, schema.labels, schema.tasks, schema.request_id,
+                           schema.name)
+
+
+def _rated(model, schema: schema_lib.Schema, columns: dict) -> dict:
+  outputs = metrics.predict_columns(model, schema, columns)
+  score = strategies.ranking_score(outputs, columns, strategies.default_fusion(schema))
+  report = strategies.objective_report(score, columns, schema)
+  return {"ctr_auc": metrics.auc(columns["click"], outputs["ctr"]),
+          "ctr_gauc": metrics.gauc(columns["click"], outputs["ctr"], columns["request_id"]),
+          "ndcg@10": report["ndcg@10"]}
+
+
+def main(argv):
+  del argv
+  data = os.path.join("mtl_zoo_output", "data",
+                      f"synthetic-synthetic_requests={FLAGS.synthetic_requests}-seed0")
+  SOURCES["synthetic"].write_if_missing(data, seed=0,
+                                        synthetic_requests=FLAGS.synthetic_requests)
+  logged = schema_lib.Schema.load(data)
+  columns = reader.read_columns(os.path.join(data, "eval-*"), logged)
+  at_zero = {**columns, "position": np.zeros_like(columns["position"])}
+  schemas = {"bias tower": _with_position(logged, train_only=True, bias_labels=None),
+             "no position": _with_position(logged, train_only=True,
+                                           bias_labels=["conversion"]),
+             "position feature": _with_position(logged, train_only=False, bias_labels=None)}
+  rows = {}
+  for seed in map(int, FLAGS.seeds):
+    for name, schema in schemas.items():
+      with tempfile.TemporaryDirectory() as tmp:
+        result = runner.run(config_lib.RunConfig(
+            train_files=os.path.join(data, "train-*"), schema=schema, model="mmoe",
+            hyperparameters=HPARAMS, epochs=FLAGS.epochs, batch_size=1024,
+            learning_rate=2e-3, seed=seed, model_dir=tmp, export_dir="", quiet=True))
+      rows.setdefault(name, []).append(_rated(result.model, schema, columns))
+      if name == "position feature":
+        rows.setdefault("position feature @0", []).append(
+            _rated(result.model, schema, at_zero))
+      print(f"seed {seed} {name}: {rows[name][-1]}", flush=True)
+  keys = ["ctr_auc", "ctr_gauc", "ndcg@10"]
+  print(f"\nMMoE, synthetic ads log ({FLAGS.synthetic_requests} requests), {FLAGS.epochs} "
+        f"epochs, seeds {FLAGS.seeds}; means over seeds\n")
+  print("| variant | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+  for name, values in rows.items():
+    print(f"| {name} | " + " | ".join(f"{np.mean([v[k] for v in values]):.4f}"
+                                      for k in keys) + " |")
+
+
+if __name__ == "__main__":
+  app.run(main)
