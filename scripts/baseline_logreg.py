@@ -52,7 +52,9 @@ def design_matrix(schema: schema_lib.Schema, columns: Dict[str, np.ndarray]
                   ) -> sparse.csr_matrix:
   """Features -> a sparse [rows, columns] matrix: per categorical feature one
   column per embedding row (ids mapped as the models map them), list features
-  multi-hot, then one standardized column per numeric feature.
+  multi-hot, then one standardized column per numeric feature. Train-only
+  features (e.g. the logged position) are left out, as the served models
+  leave them out: a server does not know them.
 
   Args:
     schema: the data's schema (numeric mean/std filled by the converter).
@@ -64,7 +66,7 @@ def design_matrix(schema: schema_lib.Schema, columns: Dict[str, np.ndarray]
   """
   n = len(columns[schema.labels[0]])
   blocks = []
-  for f in schema.features:
+  for f in schema.serving_features:
     if f.kind == schema_lib.CATEGORICAL:
       ids = metrics.item_rows(columns[f.name], f)
       blocks.append(sparse.csr_matrix((np.ones(n, np.float32), (np.arange(n), ids)),
