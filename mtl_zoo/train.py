@@ -76,6 +76,17 @@ flags.DEFINE_string("export_dir", None, "SavedModel base directory; each export 
 flags.DEFINE_enum("loss_weighting", "fixed", list(balancers.BALANCERS),
                   "How task losses are balanced: fixed (schema loss weights), uncertainty, "
                   "dwa, gradnorm or pcgrad (see mtl_zoo/balancers/).")
+flags.DEFINE_enum("balance_on", "last_shared", ["last_shared", "all_dense"],
+                  "--loss_weighting=gradnorm/pcgrad: the shared dense parameters they take "
+                  "per-task gradients on (never embedding tables): last_shared, the last "
+                  "shared layer (GradNorm paper); all_dense, every shared dense layer "
+                  "(memory per step: tasks x those parameters floats). An architecture "
+                  "whose tasks share no dense parameter (single_task) is refused.")
+flags.DEFINE_enum("masked_loss", "masked", ["masked", "batch"],
+                  "What a masked task's loss (e.g. CVR, masked to clicks) is averaged over: "
+                  "masked, the examples its mask keeps (the schema's loss weight is its "
+                  "weight); batch, the whole batch as Keras does (its weight is then "
+                  "scaled by the batch's kept share, e.g. the click rate).")
 flags.DEFINE_string("fusion", None, "How task scores (and numeric features) fuse into "
                     "the ranking score, e.g. 'product:ctr=1,cvr=0.5,price=1' or "
                     "'sum:ctr=1,cvr=2'; exported as the `rank` signature. Default with "
@@ -197,6 +208,7 @@ def config_from_flags() -> RunConfig:
       loss_weighting=FLAGS.loss_weighting,
       balancer_options={option: FLAGS[option].value for option in balancers.option_owners()
                         if FLAGS[option].present},
+      balance_on=FLAGS.balance_on, masked_loss=FLAGS.masked_loss,
       fusion=FLAGS.fusion, keep=given("keep"), serving_task=given("serving_task"),
       serving_threads=FLAGS.serving_threads,
       epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
