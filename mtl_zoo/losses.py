@@ -138,7 +138,7 @@ class MaskedMeanLoss(keras.losses.Loss):
 BATCH = "batch"
 MASKED = "masked"
 MASKED_LOSSES = (BATCH, MASKED)
-DEFAULT_MASKED_LOSS = MASKED
+DEFAULT_MASKED_LOSS = BATCH  # measured: BUILD_NOTES "Masked task losses"
 
 
 def task_loss(task: schema_lib.Task, masked_loss: str = DEFAULT_MASKED_LOSS

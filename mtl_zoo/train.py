@@ -82,11 +82,12 @@ flags.DEFINE_enum("balance_on", "last_shared", ["last_shared", "all_dense"],
                   "shared layer (GradNorm paper); all_dense, every shared dense layer "
                   "(memory per step: tasks x those parameters floats). An architecture "
                   "whose tasks share no dense parameter (single_task) is refused.")
-flags.DEFINE_enum("masked_loss", "masked", ["masked", "batch"],
+flags.DEFINE_enum("masked_loss", "batch", ["batch", "masked"],
                   "What a masked task's loss (e.g. CVR, masked to clicks) is averaged over: "
-                  "masked, the examples its mask keeps (the schema's loss weight is its "
-                  "weight); batch, the whole batch as Keras does (its weight is then "
-                  "scaled by the batch's kept share, e.g. the click rate).")
+                  "batch, the whole batch, as Keras does (its weight is then the schema's "
+                  "times the batch's kept share, e.g. the click rate); masked, the examples "
+                  "its mask keeps (the schema's loss weight is its weight; on the synthetic "
+                  "log CVR then fits faster and overfits by epoch 5, BUILD_NOTES).")
 flags.DEFINE_string("fusion", None, "How task scores (and numeric features) fuse into "
                     "the ranking score, e.g. 'product:ctr=1,cvr=0.5,price=1' or "
                     "'sum:ctr=1,cvr=2'; exported as the `rank` signature. Default with "

@@ -155,6 +155,73 @@ def test_damaged_gzip_shard_is_named_and_its_readable_part_skipped_to(tmp_path):
   assert skipped.counts()["unreadable_tails"] == 1
 
 
+def _flaky(real, failures):
+  """`real`, failing with an I/O error on its first `failures` calls (all with
+  None); counts its calls."""
+  def read(*args):
+    read.calls += 1
+    if failures is None or read.calls <= failures:
+      raise tf.errors.UnavailableError(None, None, "connection reset by peer")
+    return real(*args)
+  read.calls = 0
+  return read
+
+
+def _parallel_pass_hiccups(*args):
+  raise tf.errors.UnavailableError(None, None, "connection reset by peer")
+
+
+def test_scan_retries_an_io_error_and_loses_no_record(tmp_path, monkeypatch):
+  records = _records(30)
+  path = _write(tmp_path / "train.tfrecord", records)
+  monkeypatch.setattr(integrity, "RETRY_BACKOFF_S", 0.0)
+  monkeypatch.setattr(integrity, "count_in_parallel", _parallel_pass_hiccups)
+  flaky = _flaky(integrity.count_records, failures=2)
+  monkeypatch.setattr(integrity, "count_records", flaky)
+  ids, skipped = _read(path, "skip")
+  assert flaky.calls == 3  # failed twice, read the third time
+  assert ids == _raw_ids(records) and skipped.counts()["total"] == 0
+
+
+def test_scan_fails_naming_the_file_when_io_errors_persist(tmp_path, monkeypatch):
+  path = _write(tmp_path / "train.tfrecord", _records(30))
+  monkeypatch.setattr(integrity, "RETRY_BACKOFF_S", 0.0)
+  monkeypatch.setattr(integrity, "count_in_parallel", _parallel_pass_hiccups)
+  broken = _flaky(integrity.count_records, failures=None)
+  monkeypatch.setattr(integrity, "count_records", broken)
+  for policy in ("fail", "skip"):  # never taken for damaged data and skipped
+    with pytest.raises(integrity.ShardReadError,
+                       match=f"reading {re.escape(path)} \\(counting its records\\) failed "
+                             "4 times.*UnavailableError.*not damaged data"):
+      _read(path, policy)
+  assert broken.calls == 2 * integrity.READ_ATTEMPTS
+
+
+def test_a_record_the_reader_stopped_at_for_io_is_read_again_not_called_corrupt(
+    tmp_path, monkeypatch):
+  records = _records(30)
+  data = open(_write(tmp_path / "a.tfrecord", records), "rb").read()
+  path = tmp_path / "train.tfrecord"
+  path.write_bytes(_flip(data, _starts(data), 7, 20))  # record 7 really is corrupt
+  real_run = integrity._readable_run
+  stops = iter([True, True])  # the run from record 8 stops at once, twice (I/O)
+
+  def run(p, compression, offset):
+    return (0, 0) if offset > 0 and next(stops, False) else real_run(p, compression, offset)
+
+  monkeypatch.setattr(integrity, "RETRY_BACKOFF_S", 0.0)
+  monkeypatch.setattr(integrity, "_readable_run", run)
+  scan, = integrity.scan_shards([str(path)])
+  assert [(d.record, d.problem) for d in scan.damage] == [
+      (7, "the record's data fails its checksum (corrupted)")]
+  assert scan.records == 29
+  monkeypatch.setattr(integrity, "_readable_run", lambda p, c, offset: (0, 0))
+  with pytest.raises(integrity.ShardReadError,
+                     match=f"reading {re.escape(str(path))} stopped 4 times at record 0 "
+                           r"\(byte 0\), which is intact"):
+    integrity.scan_shards([str(path)])
+
+
 NOT_TFRECORDS = {  # name: (file name, content, message)
     "csv": ("train.tfrecord", b"user,price\n1,2.5\n" * 20, "is not a TFRecord file"),
     "a few stray bytes": ("train.tfrecord", b"abc", r"is not a TFRecord file \(it is 3 bytes"),
