@@ -6,7 +6,6 @@ fix, or in a documented handling checked here (BUILD_NOTES.md, "Hostile input",
 lists them with these tests). Schema faults are in test_schema.py.
 """
 
-import datetime
 import gzip
 import json
 import math
@@ -16,7 +15,7 @@ import struct
 import numpy as np
 import pytest
 import tensorflow as tf
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import mtl_zoo
@@ -26,12 +25,8 @@ from pipelines import integrity, reader, validation
 from pipelines import schema as schema_lib
 
 SCHEMA = mixed_schema()
-# Bounded fuzzing: reproducible, no example database, and a deadline per example
-# that catches a hang. Each reader example builds tf.data pipelines (~0.5 s).
-_FUZZ = dict(deadline=datetime.timedelta(seconds=20), derandomize=True, database=None,
-             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-READER_FUZZ = settings(max_examples=8, **_FUZZ)
-SERVING_FUZZ = settings(max_examples=100, **_FUZZ)
+# Fuzzing: the hypothesis profile of conftest.py sets how many examples (100 per
+# property in CI), reproducibly, with a deadline per example.
 
 
 def _records(n: int, seed: int = 0) -> list:
@@ -539,7 +534,6 @@ def _valid(row) -> bool:
                or (row["click"] == 0.0 and math.isnan(row["conversion"]))))
 
 
-@READER_FUZZ
 @given(rows=st.lists(_ROW, min_size=1, max_size=40))
 def test_fuzz_reader_with_random_valid_examples(rows, tmp_path):
   path = _write(tmp_path / "fuzz.tfrecord", [SCHEMA.training_example(r) for r in rows])
@@ -575,7 +569,6 @@ def _intact(starts: list, size: int, flip: int, cut: int) -> list:
   return kept
 
 
-@READER_FUZZ
 @given(flip=st.integers(0, 10**6), value=st.integers(1, 255), cut=st.integers(0, 10**6))
 def test_fuzz_reader_with_damaged_shards(flip, value, cut, tmp_path):
   """A valid shard with a random byte flipped and cut short at random: under
@@ -602,7 +595,6 @@ def test_fuzz_reader_with_damaged_shards(flip, value, cut, tmp_path):
       _read(path)
 
 
-@READER_FUZZ
 @given(content=st.binary(max_size=300))
 def test_fuzz_reader_with_random_files(content, tmp_path):
   path = str(tmp_path / "fuzz.tfrecord")
@@ -616,7 +608,6 @@ def test_fuzz_reader_with_random_files(content, tmp_path):
       assert policy == "fail" and reader.first_unparsable(path, SCHEMA)[0] == path
 
 
-@READER_FUZZ
 @given(records=st.lists(st.binary(max_size=40), min_size=1, max_size=12))
 def test_fuzz_reader_with_random_bytes_as_records(records, tmp_path):
   path = _write(tmp_path / "junk.tfrecord", records)
@@ -679,7 +670,6 @@ _EXAMPLE = st.dictionaries(
         features=tf.train.Features(feature=features)).SerializeToString())
 
 
-@SERVING_FUZZ
 @given(examples=st.lists(st.one_of(_EXAMPLE, st.binary(max_size=60)), min_size=1, max_size=6))
 def test_fuzz_serving_signature(examples, serving):
   out = _serve(serving, examples)
