@@ -14,8 +14,8 @@ is averaged over (non-ranking tasks with a schema mask; the others are plain
 batch means, and the list losses already average over real examples):
   batch   sum of the kept examples' losses / batch size (Keras' own reduction).
           The task's effective weight is then its kept share of the batch
-          (for CVR masked to clicks: the batch's click rate, ~7%, moving from
-          batch to batch).
+          (for CVR masked to clicks: the batch's click rate, moving from batch
+          to batch).
   masked  sum of the kept examples' losses / number kept: the mean over the
           examples the mask keeps (0 for a batch that keeps none), so the
           schema's loss weight is the task's weight.

@@ -455,7 +455,8 @@ def check_balancer(config: RunConfig, runs: List[Tuple[str, schema_lib.Schema]])
           f"parameters the tasks share, but --model={config.architecture} shares none: {e}. "
           "Choose an architecture that shares: "
           f"{', '.join(balancers.sharing_architectures(schema))}; or another "
-          "--loss_weighting (fixed, uncertainty, dwa).") from None
+          "--loss_weighting (" + ", ".join(n for n, c in balancers.BALANCERS.items()
+                                           if not c.uses_task_gradients) + ").") from None
 
 
 def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pattern: str,

@@ -47,15 +47,14 @@ class FeatureEmbedding(keras.layers.Layer):
 
   Scalar categorical features that share an embedding width live in one fused
   table and are looked up with a single gather (one offset per feature), which
-  is several times faster on CPU than one Embedding layer per feature. A missing id
-  (-1) of a hashed feature has its own row, apart from the buckets real ids
-  hash into. Lists are
-  pooled ("mean" or "sum") over their non-padding ids. Numeric features are
-  transformed and z-scored with the statistics stored in the schema, so serving
-  callers send raw values. A NaN numeric value means "missing" (the CSV
-  converter writes empty cells so) and becomes the training mean (z = 0);
-  infinite and absurd values are clipped to +-NUMERIC_Z_LIMIT standard
-  deviations, so no input can overflow the network into NaN.
+  is several times faster on CPU than one Embedding layer per feature. A missing
+  id (-1) of a hashed feature has its own row, apart from the buckets real ids
+  hash into. Lists are pooled ("mean" or "sum") over their non-padding ids.
+  Numeric features are transformed and z-scored with the statistics stored in
+  the schema, so serving callers send raw values. A NaN numeric value means
+  "missing" (the CSV converter writes empty cells so) and becomes the training
+  mean (z = 0); infinite and absurd values are clipped to +-NUMERIC_Z_LIMIT
+  standard deviations, so no input can overflow the network into NaN.
 
   Input: dict of feature name -> tensor, as `Schema.feature_signature()`.
   Output: [batch, output_dim] float32.
