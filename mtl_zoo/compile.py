@@ -13,6 +13,8 @@ def compile_model(model: keras.Model, schema: schema_lib.Schema,
                   optimizer: Optional[keras.optimizers.Optimizer] = None,
                   weighting: Union[str, balancers_lib.LossBalancer] = "fixed",
                   weighting_options: Optional[dict] = None,
+                  balance_on: str = balancers_lib.LAST_SHARED,
+                  masked_loss: str = losses.DEFAULT_MASKED_LOSS,
                   **compile_kwargs) -> keras.Model:
   """Compiles `model` for training with one loss per task; returns what to `fit`.
 
@@ -34,10 +36,20 @@ def compile_model(model: keras.Model, schema: schema_lib.Schema,
       per variable, which dominates small models on a CPU).
     weighting: a `balancers.BALANCERS` name, or a built `LossBalancer`.
     weighting_options: the named balancer's options (e.g. dwa_temperature).
+    balance_on: the shared dense parameters GradNorm and PCGrad act on:
+      "last_shared" (the last shared layer) or "all_dense" (`balancers.shared`).
+    masked_loss: what a masked task's loss is averaged over: "masked" (the
+      examples its mask keeps) or "batch" (the whole batch; `losses`).
     **compile_kwargs: passed to Keras' `compile`.
 
   Returns:
     The model to fit.
+
+  Raises:
+    ValueError: an unknown balancer, balance_on or masked_loss, or fewer than
+      two trained tasks for a balancer; `balancers.NothingSharedError` (a
+      ValueError) for GradNorm or PCGrad on a model whose tasks share no dense
+      parameter (e.g. single_task).
   """
   optimizer = optimizer or keras.optimizers.legacy.Adam(learning_rate)
   # Task masks arrive as sample weights; no streaming metrics need them.
@@ -53,10 +65,10 @@ def compile_model(model: keras.Model, schema: schema_lib.Schema,
       raise ValueError(f"loss balancing needs at least two tasks with loss_weight > 0; "
                        f"schema {schema.name!r} trains "
                        f"{[t.name for t in balancers_lib.trained_tasks(schema)]}.")
-    trainer = balancers_lib.MultiTaskTrainer(model, schema, balancer)
+    trainer = balancers_lib.MultiTaskTrainer(model, schema, balancer, balance_on, masked_loss)
     trainer.compile(optimizer=optimizer, **compile_kwargs)
     return trainer
-  model.compile(optimizer=optimizer, loss=losses.task_losses(schema),
+  model.compile(optimizer=optimizer, loss=losses.task_losses(schema, masked_loss),
                 loss_weights={t.name: t.loss_weight for t in schema.tasks},
                 **compile_kwargs)
   return model

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from mtl_zoo import balancers
 from mtl_zoo import early_stopping
+from mtl_zoo import losses
 from mtl_zoo import models
 from mtl_zoo import strategies
 from mtl_zoo.distribute import DISTRIBUTIONS
@@ -46,7 +47,8 @@ CALIBRATION_METHODS = ("platt", "isotonic")
 # outputs go, what is printed, or what happens after training.
 RESULT_FIELDS = ("strategy", "model", "train_files", "schema", "tasks", "event_weights",
                  "duplicate", "grades", "ranking_loss", "list_size", "loss_weighting",
-                 "balancer_options", "max_epochs", "monitor", "patience", "batch_size",
+                 "balancer_options", "balance_on", "masked_loss", "max_epochs", "monitor",
+                 "patience", "batch_size",
                  "steps_per_epoch", "distribution", "ps_shards", "ps_min_shard_bytes",
                  "cpu_replicas",
                  "backup_every_steps", "learning_rate", "hyperparameters", "seed", "cache",
@@ -87,6 +89,8 @@ class RunConfig:
   export_dir: Optional[str] = None
   loss_weighting: str = "fixed"
   balancer_options: Dict[str, float] = dataclasses.field(default_factory=dict)
+  balance_on: str = balancers.LAST_SHARED
+  masked_loss: str = losses.DEFAULT_MASKED_LOSS
   fusion: Optional[str] = None
   keep: Optional[int] = None
   serving_task: Optional[str] = None
@@ -139,6 +143,15 @@ class RunConfig:
     _choice("distribution", self.distribution, DISTRIBUTIONS)
     _choice("bad_records", self.bad_records, validation.BAD_RECORD_POLICIES)
     _choice("cache", self.cache, caching.MODES)
+    _choice("balance_on", self.balance_on, balancers.BALANCE_ON)
+    _choice("masked_loss", self.masked_loss, losses.MASKED_LOSSES)
+    if (self.balance_on != balancers.LAST_SHARED
+        and not balancers.get_balancer(self.loss_weighting).uses_task_gradients):
+      raise ConfigError(f"--balance_on={self.balance_on} applies to the balancers that take "
+                        "per-task gradients (" + ", ".join(
+                            f"--loss_weighting={n}" for n, c in balancers.BALANCERS.items()
+                            if c.uses_task_gradients)
+                        + f"), not --loss_weighting={self.loss_weighting}.")
     if self.ranking_loss is not None:
       _choice("ranking_loss", self.ranking_loss, RANKING_LOSSES)
     for name, (strategy, _) in STRATEGY_OPTIONS.items():

@@ -9,7 +9,16 @@ requests for it. Lists are dense [batch, list_size] tensors; `mask` is 1 for
 real examples and 0 for padding, and padding never contributes to a loss.
 
 Masks arrive as per-task sample weights from the reader, so a masked example
-adds nothing to its task's loss.
+adds nothing to its task's loss. `masked_loss` says what a masked task's loss
+is averaged over (non-ranking tasks with a schema mask; the others are plain
+batch means, and the list losses already average over real examples):
+  batch   sum of the kept examples' losses / batch size (Keras' own reduction).
+          The task's effective weight is then its kept share of the batch
+          (for CVR masked to clicks: the batch's click rate, moving from batch
+          to batch).
+  masked  sum of the kept examples' losses / number kept: the mean over the
+          examples the mask keeps (0 for a batch that keeps none), so the
+          schema's loss weight is the task's weight.
 """
 
 from typing import Dict, Optional
@@ -97,24 +106,73 @@ class ListwiseSoftmaxLoss(_ListLoss):
 RANKING_LOSSES = {"pairwise": PairwiseLogisticLoss, "listwise": ListwiseSoftmaxLoss}
 
 
-def task_loss(task: schema_lib.Task) -> keras.losses.Loss:
+@keras.utils.register_keras_serializable(package="mtl_zoo")
+class MaskedMeanLoss(keras.losses.Loss):
+  """A per-example Keras loss averaged over the examples its sample weights
+  (the task's mask) keep: sum(w * loss) / sum(w); 0 when the batch keeps none.
+  Without sample weights, the plain mean.
+
+  Args:
+    loss: the per-example loss, a `keras.losses.Loss` config (its reduction is
+      replaced by none).
+    **kwargs: `keras.losses.Loss` arguments (`name`).
+  """
+
+  def __init__(self, loss: dict, **kwargs):
+    super().__init__(**kwargs)
+    self.loss = loss
+    self._per_example = keras.losses.deserialize(loss)
+    self._per_example.reduction = keras.losses.Reduction.NONE
+
+  def __call__(self, y_true, y_pred, sample_weight=None):
+    values = tf.reshape(self._per_example(y_true, y_pred), [-1])
+    if sample_weight is None:
+      return tf.reduce_mean(values)
+    weights = tf.reshape(tf.cast(sample_weight, values.dtype), [-1])
+    return tf.math.divide_no_nan(tf.reduce_sum(values * weights), tf.reduce_sum(weights))
+
+  def get_config(self):
+    return {**super().get_config(), "loss": self.loss}
+
+
+BATCH = "batch"
+MASKED = "masked"
+MASKED_LOSSES = (BATCH, MASKED)
+DEFAULT_MASKED_LOSS = BATCH  # measured: BUILD_NOTES "Masked task losses"
+
+
+def task_loss(task: schema_lib.Task, masked_loss: str = DEFAULT_MASKED_LOSS
+              ) -> keras.losses.Loss:
   """The loss a task trains with.
 
   Args:
     task: a schema task.
+    masked_loss: BATCH or MASKED: what a masked task's loss is averaged over
+      (see the module docstring); unmasked and ranking tasks ignore it.
 
   Returns:
     Log-loss for binary tasks, MSE for regression, the task's list loss
     (`task.ranking_loss`) for ranking tasks; named `<task>_<loss>`.
+
+  Raises:
+    ValueError: unknown `masked_loss`.
   """
-  if task.type == schema_lib.BINARY:
-    return keras.losses.BinaryCrossentropy(name=f"{task.name}_logloss")
+  if masked_loss not in MASKED_LOSSES:
+    raise ValueError(f"masked_loss must be one of {list(MASKED_LOSSES)}, got "
+                     f"{masked_loss!r}.")
   if task.type == schema_lib.RANKING:
     return RANKING_LOSSES[task.ranking_loss](task.list_size,
                                              name=f"{task.name}_{task.ranking_loss}")
-  return keras.losses.MeanSquaredError(name=f"{task.name}_mse")
+  if task.type == schema_lib.BINARY:
+    loss = keras.losses.BinaryCrossentropy(name=f"{task.name}_logloss")
+  else:
+    loss = keras.losses.MeanSquaredError(name=f"{task.name}_mse")
+  if task.mask and masked_loss == MASKED:
+    return MaskedMeanLoss(keras.losses.serialize(loss), name=loss.name)
+  return loss
 
 
-def task_losses(schema: schema_lib.Schema) -> Dict[str, keras.losses.Loss]:
-  """`task_loss` of every task of `schema`, by task name."""
-  return {t.name: task_loss(t) for t in schema.tasks}
+def task_losses(schema: schema_lib.Schema, masked_loss: str = DEFAULT_MASKED_LOSS
+                ) -> Dict[str, keras.losses.Loss]:
+  """`task_loss` of every task of `schema` (with `masked_loss`), by task name."""
+  return {t.name: task_loss(t, masked_loss) for t in schema.tasks}

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
+from mtl_zoo import balancers
 from mtl_zoo import calibration
 from mtl_zoo import distribute
 from mtl_zoo import early_stopping
@@ -124,6 +125,7 @@ def run(config: RunConfig) -> RunResult:
     fusion = fusion or strategies.default_fusion(data_schema)
   calibration_pattern = calibration.prepare(config, [s for _, s in runs], train_pattern,
                                             eval_pattern)
+  check_balancer(config, runs)
   tf.io.gfile.makedirs(model_dir)
   keras.utils.set_random_seed(config.seed)
 
@@ -492,6 +494,33 @@ def explain_data_error(e: Exception, data_files: str, schema: schema_lib.Schema)
   return f"reading {data_files} failed: {text[-500:] or e}"
 
 
+def check_balancer(config: RunConfig, runs: List[Tuple[str, schema_lib.Schema]]) -> None:
+  """Refuses, before any data is read, a balancer that takes per-task gradients
+  (GradNorm, PCGrad) on an architecture whose tasks share no dense parameter.
+
+  Raises:
+    ConfigError: naming --loss_weighting and the architectures that share.
+  """
+  if not balancers.get_balancer(config.loss_weighting).uses_task_gradients:
+    return
+  for _, schema in runs:
+    trained = [t.name for t in balancers.trained_tasks(schema)]
+    if len(trained) < 2:
+      continue  # compile_model refuses it, naming the tasks
+    try:
+      balancers.balanced_indices(models.build(config.architecture, schema,
+                                              **_hyperparameters(config)),
+                                 schema, trained, config.balance_on)
+    except balancers.NothingSharedError as e:
+      raise ConfigError(
+          f"--loss_weighting={config.loss_weighting} balances per-task gradients on the "
+          f"parameters the tasks share, but --model={config.architecture} shares none: {e}. "
+          "Choose an architecture that shares: "
+          f"{', '.join(balancers.sharing_architectures(schema))}; or another "
+          "--loss_weighting (" + ", ".join(n for n, c in balancers.BALANCERS.items()
+                                           if not c.uses_task_gradients) + ").") from None
+
+
 def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pattern: str,
               eval_pattern: Optional[str], model_dir: str, strategy, cluster: dict,
               workers: int) -> _Fitted:
@@ -607,7 +636,8 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
     model = models.build(architecture, schema, **hparams)
     trainable = compile_model(model, schema, learning_rate=config.learning_rate,
                               weighting=config.loss_weighting,
-                              weighting_options=config.balancer_options)
+                              weighting_options=config.balancer_options,
+                              balance_on=config.balance_on, masked_loss=config.masked_loss)
   replicas = strategy.num_replicas_in_sync if strategy else 1
   where = (f" on {workers} workers" if workers > 1 else "") + (
       f" ({replicas} replica{'s' if replicas > 1 else ''})" if strategy else "")
@@ -731,6 +761,7 @@ def _summary(config: RunConfig, fitted: List[_Fitted], schema: schema_lib.Schema
   return {"strategy": config.strategy, "model": config.architecture,
           "loss_weighting": config.loss_weighting,
           "balancer_options": config.balancer_options,
+          "balance_on": config.balance_on, "masked_loss": config.masked_loss,
           "event_weights": {t.name: t.events for t in schema.tasks
                             if t.events and t.type == schema_lib.BINARY},
           "grades": {t.name: t.events for t in schema.tasks

@@ -24,6 +24,7 @@ from typing import List, Optional
 from absl import app, flags
 
 from mtl_zoo import balancers
+from mtl_zoo import losses
 from mtl_zoo import models
 from mtl_zoo import runner
 from mtl_zoo import strategies
@@ -77,6 +78,18 @@ flags.DEFINE_string("export_dir", None, "SavedModel base directory; each export 
 flags.DEFINE_enum("loss_weighting", "fixed", list(balancers.BALANCERS),
                   "How task losses are balanced: fixed (schema loss weights), uncertainty, "
                   "dwa, gradnorm or pcgrad (see mtl_zoo/balancers/).")
+flags.DEFINE_enum("balance_on", balancers.LAST_SHARED, list(balancers.BALANCE_ON),
+                  "--loss_weighting=gradnorm/pcgrad: the shared dense parameters they take "
+                  "per-task gradients on (never embedding tables): last_shared, the last "
+                  "shared layer (GradNorm paper); all_dense, every shared dense layer "
+                  "(memory per step: tasks x those parameters floats). An architecture "
+                  "whose tasks share no dense parameter (single_task) is refused.")
+flags.DEFINE_enum("masked_loss", losses.DEFAULT_MASKED_LOSS, list(losses.MASKED_LOSSES),
+                  "What a masked task's loss (e.g. CVR, masked to clicks) is averaged over: "
+                  "batch, the whole batch, as Keras does (its weight is then the schema's "
+                  "times the batch's kept share, e.g. the click rate); masked, the examples "
+                  "its mask keeps (the schema's loss weight is its weight; on the synthetic "
+                  "log CVR then fits faster and overfits by epoch 5, BUILD_NOTES).")
 flags.DEFINE_string("fusion", None, "How task scores (and numeric features) fuse into "
                     "the ranking score, e.g. 'product:ctr=1,cvr=0.5,price=1' or "
                     "'sum:ctr=1,cvr=2'; exported as the `rank` signature. Default with "
@@ -237,6 +250,7 @@ def config_from_flags() -> RunConfig:
       loss_weighting=FLAGS.loss_weighting,
       balancer_options={option: FLAGS[option].value for option in balancers.option_owners()
                         if FLAGS[option].present},
+      balance_on=FLAGS.balance_on, masked_loss=FLAGS.masked_loss,
       fusion=FLAGS.fusion, keep=given("keep"), serving_task=given("serving_task"),
       serving_threads=FLAGS.serving_threads,
       max_epochs=FLAGS.max_epochs, monitor=FLAGS.monitor,

@@ -6,11 +6,19 @@ was cut inside a record header for a complete one. So every shard is scanned
 first -- one pass in C++ that reads the framing and no tf.Example -- and only a
 damaged shard is scanned again record by record, to say which record is damaged
 and where the readable records resume after it.
+
+Only a checksum or framing failure makes a record bad. Reading a shard can also
+fail for a passing reason (a network file system's hiccup): such I/O errors are
+retried READ_ATTEMPTS times with a short backoff, then reported as a
+ShardReadError naming the file -- never as damage that `--bad_records=skip`
+would drop good records for. TensorFlow's reader reports every framing or
+checksum failure as DataLossError; any other error is I/O.
 """
 
 import dataclasses
 import gzip
 import struct
+import time
 import zlib
 from typing import List, Optional, Sequence, Tuple
 
@@ -25,6 +33,53 @@ from pipelines import validation
 HEADER_BYTES = 12
 FOOTER_BYTES = 4
 GZIP_MAGIC = b"\x1f\x8b"
+
+# A read that fails for I/O is tried this many times in all, waiting
+# RETRY_BACKOFF_S, then twice that, ... in between (0.2 + 0.4 + 0.8 s).
+READ_ATTEMPTS = 4
+RETRY_BACKOFF_S = 0.2
+# What the data itself causes: never retried. (gzip.BadGzipFile is an OSError.)
+_DATA_ERRORS = (tf.errors.DataLossError, gzip.BadGzipFile, EOFError, zlib.error)
+
+
+class ShardReadError(tf.errors.UnavailableError):
+  """A shard could not be read after READ_ATTEMPTS tries (I/O, not its data);
+  the message names the file. An OpError, so readers' callers report it as
+  the other reading errors."""
+
+  def __init__(self, message: str):
+    super().__init__(None, None, message)
+
+
+def retrying(path: str, what: str, read):
+  """`read()`, tried again on I/O errors (not on the data's own faults).
+
+  Args:
+    path: the shard read, for the message.
+    what: what is read, for the message (e.g. "its size").
+    read: a function of no arguments.
+
+  Returns:
+    What `read` returns.
+
+  Raises:
+    ShardReadError: READ_ATTEMPTS tries failed for I/O.
+    The data errors (DataLossError, GZIP errors) of `read`, at once.
+  """
+  for attempt in range(READ_ATTEMPTS):
+    try:
+      return read()
+    except _DATA_ERRORS:
+      raise
+    except (tf.errors.OpError, OSError) as e:
+      if attempt == READ_ATTEMPTS - 1:
+        message = getattr(e, "message", None) or str(e)
+        raise ShardReadError(
+            f"reading {path} ({what}) failed {READ_ATTEMPTS} times, the last with "
+            f"{type(e).__name__}: {message.strip()[-300:]}. This is an I/O error, not "
+            "damaged data: check that the file is reachable and readable, then rerun."
+        ) from None
+      time.sleep(RETRY_BACKOFF_S * 2 ** attempt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +150,9 @@ def scan_shards(files: Sequence[str]) -> List[ShardScan]:
       end = payload + records * (HEADER_BYTES + FOOTER_BYTES)
       # TensorFlow ends a shard quietly where a record header would begin: the
       # bytes read must be the whole file (or, GZIP, the size in its trailer).
-      if (end % 2**32 if compression else end) == (
-          _gzip_size(path) if compression else tf.io.gfile.stat(path).length):
+      size = retrying(path, "its size", lambda: (
+          _gzip_size(path) if compression else tf.io.gfile.stat(path).length))
+      if (end % 2**32 if compression else end) == size:
         scans.append(ShardScan.whole(path, records))
         continue
     scans.append(_scan_damaged(path, compression))
@@ -114,29 +170,43 @@ def _gzip_size(path: str) -> Optional[int]:
     return struct.unpack("<I", f.read(4))[0]
 
 
-def _count_all(files: Sequence[str]) -> list:
-  """(records, payload bytes) of each shard, or None for a shard that fails."""
-  def count(path, compression):
-    records = tf.data.TFRecordDataset(path, compression).batch(4096)
-    return records.reduce(
-        (tf.constant(0, tf.int64), tf.constant(0, tf.int64)),
-        lambda total, batch: (total[0] + tf.size(batch, tf.int64),
-                              total[1] + tf.reduce_sum(tf.cast(tf.strings.length(batch),
-                                                               tf.int64))))
+def count_records(path: str, compression: str) -> Tuple[int, int]:
+  """(records, payload bytes) of one shard, read to its end; raises its
+  reading error."""
+  n, payload = _count(tf.constant(path), tf.constant(compression))
+  return int(n), int(payload)
 
+
+def _count(path: tf.Tensor, compression: tf.Tensor):
+  records = tf.data.TFRecordDataset(path, compression).batch(4096)
+  return records.reduce(
+      (tf.constant(0, tf.int64), tf.constant(0, tf.int64)),
+      lambda total, batch: (total[0] + tf.size(batch, tf.int64),
+                            total[1] + tf.reduce_sum(tf.cast(tf.strings.length(batch),
+                                                             tf.int64))))
+
+
+def count_in_parallel(files: Sequence[str], compressions: Sequence[str]) -> list:
+  """`count_records` of every shard at once; raises the first reading error."""
+  ds = tf.data.Dataset.from_tensor_slices((list(files), list(compressions))).map(
+      _count, num_parallel_calls=tf.data.AUTOTUNE)
+  return [(int(n), int(b)) for n, b in ds.as_numpy_iterator()]
+
+
+def _count_all(files: Sequence[str]) -> list:
+  """(records, payload bytes) of each shard, or None for a shard whose data
+  fails (framing, checksum, compression); I/O errors are retried."""
   compressions = [compression_of(f) or "" for f in files]
   try:  # every shard at once, in parallel; almost always nothing is wrong
-    ds = tf.data.Dataset.from_tensor_slices((list(files), compressions)).map(
-        count, num_parallel_calls=tf.data.AUTOTUNE)
-    return [(int(n), int(b)) for n, b in ds.as_numpy_iterator()]
+    return count_in_parallel(files, compressions)
   except tf.errors.OpError:
     pass
   results = []
   for path, compression in zip(files, compressions):
     try:
-      n, b = count(tf.constant(path), tf.constant(compression))
-      results.append((int(n), int(b)))
-    except tf.errors.OpError:
+      results.append(retrying(path, "counting its records",
+                              lambda: count_records(path, compression)))
+    except tf.errors.DataLossError:
       results.append(None)
   return results
 
@@ -168,54 +238,74 @@ def record_dataset(path: tf.Tensor, compression: tf.Tensor, offset: tf.Tensor,
 def _scan_damaged(path: str, compression: Optional[str]) -> ShardScan:
   """Reads a shard run by run, stepping over each record whose data fails its
   checksum (its header still gives its length) until the end, or until the
-  records can no longer be located."""
-  with tf.io.gfile.GFile(path, "rb") as raw:
-    magic = raw.read(2)
+  records can no longer be located. Where a run stops at an intact record (the
+  reader failed for I/O), it is read again from there, READ_ATTEMPTS times at
+  most."""
+  magic = retrying(path, "its first bytes", lambda: _read_at(path, None, 0, 2))
   if compression and magic != GZIP_MAGIC:
     raise validation.BadRecordError(
         f"{path} ends in .gz but is not GZIP-compressed; rename it without .gz "
         "(compression follows the file name).")
   segments, damage = [], []
-  offset = index = 0
-  with _open_stream(path, compression) as stream:
-    while True:
-      n, payload = _readable_run(path, compression, offset)
-      if n:
-        segments.append((offset, n, index))
-      index += n
-      start = offset + payload + n * (HEADER_BYTES + FOOTER_BYTES)
+  offset = index = stalls = 0
+  while True:
+    n, payload = _readable_run(path, compression, offset)
+    if n:
+      segments.append((offset, n, index))
+      stalls = 0
+    index += n
+    start = offset + payload + n * (HEADER_BYTES + FOOTER_BYTES)
 
-      def lost(problem, records_lost=None):
-        damage.append(Damage(path, index, start, problem, records_lost))
+    def lost(problem, records_lost=None):
+      damage.append(Damage(path, index, start, problem, records_lost))
 
-      try:
-        stream.seek(start)
-        header = stream.read(HEADER_BYTES)
-        if not header:
-          break
-        if len(header) < HEADER_BYTES:
-          if index == 0:
-            _not_a_tfrecord(path, magic, f"it is {len(header)} bytes long")
-          lost("the shard ends inside this record's header: it was truncated", 1)
-          break
-        length, = struct.unpack("<Q", header[:8])
-        if masked_crc32c(header[:8]) != struct.unpack("<I", header[8:])[0]:
-          if index == 0:
-            _not_a_tfrecord(path, magic, "its first record header fails its checksum")
-          lost("the record header fails its checksum, so the records after it cannot "
-               "be located; the rest of the shard is unreadable")
-          break
-        body = stream.read(length + FOOTER_BYTES)
-      except (OSError, EOFError, zlib.error) as e:  # GZIP streams
-        lost(f"the GZIP stream is corrupt here ({e}); the rest of the shard is unreadable")
+    try:
+      header = retrying(path, f"the record header at byte {start}",
+                        lambda: _read_at(path, compression, start, HEADER_BYTES))
+      if not header:
         break
-      if len(body) < length + FOOTER_BYTES:
-        lost("the shard ends inside this record: it was truncated", 1)
+      if len(header) < HEADER_BYTES:
+        if index == 0:
+          _not_a_tfrecord(path, magic, f"it is {len(header)} bytes long")
+        lost("the shard ends inside this record's header: it was truncated", 1)
         break
-      lost("the record's data fails its checksum (corrupted)", 1)
-      index += 1
-      offset = start + HEADER_BYTES + length + FOOTER_BYTES
+      length, = struct.unpack("<Q", header[:8])
+      if masked_crc32c(header[:8]) != struct.unpack("<I", header[8:])[0]:
+        if index == 0:
+          _not_a_tfrecord(path, magic, "its first record header fails its checksum")
+        lost("the record header fails its checksum, so the records after it cannot "
+             "be located; the rest of the shard is unreadable")
+        break
+      body = retrying(path, f"the record at byte {start}", lambda: _read_at(
+          path, compression, start + HEADER_BYTES, length + FOOTER_BYTES))
+    except _DATA_ERRORS as e:  # GZIP streams
+      lost(f"the GZIP stream is corrupt here ({e}); the rest of the shard is unreadable")
+      break
+    if len(body) < length + FOOTER_BYTES:
+      lost("the shard ends inside this record: it was truncated", 1)
+      break
+    if masked_crc32c(body[:length]) == struct.unpack("<I", body[length:])[0]:
+      # The record is intact: the reader stopped here for I/O. Read on from it.
+      stalls += 1
+      if stalls == READ_ATTEMPTS:
+        raise ShardReadError(
+            f"reading {path} stopped {READ_ATTEMPTS} times at record {index} (byte "
+            f"{start}), which is intact: an I/O error, not damaged data. Check that the "
+            "file is reachable and readable, then rerun.")
+      time.sleep(RETRY_BACKOFF_S * 2 ** (stalls - 1))
+      offset = start
+      continue
+    lost("the record's data fails its checksum (corrupted)", 1)
+    index += 1
+    offset = start + HEADER_BYTES + length + FOOTER_BYTES
   return ShardScan(path, compression, sum(n for _, n, _ in segments), segments, damage)
+
+
+def _read_at(path: str, compression: Optional[str], offset: int, size: int) -> bytes:
+  """`size` bytes from `offset` of the (uncompressed) stream; fewer at its end."""
+  with _open_stream(path, compression) as stream:
+    stream.seek(offset)
+    return stream.read(size)
 
 
 def _open_stream(path: str, compression: Optional[str]):

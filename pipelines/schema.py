@@ -18,7 +18,8 @@ Two record layouts are derived from the schema:
   layout only: a server does not know them when it scores.
 
 Feature values seen by models (both layouts parse to the same tensors):
-  categorical       int64 [batch]            ids; out-of-range ids hit the OOV row
+  categorical       int64 [batch]            ids; out-of-range ids hit the OOV row;
+                                             missing ones are MISSING_ID (-1)
   categorical_list  int64 [batch, max_len]   ids padded with -1
   numeric           float32 [batch]          raw values; models normalise with
                                              the mean/std stored here
@@ -56,6 +57,9 @@ PACKED_LABELS = "__labels__"
 PACKED_REQUEST_ID = "__request_id__"
 
 LIST_PADDING_ID = -1
+# A missing categorical id, in both layouts (serving parse default, packed
+# default): the OOV row of a vocabulary feature, the missing row of a hashed one.
+MISSING_ID = -1
 
 
 class SchemaError(ValueError):
@@ -73,7 +77,9 @@ class Feature:
       outside that range are looked up in one extra out-of-vocabulary row, or,
       with `hashed`, folded into vocab_size buckets.
     hashed: categorical kinds: ids are arbitrary int64 (e.g. raw user ids) and
-      are hashed (modulo) into vocab_size buckets instead of using an OOV row.
+      are hashed (modulo) into vocab_size buckets instead of using an OOV row;
+      the missing id (MISSING_ID, -1) has its own extra row, apart from every
+      bucket of real ids.
     embedding_dim: categorical kinds: width of the embedding.
     max_len: categorical_list: ids kept per example (longer lists truncated).
     combiner: categorical_list: "mean" or "sum" pooling over the list.
@@ -116,8 +122,9 @@ class Feature:
 
   @property
   def num_embedding_rows(self) -> int:
-    """Rows of the embedding table: the vocabulary plus one OOV row unless hashed."""
-    return self.vocab_size if self.hashed else self.vocab_size + 1
+    """Rows of the embedding table: the vocabulary (or hash buckets) plus one
+    row at index vocab_size: out-of-vocabulary ids, or, hashed, missing ones."""
+    return self.vocab_size + 1
 
   def to_dict(self) -> dict:
     out = {"name": self.name, "kind": self.kind}
@@ -573,7 +580,7 @@ class Schema:
     spec = {}
     for f in self.serving_features:
       if f.kind == CATEGORICAL:
-        spec[f.name] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
+        spec[f.name] = tf.io.FixedLenFeature([], tf.int64, default_value=MISSING_ID)
       elif f.kind == CATEGORICAL_LIST:
         spec[f.name] = tf.io.VarLenFeature(tf.int64)
       else:
@@ -658,14 +665,15 @@ class Schema:
     """Columnar data -> the training layout's arrays (one row per example).
 
     Missing features get the same neutral defaults as the serving parse:
-    the OOV id, the training mean, an empty list. A list feature's column is a
+    MISSING_ID, the training mean, an empty list. A list feature's column is a
     sequence of id lists, or an int array [rows, width] padded with -1.
     """
     n = self.check_columns(columns, need_labels=True)
     packed = {}
     if self.categorical:
       packed[PACKED_CATEGORICAL] = np.stack(
-          [_column(columns, f.name, n, -1, np.int64) for f in self.categorical], axis=1)
+          [_column(columns, f.name, n, MISSING_ID, np.int64) for f in self.categorical],
+          axis=1)
     if self.numeric:
       packed[PACKED_NUMERIC] = np.stack(
           [_column(columns, f.name, n, self.missing_numeric_value(f), np.float32)

@@ -1,5 +1,6 @@
 """Shared fixtures: small generated TFRecord datasets, on the CPU."""
 
+import datetime
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -16,6 +18,18 @@ import mtl_zoo  # noqa: E402,F401  (pins Keras 2 before TensorFlow is used)
 from pipelines import schema as schema_lib  # noqa: E402
 from pipelines import writer as writer_lib  # noqa: E402
 from pipelines.sources import SOURCES  # noqa: E402
+
+
+# Property tests (hypothesis): "ci", the default, runs 100 examples per property,
+# reproducibly (derandomized, no example database), with a deadline per example
+# that catches a hang; HYPOTHESIS_PROFILE=thorough runs 1,000 fresh random ones.
+settings.register_profile(
+    "ci", max_examples=100, deadline=datetime.timedelta(seconds=20), derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.register_profile("thorough", settings.get_profile("ci"), max_examples=1000,
+                          derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 # Runs many invocations of one CLI module in one fresh interpreter, in process

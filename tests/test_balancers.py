@@ -1,16 +1,18 @@
 import os
+import re
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import mtl_zoo
-from mtl_zoo import balancers, serving
+from mtl_zoo import balancers, config, models, runner, serving
 from mtl_zoo.balancers import dwa, pcgrad
 from mtl_zoo._keras import keras
 from pipelines import reader
 from pipelines import schema as schema_lib
 from pipelines import writer as writer_lib
+from pipelines.sources import SOURCES
 
 
 def test_pcgrad_projects_away_conflicting_components():
@@ -139,15 +141,117 @@ def test_unknown_or_single_task_weighting_is_refused(ads_schema):
     mtl_zoo.compile_model(mtl_zoo.build_mmoe(single), single, weighting="pcgrad")
 
 
-def test_pcgrad_treats_only_multi_task_parameters_as_shared(ads_dir, ads_schema):
-  model = mtl_zoo.build_shared_bottom(ads_schema, bottom_units=[8], tower_units=[4])
+def _variable_names(model, indices):
+  return [model.trainable_variables[i].name.split(":")[0] for i in indices]
+
+
+def test_balanced_parameters_are_shared_dense_layers_never_embeddings(ads_schema):
+  tasks = ads_schema.task_names
+  bottom = mtl_zoo.build_shared_bottom(ads_schema, bottom_units=[8, 4], tower_units=[4])
+  assert _variable_names(bottom, balancers.balanced_indices(bottom, ads_schema, tasks)) == [
+      "shared_bottom/dense_1/kernel", "shared_bottom/dense_1/bias"]
+  assert _variable_names(bottom, balancers.balanced_indices(
+      bottom, ads_schema, tasks, "all_dense")) == [
+          f"shared_bottom/dense_{i}/{w}" for i in (0, 1) for w in ("kernel", "bias")]
+  # MMoE's gates are one fused Dense, but each task's gradient touches only its
+  # own gate's slice: not shared. The expert bank is.
+  mmoe = mtl_zoo.build_mmoe(ads_schema, num_experts=3, expert_units=[6, 5])
+  assert _variable_names(mmoe, balancers.balanced_indices(mmoe, ads_schema, tasks)) == [
+      "experts/kernel_1", "experts/bias_1"]
+  assert _variable_names(mmoe, balancers.balanced_indices(
+      mmoe, ads_schema, tasks, "all_dense")) == [
+          "experts/kernel_0", "experts/bias_0", "experts/kernel_1", "experts/bias_1"]
+
+
+def test_pcgrad_projects_on_the_balanced_layer_and_keeps_embedding_gradients_sparse(
+    ads_dir, ads_schema):
+  keras.utils.set_random_seed(0)
+  model = mtl_zoo.build_shared_bottom(ads_schema, bottom_units=[8, 4], tower_units=[4])
   trainer = mtl_zoo.compile_model(model, ads_schema, weighting="pcgrad")
   features, labels, weights = next(iter(reader.make_dataset(
       os.path.join(ads_dir, "eval-*"), ads_schema, 64, shuffle=False)))
+  variables = model.trainable_variables
   with tf.GradientTape(persistent=True) as tape:
     losses = trainer.task_losses(labels, model(features, training=True), weights)
-  per_task = [tape.gradient(loss, model.trainable_variables) for loss in losses]
-  shared = {v.name.split("/")[0] for v, s in zip(model.trainable_variables,
-                                                 balancers.base.shared_variables(per_task))
-            if s}
-  assert shared == {"feature_embedding", "shared_bottom"}
+    total = tf.add_n(losses)
+  grads = trainer.balancer.combine_gradients(tape, losses, tf.constant(0.0), total, variables)
+  plain = tape.gradient(total, variables)
+  per_task = [tape.gradient(loss, variables) for loss in losses]
+  balanced = set(trainer.balancer.balanced)
+  for i, v in enumerate(variables):
+    if "embedding" in v.name:
+      assert isinstance(grads[i], tf.IndexedSlices)  # never densified
+    if i not in balanced:
+      np.testing.assert_allclose(tf.convert_to_tensor(grads[i]), tf.convert_to_tensor(plain[i]),
+                                 rtol=1e-5, atol=1e-7)
+  # On the balanced layer: the projection of the two flat task gradients.
+  flat = [tf.concat([tf.reshape(g[i], [-1]) for i in sorted(balanced)], 0) for g in per_task]
+  dot = float(tf.reduce_sum(flat[0] * flat[1]))
+  got = tf.concat([tf.reshape(grads[i], [-1]) for i in sorted(balanced)], 0)
+  if dot < 0:  # each loses its component along the other
+    expected = sum(flat[k] - dot / float(tf.reduce_sum(flat[1 - k] ** 2)) * flat[1 - k]
+                   for k in (0, 1))
+  else:
+    expected = flat[0] + flat[1]
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_gradient_balancers_refuse_a_model_that_shares_no_dense_parameter(ads_schema):
+  for build in (mtl_zoo.build_single_task, mtl_zoo.build_l2_constrained):
+    with pytest.raises(balancers.NothingSharedError, match="no shared dense parameters"):
+      mtl_zoo.compile_model(build(ads_schema), ads_schema, weighting="gradnorm")
+
+
+@pytest.fixture(scope="module")
+def tiny_ads(tmp_path_factory):
+  """300 train impressions of the synthetic ads log, shared by the matrix below."""
+  out = str(tmp_path_factory.mktemp("tiny") / "ads")
+  SOURCES["synthetic"].write(out, num_shards=1, seed=2, synthetic_requests=30,
+                             synthetic_eval_requests=10, synthetic_users=20,
+                             synthetic_items=15)
+  return out
+
+
+# Small enough that a run is mostly tracing: every pair below costs ~1 s.
+TINY = {"num_experts": 2, "num_task_experts": 1, "num_shared_experts": 1, "num_levels": 2,
+        "expert_units": [4], "bottom_units": [4], "tower_units": [4]}
+
+
+@pytest.fixture
+def eager():
+  """Train steps run eagerly: tracing would take most of each tiny run (graph mode
+  is trained by the tests above)."""
+  tf.config.run_functions_eagerly(True)
+  yield
+  tf.config.run_functions_eagerly(False)
+
+
+@pytest.mark.parametrize("weighting", sorted(balancers.BALANCERS))
+@pytest.mark.parametrize("architecture", sorted(models.MODELS))
+def test_every_architecture_trains_with_every_balancer_or_is_refused_at_start(
+    architecture, weighting, tiny_ads, tmp_path, eager):
+  cfg = config.RunConfig(train_files=os.path.join(tiny_ads, "train-*"), model=architecture,
+                         loss_weighting=weighting, epochs=1, batch_size=64,
+                         steps_per_epoch=2, export_dir="", output_dir=str(tmp_path),
+                         model_dir=str(tmp_path / "run"), backup_every_steps=0,
+                         hyperparameters=models.hyperparameters_of(architecture, TINY),
+                         quiet=True)
+  gradients = balancers.get_balancer(weighting).uses_task_gradients
+  if gradients and architecture in ("single_task", "l2_constrained"):
+    with pytest.raises(config.ConfigError) as refused:
+      runner.run(cfg)
+    assert (f"--loss_weighting={weighting} balances per-task gradients on the parameters "
+            f"the tasks share, but --model={architecture} shares none") in str(refused.value)
+    sharing = re.search(r"Choose an architecture that shares: (.*?);", str(refused.value))
+    assert set(sharing.group(1).split(", ")) == set(models.MODELS) - {"single_task",
+                                                                       "l2_constrained"}
+    assert str(refused.value).endswith("or another --loss_weighting (fixed, uncertainty, dwa).")
+    assert not os.path.exists(cfg.model_dir)  # refused before the run wrote anything
+    return
+  result = runner.run(cfg)
+  losses = result.summary["train_loss"]
+  assert losses and all(np.isfinite(v) for v in losses.values()), losses
+  trained = [t.name for t in balancers.trained_tasks(result.schema)]
+  if weighting != "fixed":  # the balancer's trainer logged each trained task
+    assert sorted(result.summary["task_weights"]) == sorted(trained)
+    assert all(f"{t}_loss" in losses for t in trained)

@@ -6,7 +6,6 @@ fix, or in a documented handling checked here (BUILD_NOTES.md, "Hostile input",
 lists them with these tests). Schema faults are in test_schema.py.
 """
 
-import datetime
 import gzip
 import json
 import math
@@ -16,7 +15,7 @@ import struct
 import numpy as np
 import pytest
 import tensorflow as tf
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import mtl_zoo
@@ -26,12 +25,8 @@ from pipelines import integrity, reader, validation
 from pipelines import schema as schema_lib
 
 SCHEMA = mixed_schema()
-# Bounded fuzzing: reproducible, no example database, and a deadline per example
-# that catches a hang. Each reader example builds tf.data pipelines (~0.5 s).
-_FUZZ = dict(deadline=datetime.timedelta(seconds=20), derandomize=True, database=None,
-             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-READER_FUZZ = settings(max_examples=8, **_FUZZ)
-SERVING_FUZZ = settings(max_examples=100, **_FUZZ)
+# Fuzzing: the hypothesis profile of conftest.py sets how many examples (100 per
+# property in CI), reproducibly, with a deadline per example.
 
 
 def _records(n: int, seed: int = 0) -> list:
@@ -153,6 +148,73 @@ def test_damaged_gzip_shard_is_named_and_its_readable_part_skipped_to(tmp_path):
   ids, skipped = _read(str(path), "skip")
   assert 0 < len(ids) < 30 and ids == _raw_ids(records)[:len(ids)]
   assert skipped.counts()["unreadable_tails"] == 1
+
+
+def _flaky(real, failures):
+  """`real`, failing with an I/O error on its first `failures` calls (all with
+  None); counts its calls."""
+  def read(*args):
+    read.calls += 1
+    if failures is None or read.calls <= failures:
+      raise tf.errors.UnavailableError(None, None, "connection reset by peer")
+    return real(*args)
+  read.calls = 0
+  return read
+
+
+def _parallel_pass_hiccups(*args):
+  raise tf.errors.UnavailableError(None, None, "connection reset by peer")
+
+
+def test_scan_retries_an_io_error_and_loses_no_record(tmp_path, monkeypatch):
+  records = _records(30)
+  path = _write(tmp_path / "train.tfrecord", records)
+  monkeypatch.setattr(integrity, "RETRY_BACKOFF_S", 0.0)
+  monkeypatch.setattr(integrity, "count_in_parallel", _parallel_pass_hiccups)
+  flaky = _flaky(integrity.count_records, failures=2)
+  monkeypatch.setattr(integrity, "count_records", flaky)
+  ids, skipped = _read(path, "skip")
+  assert flaky.calls == 3  # failed twice, read the third time
+  assert ids == _raw_ids(records) and skipped.counts()["total"] == 0
+
+
+def test_scan_fails_naming_the_file_when_io_errors_persist(tmp_path, monkeypatch):
+  path = _write(tmp_path / "train.tfrecord", _records(30))
+  monkeypatch.setattr(integrity, "RETRY_BACKOFF_S", 0.0)
+  monkeypatch.setattr(integrity, "count_in_parallel", _parallel_pass_hiccups)
+  broken = _flaky(integrity.count_records, failures=None)
+  monkeypatch.setattr(integrity, "count_records", broken)
+  for policy in ("fail", "skip"):  # never taken for damaged data and skipped
+    with pytest.raises(integrity.ShardReadError,
+                       match=f"reading {re.escape(path)} \\(counting its records\\) failed "
+                             "4 times.*UnavailableError.*not damaged data"):
+      _read(path, policy)
+  assert broken.calls == 2 * integrity.READ_ATTEMPTS
+
+
+def test_a_record_the_reader_stopped_at_for_io_is_read_again_not_called_corrupt(
+    tmp_path, monkeypatch):
+  records = _records(30)
+  data = open(_write(tmp_path / "a.tfrecord", records), "rb").read()
+  path = tmp_path / "train.tfrecord"
+  path.write_bytes(_flip(data, _starts(data), 7, 20))  # record 7 really is corrupt
+  real_run = integrity._readable_run
+  stops = iter([True, True])  # the run from record 8 stops at once, twice (I/O)
+
+  def run(p, compression, offset):
+    return (0, 0) if offset > 0 and next(stops, False) else real_run(p, compression, offset)
+
+  monkeypatch.setattr(integrity, "RETRY_BACKOFF_S", 0.0)
+  monkeypatch.setattr(integrity, "_readable_run", run)
+  scan, = integrity.scan_shards([str(path)])
+  assert [(d.record, d.problem) for d in scan.damage] == [
+      (7, "the record's data fails its checksum (corrupted)")]
+  assert scan.records == 29
+  monkeypatch.setattr(integrity, "_readable_run", lambda p, c, offset: (0, 0))
+  with pytest.raises(integrity.ShardReadError,
+                     match=f"reading {re.escape(str(path))} stopped 4 times at record 0 "
+                           r"\(byte 0\), which is intact"):
+    integrity.scan_shards([str(path)])
 
 
 NOT_TFRECORDS = {  # name: (file name, content, message)
@@ -472,7 +534,6 @@ def _valid(row) -> bool:
                or (row["click"] == 0.0 and math.isnan(row["conversion"]))))
 
 
-@READER_FUZZ
 @given(rows=st.lists(_ROW, min_size=1, max_size=40))
 def test_fuzz_reader_with_random_valid_examples(rows, tmp_path):
   path = _write(tmp_path / "fuzz.tfrecord", [SCHEMA.training_example(r) for r in rows])
@@ -508,7 +569,6 @@ def _intact(starts: list, size: int, flip: int, cut: int) -> list:
   return kept
 
 
-@READER_FUZZ
 @given(flip=st.integers(0, 10**6), value=st.integers(1, 255), cut=st.integers(0, 10**6))
 def test_fuzz_reader_with_damaged_shards(flip, value, cut, tmp_path):
   """A valid shard with a random byte flipped and cut short at random: under
@@ -535,7 +595,6 @@ def test_fuzz_reader_with_damaged_shards(flip, value, cut, tmp_path):
       _read(path)
 
 
-@READER_FUZZ
 @given(content=st.binary(max_size=300))
 def test_fuzz_reader_with_random_files(content, tmp_path):
   path = str(tmp_path / "fuzz.tfrecord")
@@ -549,7 +608,6 @@ def test_fuzz_reader_with_random_files(content, tmp_path):
       assert policy == "fail" and reader.first_unparsable(path, SCHEMA)[0] == path
 
 
-@READER_FUZZ
 @given(records=st.lists(st.binary(max_size=40), min_size=1, max_size=12))
 def test_fuzz_reader_with_random_bytes_as_records(records, tmp_path):
   path = _write(tmp_path / "junk.tfrecord", records)
@@ -612,7 +670,6 @@ _EXAMPLE = st.dictionaries(
         features=tf.train.Features(feature=features)).SerializeToString())
 
 
-@SERVING_FUZZ
 @given(examples=st.lists(st.one_of(_EXAMPLE, st.binary(max_size=60)), min_size=1, max_size=6))
 def test_fuzz_serving_signature(examples, serving):
   out = _serve(serving, examples)

@@ -5,6 +5,7 @@ import tensorflow as tf
 from conftest import mixed_schema
 from mtl_zoo import layers
 from mtl_zoo._keras import keras
+from pipelines import schema as schema_lib
 
 
 def _embedding():
@@ -28,8 +29,32 @@ def test_feature_embedding_layout_and_oov():
   np.testing.assert_allclose(user[2], table3[5])  # id == vocab_size -> OOV row
   np.testing.assert_allclose(user[3], table3[5])  # negative id -> OOV row
   raw = out[:, 3:6]
-  np.testing.assert_allclose(raw[1], table3[6 + 10 % 7])  # hashed, no OOV row
+  np.testing.assert_allclose(raw[1], table3[6 + 10 % 7])  # hashed into a bucket
   np.testing.assert_allclose(raw[2], table3[6 + (-4) % 7])
+
+
+def test_a_missing_hashed_id_has_its_own_row_in_both_layouts():
+  schema = mixed_schema()
+  layer = layers.feature_embedding(schema)
+  columns = {"user": [1, 2], "raw_id": [None, 5], "slot": [0, 0], "tags": [[1], [1]],
+             "price": [1.0, 1.0], "age": [30.0, 30.0], "click": [0.0, 0.0],
+             "conversion": [0.0, 0.0]}
+  packed = schema.pack_columns(columns)
+  training = schema.split_packed({k: tf.constant(v) for k, v in packed.items()})[0]
+  serving = schema.parse_serving_examples(tf.constant(schema.serving_examples(
+      {k: v for k, v in columns.items() if k != "raw_id"})))  # raw_id absent
+  assert list(training["raw_id"].numpy()) == [schema_lib.MISSING_ID, 5]
+  assert list(serving["raw_id"].numpy()) == [schema_lib.MISSING_ID] * 2
+  out_training, out_serving = layer(training).numpy(), layer(serving).numpy()
+  table = layer._tables[0].numpy()  # user (6 rows), raw_id (7 buckets + missing)
+  missing = table[6 + 7]
+  np.testing.assert_allclose(out_training[0, 3:6], missing)
+  np.testing.assert_allclose(out_serving[:, 3:6], [missing, missing])
+  assert table.shape[0] == 6 + 8
+  for bucket in range(7):  # no real id, whatever it hashes to, reads the missing row
+    assert not np.allclose(missing, table[6 + bucket])
+  real = layer({**training, "raw_id": tf.constant([-8, 6], tf.int64)}).numpy()
+  np.testing.assert_allclose(real[:, 3:6], [table[6 + (-8) % 7], table[6 + 6]])
 
 
 def test_list_pooling_ignores_padding_and_numeric_uses_schema_stats():

@@ -1,9 +1,13 @@
 import math
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
+import mtl_zoo
+from conftest import mixed_schema
 from mtl_zoo import losses
+from mtl_zoo.balancers import shared
 from pipelines import targets
 from pipelines import schema as schema_lib
 
@@ -78,3 +82,39 @@ def test_list_losses_cut_flat_batches_into_lists(loss_class, loss_fn):
   assert float(loss(labels, scores, mask)) == pytest.approx(float(expected), rel=1e-6)
   restored = loss_class.from_config(loss.get_config())
   assert restored.list_size == 3
+
+
+def _logloss(y, p):
+  p = np.clip(p, 1e-7, 1 - 1e-7)
+  return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+
+@pytest.mark.parametrize("weighting", ["fixed", "uncertainty"])
+@pytest.mark.parametrize("mode", ["masked", "batch"])
+def test_masked_loss_averages_a_masked_task_over_its_kept_examples_or_the_batch(
+    mode, weighting):
+  schema = mixed_schema()  # cvr is masked by click; ctr has no mask
+  model = mtl_zoo.build_shared_bottom(schema, bottom_units=[4], tower_units=[])
+  trainable = mtl_zoo.compile_model(model, schema, weighting=weighting, masked_loss=mode)
+  features = shared.probe_features(schema, batch=8)
+  labels = {"ctr": tf.constant([[1.], [0.], [1.], [0.], [0.], [1.], [0.], [0.]]),
+            "cvr": tf.constant([[1.], [0.], [0.], [0.], [0.], [1.], [0.], [0.]])}
+  weights = {"ctr": tf.ones([8]), "cvr": tf.reshape(labels["ctr"], [8])}  # clicks: 3 of 8
+  outputs = model(features)
+  p = {t: outputs[t].numpy()[:, 0] for t in ("ctr", "cvr")}
+  kept = weights["cvr"].numpy()
+  cvr_terms = _logloss(labels["cvr"].numpy()[:, 0], p["cvr"]) * kept
+  expected = {"ctr": _logloss(labels["ctr"].numpy()[:, 0], p["ctr"]).mean(),
+              "cvr": cvr_terms.sum() / (3 if mode == "masked" else 8)}
+  if weighting == "fixed":  # Keras' own compile/evaluate
+    got = trainable.evaluate(features, labels, sample_weight=weights, batch_size=8,
+                             verbose=0, return_dict=True)
+    got = {t: got[f"{t}_loss"] for t in ("ctr", "cvr")}
+  else:  # the balancers' trainer
+    got = dict(zip(("ctr", "cvr"), (float(v) for v in trainable.task_losses(
+        labels, outputs, weights))))
+  assert got == pytest.approx(expected, rel=1e-5)
+  # A batch whose mask keeps nothing adds nothing (no NaN).
+  empty = losses.task_loss(schema.task("cvr"), mode)(labels["cvr"], outputs["cvr"],
+                                                        sample_weight=tf.zeros([8]))
+  assert float(empty) == 0.0

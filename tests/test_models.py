@@ -8,6 +8,7 @@ import tensorflow as tf
 import mtl_zoo
 from mtl_zoo import layers, models
 from mtl_zoo._keras import keras
+from mtl_zoo.balancers import shared
 from pipelines import reader
 from pipelines.schema import Schema
 
@@ -152,6 +153,37 @@ def test_cgc_task_gate_sees_only_own_and_shared_experts(ads_schema):
   gates = model.get_layer("gates_0")  # both task gates read the embeddings: one layer
   assert gates.num_experts == 5 and gates.gate_names == ["gate_ctr_0", "gate_cvr_0"]
   assert not [l for l in model.layers if l.name.startswith("gate_shared")]
+
+
+def test_cgc_each_task_mixes_its_experts_with_its_own_gate(ads_schema):
+  """Gates with opposite preferences (ctr: its own expert; cvr: the shared
+  one): a task wired to another task's gate mixes the wrong expert."""
+  keras.utils.set_random_seed(0)
+  model = mtl_zoo.build_cgc(ads_schema, num_task_experts=1, num_shared_experts=1,
+                            tower_units=[])
+  gates = model.get_layer("gates_0")
+  kernel, bias = gates._logits.get_weights()
+  preferred = {"gate_ctr_0": 0, "gate_cvr_0": 1}  # candidates: [own, shared]
+  bias = np.full_like(bias, -30.0).reshape(len(gates.gate_names), 2)
+  for g, name in enumerate(gates.gate_names):
+    bias[g, preferred[name]] = 30.0
+  gates._logits.set_weights([np.zeros_like(kernel), bias.reshape(-1)])
+  names = ["mixture_ctr_0", "mixture_cvr_0", "experts_ctr_0", "experts_cvr_0",
+           "experts_shared_0"]
+  probe = keras.Model(model.inputs, [model.get_layer(n).output for n in names])
+  out = dict(zip(names, (t.numpy() for t in probe(shared.probe_features(ads_schema, 32)))))
+  experts = {"ctr": out["experts_ctr_0"][:, 0], "cvr": out["experts_cvr_0"][:, 0],
+             "shared": out["experts_shared_0"][:, 0]}
+  assert all(not np.allclose(experts[a], experts[b])  # the experts can be told apart
+             for a, b in [("ctr", "cvr"), ("ctr", "shared"), ("cvr", "shared")])
+  np.testing.assert_allclose(out["mixture_ctr_0"], experts["ctr"], atol=1e-5)
+  np.testing.assert_allclose(out["mixture_cvr_0"], experts["shared"], atol=1e-5)
+  # And each task's head reads its own mixture.
+  outputs = model(shared.probe_features(ads_schema, 32))
+  for task in ("ctr", "cvr"):
+    head = model.get_layer(task)
+    np.testing.assert_allclose(outputs[task], head(tf.constant(out[f"mixture_{task}_0"])),
+                               rtol=1e-5)
 
 
 def test_ple_stacks_levels_with_shared_gates_below_the_top(ads_schema):

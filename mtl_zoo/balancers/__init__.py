@@ -11,6 +11,8 @@ BALANCERS; its `OPTIONS` become flags of `python -m mtl_zoo.train`:
   gradnorm     GradNorm: weights that equalise gradient norms on shared parameters
                relative to each task's training rate.
   pcgrad       PCGrad: conflicting components of per-task gradients projected away.
+GradNorm and PCGrad take per-task gradients on shared dense parameters only
+(`balance_on`, see `balancers.shared`); a model sharing none is refused.
 
 A balancer from outside the package registers the same way:
   BALANCERS["mine"] = MyBalancer
@@ -24,6 +26,8 @@ from mtl_zoo.balancers.dwa import DynamicWeightAverage
 from mtl_zoo.balancers.fixed import FixedWeights
 from mtl_zoo.balancers.gradnorm import GradNorm
 from mtl_zoo.balancers.pcgrad import PCGrad
+from mtl_zoo.balancers.shared import (ALL_DENSE, BALANCE_ON, LAST_SHARED, NothingSharedError,
+                                      balanced_indices, sharing_architectures)
 from mtl_zoo.balancers.uncertainty import UncertaintyWeighting
 
 BALANCERS: Dict[str, Type[LossBalancer]] = {
@@ -63,6 +67,7 @@ def make_balancer(name: str, base_weights: Sequence[float], **options) -> LossBa
   return get_balancer(name)(base_weights, **options)
 
 
-__all__ = ["BALANCERS", "AdaptiveWeights", "LossBalancer", "MultiTaskTrainer", "get_balancer",
+__all__ = ["BALANCERS", "ALL_DENSE", "BALANCE_ON", "LAST_SHARED", "NothingSharedError",
+           "balanced_indices", "sharing_architectures", "AdaptiveWeights", "LossBalancer", "MultiTaskTrainer", "get_balancer",
            "make_balancer", "option_owners", "trained_tasks", "FixedWeights",
            "UncertaintyWeighting", "DynamicWeightAverage", "GradNorm", "PCGrad"]

@@ -11,6 +11,7 @@ from typing import ClassVar, Dict, List, Sequence, Tuple
 import tensorflow as tf
 
 from mtl_zoo import losses as losses_lib
+from mtl_zoo.balancers import shared
 from mtl_zoo._keras import keras
 from pipelines import schema as schema_lib
 
@@ -36,6 +37,12 @@ class LossBalancer(keras.layers.Layer):
       update (fixed weights), so no custom train step is paid for.
     persistent_tape: True where the hooks take several gradients from the
       train step's tape.
+    uses_task_gradients: True where the hooks take per-task gradients on the
+      shared dense parameters (GradNorm, PCGrad). The trainer then sets
+      `balanced`: the indices, into the model's trainable variables (the
+      first of `variables` in every hook), of the parameters chosen by
+      `balance_on` (`balancers.shared`); it refuses a model whose tasks share
+      no dense parameter.
 
   Args:
     base_weights: the schema's loss weight of each trained task, shape [T].
@@ -45,6 +52,7 @@ class LossBalancer(keras.layers.Layer):
   OPTIONS: ClassVar[Dict[str, Tuple[float, str]]] = {}
   needs_train_step: ClassVar[bool] = True
   persistent_tape: ClassVar[bool] = False
+  uses_task_gradients: ClassVar[bool] = False
 
   def __init__(self, base_weights: Sequence[float], name: str = None, **options):
     super().__init__(name=name or type(self).__name__.lower())
@@ -56,6 +64,7 @@ class LossBalancer(keras.layers.Layer):
     self.num_tasks = len(self.base_weights)
     for option, (default, _) in self.OPTIONS.items():
       setattr(self, option, float(options.get(option, default)))
+    self.balanced: Tuple[int, ...] = ()
 
   def task_weights(self) -> tf.Tensor:
     return tf.constant(self.base_weights, tf.float32)
@@ -94,18 +103,6 @@ class AdaptiveWeights(LossBalancer):
     return tf.identity(self._weights)
 
 
-def shared_variables(per_task: List[list]) -> List[bool]:
-  """Which variables two or more tasks' gradients reach (decided when tracing).
-
-  Args:
-    per_task: per task, its gradient (or None) for every variable.
-
-  Returns:
-    One flag per variable.
-  """
-  return [sum(g[i] is not None for g in per_task) >= 2 for i in range(len(per_task[0]))]
-
-
 class MultiTaskTrainer(keras.Model):
   """Trains a multi-task functional model with a `LossBalancer`.
 
@@ -118,10 +115,18 @@ class MultiTaskTrainer(keras.Model):
     model: a functional model with one output per schema task.
     schema: the schema it trains on; tasks with loss_weight 0 are not trained.
     balancer: the balancer, built for the trained tasks' base weights.
+    balance_on: which shared dense parameters a balancer that
+      `uses_task_gradients` acts on: `shared.LAST_SHARED` or `shared.ALL_DENSE`.
+    masked_loss: how a masked task's loss is averaged (`losses.MASKED_LOSSES`).
+
+  Raises:
+    shared.NothingSharedError: the balancer uses task gradients and the
+      model's tasks share no dense parameter.
   """
 
   def __init__(self, model: keras.Model, schema: schema_lib.Schema,
-               balancer: LossBalancer, **kwargs):
+               balancer: LossBalancer, balance_on: str = shared.LAST_SHARED,
+               masked_loss: str = losses_lib.DEFAULT_MASKED_LOSS, **kwargs):
     super().__init__(name=f"{model.name}_{balancer.name}", **kwargs)
     self.model = model
     self.balancer = balancer
@@ -129,7 +134,10 @@ class MultiTaskTrainer(keras.Model):
     if len(self.tasks) != balancer.num_tasks:
       raise ValueError(f"the balancer has {balancer.num_tasks} base weights for "
                        f"{len(self.tasks)} trained tasks {[t.name for t in self.tasks]}.")
-    self._loss_fns = losses_lib.task_losses(schema)
+    if balancer.uses_task_gradients:
+      balancer.balanced = shared.balanced_indices(model, schema,
+                                                  [t.name for t in self.tasks], balance_on)
+    self._loss_fns = losses_lib.task_losses(schema, masked_loss)
     self._trackers = {name: keras.metrics.Mean(name) for name in
                       ["loss"] + [f"{t.name}_loss" for t in self.tasks]}
 

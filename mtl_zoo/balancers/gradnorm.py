@@ -2,15 +2,17 @@
 
 import tensorflow as tf
 
-from mtl_zoo.balancers.base import AdaptiveWeights, shared_variables
+from mtl_zoo.balancers.base import AdaptiveWeights
 
 
 class GradNorm(AdaptiveWeights):
   """Learned weights w_t moved each step so that each task's gradient norm on
-  the shared parameters tracks its relative training rate (L_t / L_t(0) over
+  the balanced shared dense parameters (`balancers.shared`: by default the last
+  shared layer, as in the paper) tracks its relative training rate (L_t / L_t(0) over
   the mean of those ratios, to the power alpha); renormalised to sum to T. The
   weight step is the gradient of GradNorm's L_grad divided by the mean gradient
-  norm, so it does not depend on the losses' scale."""
+  norm, so it does not depend on the losses' scale. Memory per step: tasks x
+  balanced parameters floats."""
 
   OPTIONS = {
       "gradnorm_alpha": (1.5, "GradNorm's asymmetry: how strongly a task that trains "
@@ -18,6 +20,7 @@ class GradNorm(AdaptiveWeights):
       "gradnorm_learning_rate": (0.025, "Step size of GradNorm's task-weight update."),
   }
   persistent_tape = True
+  uses_task_gradients = True
 
   def __init__(self, base_weights, **options):
     super().__init__(base_weights, **options)
@@ -26,11 +29,10 @@ class GradNorm(AdaptiveWeights):
     self._has_initial = tf.Variable(False, trainable=False, name="has_initial_losses")
 
   def after_step(self, tape, task_losses, variables) -> None:
-    per_task = [tape.gradient(loss, variables) for loss in task_losses]
-    shared = shared_variables(per_task)
-    norms = tf.stack([tf.sqrt(tf.add_n([
-        tf.reduce_sum(tf.square(tf.convert_to_tensor(g[i])))
-        for i in range(len(variables)) if shared[i]])) for g in per_task])
+    balanced = [variables[i] for i in self.balanced]
+    norms = tf.stack([tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads
+                                        if g is not None] or [tf.constant(0.0)]))
+                      for grads in (tape.gradient(loss, balanced) for loss in task_losses)])
     losses = tf.stack(task_losses)
     self._initial_losses.assign(tf.where(self._has_initial, self._initial_losses, losses))
     self._has_initial.assign(True)

@@ -4,7 +4,7 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from mtl_zoo.balancers.base import LossBalancer, shared_variables
+from mtl_zoo.balancers.base import LossBalancer
 
 
 def project_conflicting(task_gradients: Sequence[tf.Tensor], order: tf.Tensor) -> tf.Tensor:
@@ -32,33 +32,35 @@ def project_conflicting(task_gradients: Sequence[tf.Tensor], order: tf.Tensor) -
 
 
 class PCGrad(LossBalancer):
-  """The schema's weights, with per-task gradients on the shared parameters
-  projected off each other where they conflict; parameters of one task only get
-  that task's gradient, and the regularisation's gradient is added unprojected."""
+  """The schema's weights, with per-task gradients on the balanced shared dense
+  parameters (`balancers.shared`: by default the last shared layer) projected
+  off each other where they conflict. Every other parameter (embedding tables,
+  lower shared layers, each task's own) gets the plain gradient of the
+  weighted sum, sparse where it is sparse; the regularisation's gradient is
+  added unprojected. Memory per step: 2 x tasks x balanced parameters floats."""
 
   persistent_tape = True
+  uses_task_gradients = True
 
   def combine_gradients(self, tape, weighted_losses, rest, total, variables) -> list:
-    per_task = [tape.gradient(loss, variables) for loss in weighted_losses]
-    shared = shared_variables(per_task)
-    dense = [[tf.convert_to_tensor(g[i]) if g[i] is not None else tf.zeros_like(v)
-              for i, v in enumerate(variables)] for g in per_task]
-    flat = [tf.concat([tf.reshape(d, [-1]) for d, s in zip(grads, shared) if s], 0)
-            for grads in dense]
+    balanced = [variables[i] for i in self.balanced]
+    others = [i for i in range(len(variables)) if i not in set(self.balanced)]
+    per_task = [tape.gradient(loss, balanced) for loss in weighted_losses]
+    flat = [tf.concat([tf.reshape(tf.zeros_like(v) if g is None else tf.convert_to_tensor(g),
+                                  [-1]) for g, v in zip(grads, balanced)], 0)
+            for grads in per_task]
     n = len(weighted_losses)
     # A fresh random visiting order per task and step (seeded by the global seed).
     order = tf.stack([tf.random.shuffle(tf.range(n)) for _ in range(n)])
-    combined = project_conflicting(flat, order) if any(shared) else None
-    rest_grads = tape.gradient(rest, variables)
-    out, offset = [], 0
-    for i, v in enumerate(variables):
-      if shared[i]:
-        size = v.shape.num_elements()
-        g = tf.reshape(combined[offset:offset + size], v.shape)
-        offset += size
-      else:
-        g = tf.add_n([d[i] for d in dense])
-      if rest_grads[i] is not None:
-        g = g + tf.convert_to_tensor(rest_grads[i])
-      out.append(g)
+    combined = project_conflicting(flat, order)
+    out = [None] * len(variables)
+    offset = 0
+    for i, v, rest_grad in zip(self.balanced, balanced, tape.gradient(rest, balanced)):
+      size = v.shape.num_elements()
+      out[i] = tf.reshape(combined[offset:offset + size], v.shape)
+      offset += size
+      if rest_grad is not None:
+        out[i] += tf.convert_to_tensor(rest_grad)
+    for i, g in zip(others, tape.gradient(total, [variables[i] for i in others])):
+      out[i] = g
     return out

@@ -16,15 +16,18 @@ NUMERIC_Z_LIMIT = 1e4
 def _local_ids(ids: tf.Tensor, vocab_sizes: Sequence[int], hashed: Sequence[bool]
                ) -> tf.Tensor:
   """Row of each id inside its feature's table (the last axis of `ids` runs over
-  features, or `ids` holds one feature): hashed ids fold into the buckets, others
-  outside [0, vocab_size) go to the extra OOV row at index vocab_size."""
+  features, or `ids` holds one feature): hashed ids fold into the buckets, except
+  the missing id (-1), which gets the extra row at index vocab_size, never a
+  real id's bucket; other features' ids outside [0, vocab_size) go to that row
+  as out-of-vocabulary."""
   sizes = vocab_sizes if len(vocab_sizes) > 1 else vocab_sizes[0]
   # One unsigned minimum does the range check: a negative id reads as a huge
   # unsigned one. Four int64 ops (two compares, and, select) cost ~4x as much.
   rows = tf.bitcast(tf.minimum(tf.bitcast(ids, tf.uint64), tf.constant(sizes, tf.uint64)),
                     tf.int64)
   if any(hashed):  # int64 floormod is slow on CPU: only pay it when a feature hashes
-    folded = tf.math.floormod(ids, tf.constant(sizes, tf.int64))
+    sizes_t = tf.constant(sizes, tf.int64)
+    folded = tf.where(ids == schema_lib.MISSING_ID, sizes_t, tf.math.floormod(ids, sizes_t))
     rows = folded if all(hashed) else tf.where(
         tf.constant(hashed if len(hashed) > 1 else hashed[0]), folded, rows)
   return rows
@@ -44,13 +47,14 @@ class FeatureEmbedding(keras.layers.Layer):
 
   Scalar categorical features that share an embedding width live in one fused
   table and are looked up with a single gather (one offset per feature), which
-  is several times faster on CPU than one Embedding layer per feature. Lists are
-  pooled ("mean" or "sum") over their non-padding ids. Numeric features are
-  transformed and z-scored with the statistics stored in the schema, so serving
-  callers send raw values. A NaN numeric value means "missing" (the CSV
-  converter writes empty cells so) and becomes the training mean (z = 0);
-  infinite and absurd values are clipped to +-NUMERIC_Z_LIMIT standard
-  deviations, so no input can overflow the network into NaN.
+  is several times faster on CPU than one Embedding layer per feature. A missing
+  id (-1) of a hashed feature has its own row, apart from the buckets real ids
+  hash into. Lists are pooled ("mean" or "sum") over their non-padding ids.
+  Numeric features are transformed and z-scored with the statistics stored in
+  the schema, so serving callers send raw values. A NaN numeric value means
+  "missing" (the CSV converter writes empty cells so) and becomes the training
+  mean (z = 0); infinite and absurd values are clipped to +-NUMERIC_Z_LIMIT
+  standard deviations, so no input can overflow the network into NaN.
 
   Input: dict of feature name -> tensor, as `Schema.feature_signature()`.
   Output: [batch, output_dim] float32.
