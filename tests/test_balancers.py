@@ -231,7 +231,7 @@ def eager():
 def test_every_architecture_trains_with_every_balancer_or_is_refused_at_start(
     architecture, weighting, tiny_ads, tmp_path, eager):
   cfg = config.RunConfig(train_files=os.path.join(tiny_ads, "train-*"), model=architecture,
-                         loss_weighting=weighting, epochs=1, batch_size=64,
+                         loss_weighting=weighting, max_epochs=1, batch_size=64,
                          steps_per_epoch=2, export_dir="", output_dir=str(tmp_path),
                          model_dir=str(tmp_path / "run"), backup_every_steps=0,
                          hyperparameters=models.hyperparameters_of(architecture, TINY),
