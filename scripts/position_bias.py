@@ -79,7 +79,7 @@ def main(argv):
       with tempfile.TemporaryDirectory() as tmp:
         result = runner.run(config_lib.RunConfig(
             train_files=os.path.join(data, "train-*"), schema=schema, model="mmoe",
-            hyperparameters=HPARAMS, epochs=FLAGS.epochs, batch_size=1024,
+            hyperparameters=HPARAMS, max_epochs=FLAGS.epochs, batch_size=1024,
             learning_rate=2e-3, seed=seed, model_dir=tmp, export_dir="", quiet=True))
       rows.setdefault(name, []).append(_rated(result.model, schema, columns))
       if name == "position feature":

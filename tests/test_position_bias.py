@@ -32,7 +32,7 @@ def test_a_run_trains_with_position_and_exports_without_it(ads_dir, ads_schema, 
   result = runner.run(RunConfig(
       train_files=f"{ads_dir}/train-*", eval_files=f"{ads_dir}/eval-*", model="mmoe",
       hyperparameters={"num_experts": 2, "expert_units": [8], "tower_units": [4]},
-      epochs=1, batch_size=256, model_dir=str(tmp_path / "run"),
+      max_epochs=1, batch_size=256, model_dir=str(tmp_path / "run"),
       export_dir=str(tmp_path / "export"), quiet=True))
   assert "position" not in result.model.input_names
   assert {"auc", "logloss"} <= set(result.summary["eval"]["ctr"])
@@ -190,7 +190,7 @@ def test_learning_to_rank_adds_the_bias_to_the_list_score(ads_dir, ads_schema, t
   result = runner.run(RunConfig(
       train_files=f"{ads_dir}/train-*", eval_files=f"{ads_dir}/eval-*",
       strategy="learning_to_rank", model="single_task",
-      hyperparameters={"bottom_units": [8], "tower_units": []}, epochs=1, batch_size=200,
+      hyperparameters={"bottom_units": [8], "tower_units": []}, max_epochs=1, batch_size=200,
       model_dir=str(tmp_path / "run"), export_dir="", quiet=True))
   assert "position" not in result.model.input_names
   assert np.isfinite(result.summary["train_loss"]["loss"])

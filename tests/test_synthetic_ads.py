@@ -123,7 +123,7 @@ def test_clicks_fall_with_position_for_fixed_relevance(world_log):
 
 
 def test_a_default_run_reports_the_oracle_next_to_the_model(tmp_path):
-  config = RunConfig(source_options=SMALL, epochs=2, batch_size=256, export_dir="",
+  config = RunConfig(source_options=SMALL, max_epochs=2, batch_size=256, export_dir="",
                      output_dir=str(tmp_path), quiet=True)
   summary = runner.run(config).summary
   (data,) = os.listdir(tmp_path / "data")
