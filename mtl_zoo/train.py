@@ -152,7 +152,8 @@ flags.DEFINE_list("tower_units", ["8"], "Units of each task tower, per layer; em
                   "no tower.")
 flags.DEFINE_float("dropout", 0.0, "Dropout after every hidden layer.", lower_bound=0.0,
                    upper_bound=0.99)
-flags.DEFINE_float("embeddings_l2", 0.0, "L2 penalty on embedding tables.", lower_bound=0.0)
+flags.DEFINE_float("embeddings_l2", 1e-4, "L2 penalty on embedding tables (the default "
+                   "chosen on a realistic sparse log; see BUILD_NOTES).", lower_bound=0.0)
 flags.DEFINE_integer("cross_layers", 0, "DCN-v2 cross layers (TFRS `Cross`) on top of the "
                      "embeddings, for any architecture.", lower_bound=0)
 flags.DEFINE_float("l2_distance_weight", 1e-3, "Weight of the parameter-distance penalty "

@@ -7,8 +7,13 @@ import tensorflow as tf
 from mtl_zoo import layers
 from pipelines import schema as schema_lib
 
+# Default L2 on embedding tables, chosen on the realistic synthetic log's
+# validation split (scripts/choose_defaults.py; BUILD_NOTES "Defaults on sparse
+# logs"): sparse ids overfit within a few epochs without it.
+EMBEDDINGS_L2 = 1e-4
 
-def embedded_inputs(schema: schema_lib.Schema, embeddings_l2: float = 0.0,
+
+def embedded_inputs(schema: schema_lib.Schema, embeddings_l2: float = EMBEDDINGS_L2,
                     cross_layers: int = 0, name: str = "feature_embedding"
                     ) -> Tuple[Dict[str, tf.Tensor], tf.Tensor]:
   """Keras inputs for every schema feature and their embedded [batch, dim] vector,
@@ -18,7 +23,7 @@ def embedded_inputs(schema: schema_lib.Schema, embeddings_l2: float = 0.0,
 
 
 def embed(inputs: Dict[str, tf.Tensor], schema: schema_lib.Schema,
-          embeddings_l2: float = 0.0, cross_layers: int = 0,
+          embeddings_l2: float = EMBEDDINGS_L2, cross_layers: int = 0,
           name: str = "feature_embedding") -> tf.Tensor:
   """The feature-interaction bottom every builder shares: embeddings, then
   optionally `cross_layers` explicit feature crosses from TFRS's DCN-v2 `Cross`

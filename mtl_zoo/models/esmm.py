@@ -99,7 +99,7 @@ def build_esmm(schema: schema_lib.Schema,
                tower_units: Sequence[int] = (8,),
                dropout: float = 0.0,
                activation: str = "relu",
-               embeddings_l2: float = 0.0,
+               embeddings_l2: float = common.EMBEDDINGS_L2,
                cross_layers: int = 0,
                name: str = "esmm") -> keras.Model:
   """ESMM over shared embeddings: one network per task (bottom MLP `<task>_bottom`,

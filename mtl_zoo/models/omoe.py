@@ -14,7 +14,7 @@ def build_omoe(schema: schema_lib.Schema,
                tower_units: Sequence[int] = (8,),
                dropout: float = 0.0,
                activation: str = "relu",
-               embeddings_l2: float = 0.0,
+               embeddings_l2: float = common.EMBEDDINGS_L2,
                cross_layers: int = 0,
                name: str = "omoe") -> keras.Model:
   """One-gate Mixture-of-Experts: MMoE's ablation with a single gate (layer

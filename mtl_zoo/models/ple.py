@@ -82,7 +82,7 @@ def build_ple(schema: schema_lib.Schema,
               tower_units: Sequence[int] = (8,),
               dropout: float = 0.0,
               activation: str = "relu",
-              embeddings_l2: float = 0.0,
+              embeddings_l2: float = common.EMBEDDINGS_L2,
               cross_layers: int = 0,
               name: str = "ple") -> keras.Model:
   """Progressive Layered Extraction: `num_levels` stacked extraction levels.
@@ -139,7 +139,7 @@ def build_cgc(schema: schema_lib.Schema,
               tower_units: Sequence[int] = (8,),
               dropout: float = 0.0,
               activation: str = "relu",
-              embeddings_l2: float = 0.0,
+              embeddings_l2: float = common.EMBEDDINGS_L2,
               cross_layers: int = 0,
               name: str = "cgc") -> keras.Model:
   """Customized Gate Control: a single extraction level (PLE with one level).

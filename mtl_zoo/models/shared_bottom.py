@@ -13,7 +13,7 @@ def build_shared_bottom(schema: schema_lib.Schema,
                         tower_units: Sequence[int] = (8,),
                         dropout: float = 0.0,
                         activation: str = "relu",
-                        embeddings_l2: float = 0.0,
+                        embeddings_l2: float = common.EMBEDDINGS_L2,
                         cross_layers: int = 0,
                         name: str = "shared_bottom") -> keras.Model:
   """Shared-Bottom model (Caruana 1997): embeddings -> shared MLP -> per-task towers.

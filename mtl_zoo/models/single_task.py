@@ -13,7 +13,7 @@ def build_single_task(schema: schema_lib.Schema,
                       tower_units: Sequence[int] = (8,),
                       dropout: float = 0.0,
                       activation: str = "relu",
-                      embeddings_l2: float = 0.0,
+                      embeddings_l2: float = common.EMBEDDINGS_L2,
                       cross_layers: int = 0,
                       name: str = "single_task") -> keras.Model:
   """One model per task in one Keras model: each task has its own embeddings

@@ -14,7 +14,7 @@ def build_cross_stitch(schema: schema_lib.Schema,
                        cross_stitch_self_weight: float = 0.9,
                        dropout: float = 0.0,
                        activation: str = "relu",
-                       embeddings_l2: float = 0.0,
+                       embeddings_l2: float = common.EMBEDDINGS_L2,
                        cross_layers: int = 0,
                        name: str = "cross_stitch") -> keras.Model:
   """Cross-stitch networks (Misra et al., CVPR 2016) over shared embeddings.
@@ -67,7 +67,7 @@ def build_l2_constrained(schema: schema_lib.Schema,
                          tower_units: Sequence[int] = (8,),
                          l2_distance_weight: float = 1e-3,
                          activation: str = "relu",
-                         embeddings_l2: float = 0.0,
+                         embeddings_l2: float = common.EMBEDDINGS_L2,
                          cross_layers: int = 0,
                          name: str = "l2_constrained") -> keras.Model:
   """Per-task networks whose parameters are pulled together by an L2 distance
