@@ -15,9 +15,11 @@ Variants, all trained with the same settings on the same log:
   position feature @0    the same model scored as a server would have to, with
                          every candidate at position 0
 
-Each row: pCTR's AUC and per-request GAUC on the eval clicks, and the ranking
-score's (pCTR x pCVR) NDCG@10 by conversion, means over the seeds. Prints a
-markdown table.
+Each row: pCTR's AUC and per-request GAUC on the eval clicks, the ranking
+score's (pCTR x pCVR) NDCG@10 by conversion and, what debiasing is for, how
+well pCTR orders the eval impressions by their true relevance (the oracle's
+P(click) without the position effect): Spearman's correlation over all
+impressions and its mean within requests. Means over the seeds; a markdown table.
 """
 
 import dataclasses
@@ -32,42 +34,55 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mtl_zoo import config as config_lib  # noqa: E402  (Keras 2 first)
 from mtl_zoo import metrics, runner, strategies  # noqa: E402
+from pipelines import oracle  # noqa: E402
 from pipelines import reader  # noqa: E402
 from pipelines import schema as schema_lib  # noqa: E402
 from pipelines.sources import SOURCES  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("seeds", ["0", "1"], "Training seeds (the log is fixed: seed 0).")
-flags.DEFINE_integer("epochs", 2, "Epochs per model.")
+flags.DEFINE_integer("epochs", 4, "Epochs per model.")
 flags.DEFINE_integer("synthetic_requests", 12_000, "Training requests of the log.")
 
 HPARAMS = {"num_experts": 8, "expert_units": [16], "tower_units": [8]}
 
 
 def _with_position(schema: schema_lib.Schema, **changes) -> schema_lib.Schema:
-  features = [dataclasses.replace(f, **changes) if f.name == "position" else f
-              for f in schema.features]
-  return schema_lib.Schema(features, schema.labels, schema.tasks, schema.request_id,
-                           schema.name)
+  return schema.replace(features=[dataclasses.replace(f, **changes) if f.name == "position"
+                                  else f for f in schema.features])
 
 
-def _rated(model, schema: schema_lib.Schema, columns: dict) -> dict:
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+  ranks = [np.argsort(np.argsort(x, kind="mergesort")) for x in (a, b)]
+  return float(np.corrcoef(*ranks)[0, 1])
+
+
+def _rated(model, schema: schema_lib.Schema, columns: dict, relevance: np.ndarray) -> dict:
   outputs = metrics.predict_columns(model, schema, columns)
-  score = strategies.ranking_score(outputs, columns, strategies.default_fusion(schema))
+  score = strategies.ranking_score(outputs, columns, strategies.default_fusion(schema),
+                                   schema)
   report = strategies.objective_report(score, columns, schema)
+  within = [_spearman(outputs["ctr"][rows], relevance[rows])
+            for rows in np.split(np.argsort(columns["request_id"], kind="mergesort"),
+                                 np.flatnonzero(np.diff(np.sort(columns["request_id"]))) + 1)]
   return {"ctr_auc": metrics.auc(columns["click"], outputs["ctr"]),
           "ctr_gauc": metrics.gauc(columns["click"], outputs["ctr"], columns["request_id"]),
-          "ndcg@10": report["ndcg@10"]}
+          "ndcg@10": report["ndcg@10"],
+          "relevance_spearman": _spearman(outputs["ctr"], relevance),
+          "relevance_spearman_in_request": float(np.nanmean(within))}
 
 
 def main(argv):
   del argv
   data = os.path.join("mtl_zoo_output", "data",
-                      f"synthetic-synthetic_requests={FLAGS.synthetic_requests}-seed0")
+                      f"synthetic-v2-synthetic_requests={FLAGS.synthetic_requests}-seed0")
   SOURCES["synthetic"].write_if_missing(data, seed=0,
                                         synthetic_requests=FLAGS.synthetic_requests)
   logged = schema_lib.Schema.load(data)
   columns = reader.read_columns(os.path.join(data, "eval-*"), logged)
+  truth = oracle.find(os.path.join(data, "eval-*"))
+  relevance = truth.columns["p_click_without_position"][
+      truth.rows_of(columns["request_id"], columns["position"])]
   at_zero = {**columns, "position": np.zeros_like(columns["position"])}
   schemas = {"bias tower": _with_position(logged, train_only=True, bias_labels=None),
              "no position": _with_position(logged, train_only=True,
@@ -81,12 +96,13 @@ def main(argv):
             train_files=os.path.join(data, "train-*"), schema=schema, model="mmoe",
             hyperparameters=HPARAMS, max_epochs=FLAGS.epochs, batch_size=1024,
             learning_rate=2e-3, seed=seed, model_dir=tmp, export_dir="", quiet=True))
-      rows.setdefault(name, []).append(_rated(result.model, schema, columns))
+      rows.setdefault(name, []).append(_rated(result.model, schema, columns, relevance))
       if name == "position feature":
         rows.setdefault("position feature @0", []).append(
-            _rated(result.model, schema, at_zero))
+            _rated(result.model, schema, at_zero, relevance))
       print(f"seed {seed} {name}: {rows[name][-1]}", flush=True)
-  keys = ["ctr_auc", "ctr_gauc", "ndcg@10"]
+  keys = ["ctr_auc", "ctr_gauc", "ndcg@10", "relevance_spearman",
+          "relevance_spearman_in_request"]
   print(f"\nMMoE, synthetic ads log ({FLAGS.synthetic_requests} requests), {FLAGS.epochs} "
         f"epochs, seeds {FLAGS.seeds}; means over seeds\n")
   print("| variant | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))

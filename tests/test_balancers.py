@@ -129,7 +129,7 @@ def test_methods_train_with_masks_and_export_without_training_state(
   assert len([n for n in names if n.endswith("VARIABLE_VALUE")]) == len(model.variables)
   assert not any("log_variances" in n or "task_weights" in n or "history" in n for n in names)
   inputs = tf.saved_model.load(path).signatures["features"].structured_input_signature[1]
-  assert sorted(inputs) == sorted(ads_schema.feature_names)
+  assert sorted(inputs) == sorted(f.name for f in ads_schema.serving_features)
 
 
 def test_unknown_or_single_task_weighting_is_refused(ads_schema):

@@ -116,7 +116,7 @@ def calibration_dir(ads_schema, tmp_path_factory):
   world = synthetic_ads.AdsWorld(200, 100, 1)
   out = str(tmp_path_factory.mktemp("calibration") / "ads")
   with writer_lib.DatasetWriter(out, ads_schema) as w:
-    w.write_split("calibration", world.sample_log(100, 10, 99, first_request_id=10**6))
+    w.write_split("calibration", world.sample_log(100, 10, 99, first_request_id=10**6)[0])
   return out
 
 

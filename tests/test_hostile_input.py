@@ -9,13 +9,14 @@ lists them with these tests). Schema faults are in test_schema.py.
 import gzip
 import json
 import math
+import os
 import re
 import struct
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mtl_zoo
@@ -517,6 +518,12 @@ def test_cli_without_training_examples_says_so(case, message, cli):
 
 # ------------------------------------------------------------------------ fuzz
 
+# Each reader example builds and runs tf.data pipelines (~0.6-2 s of CPU): 25 per
+# property in CI keeps the suite's time; the thorough profile runs its 1,000.
+_READER_EXAMPLES = (25 if os.environ.get("HYPOTHESIS_PROFILE", "ci") == "ci"
+                    else settings.default.max_examples)
+reader_fuzz = settings(max_examples=_READER_EXAMPLES)
+
 _LABEL = st.sampled_from([0.0, 1.0, 0.0, 1.0, 0.5, 2.0, -1.0, float("nan"), float("inf")])
 _NUMBER = st.one_of(st.floats(width=32, allow_nan=False, allow_infinity=False),
                     st.sampled_from([float("nan"), float("inf"), float("-inf"), 3e38]))
@@ -534,6 +541,7 @@ def _valid(row) -> bool:
                or (row["click"] == 0.0 and math.isnan(row["conversion"]))))
 
 
+@reader_fuzz
 @given(rows=st.lists(_ROW, min_size=1, max_size=40))
 def test_fuzz_reader_with_random_valid_examples(rows, tmp_path):
   path = _write(tmp_path / "fuzz.tfrecord", [SCHEMA.training_example(r) for r in rows])
@@ -569,6 +577,7 @@ def _intact(starts: list, size: int, flip: int, cut: int) -> list:
   return kept
 
 
+@reader_fuzz
 @given(flip=st.integers(0, 10**6), value=st.integers(1, 255), cut=st.integers(0, 10**6))
 def test_fuzz_reader_with_damaged_shards(flip, value, cut, tmp_path):
   """A valid shard with a random byte flipped and cut short at random: under
@@ -595,6 +604,7 @@ def test_fuzz_reader_with_damaged_shards(flip, value, cut, tmp_path):
       _read(path)
 
 
+@reader_fuzz
 @given(content=st.binary(max_size=300))
 def test_fuzz_reader_with_random_files(content, tmp_path):
   path = str(tmp_path / "fuzz.tfrecord")
@@ -608,6 +618,7 @@ def test_fuzz_reader_with_random_files(content, tmp_path):
       assert policy == "fail" and reader.first_unparsable(path, SCHEMA)[0] == path
 
 
+@reader_fuzz
 @given(records=st.lists(st.binary(max_size=40), min_size=1, max_size=12))
 def test_fuzz_reader_with_random_bytes_as_records(records, tmp_path):
   path = _write(tmp_path / "junk.tfrecord", records)
