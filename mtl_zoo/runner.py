@@ -667,12 +667,10 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
       models.serving_model(model), schema, eval_ds, steps_per_epoch,
       log_dir=files.join(model_dir, "logs", "eval_gates"), report=not config.quiet)
                if eval_ds is not None else None)
-  stopper = None
   if eval_pattern:  # workers of a cluster join the chief's decision without evaluating
-    stopper = early_stopping.EarlyStopping(
+    callbacks.insert(0, early_stopping.EarlyStopping(
         monitor, config.patience_epochs, evaluator, state_dir=model_dir if chief else None,
-        progress=progress, strategy=strategy, report=not config.quiet)
-    callbacks.insert(0, stopper)
+        progress=progress, strategy=strategy, report=not config.quiet))
   if evaluator:
     evaluator.curve = curve
     callbacks.insert(0, evaluator)  # first, so later callbacks log its metrics
