@@ -203,7 +203,6 @@ class EarlyStopping(keras.callbacks.Callback):
     self.monitor, self.patience, self.evaluator = monitor, patience, evaluator
     self.state_dir, self.strategy, self.report = state_dir, strategy, report
     self.progress = progress or Progress()
-    self.stopped_epoch: Optional[int] = None
 
   def on_epoch_end(self, epoch, logs=None):
     stop = False
@@ -225,7 +224,6 @@ class EarlyStopping(keras.callbacks.Callback):
     if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
       stop = _any_worker(self.strategy, stop)
     if stop:
-      self.stopped_epoch = epoch + 1
       self.model.stop_training = True
 
 
