@@ -183,9 +183,10 @@ def main(argv):
     data_dir, data_name = FLAGS.data_dir, os.path.basename(os.path.normpath(FLAGS.data_dir))
   else:
     data_name = "synthetic"
+    changed = ("" if FLAGS.synthetic_requests == 12_000
+               else f"-synthetic_requests={FLAGS.synthetic_requests}")
     data_dir = os.path.join(REPO, "mtl_zoo_output", "data",  # where the train CLI puts it
-                            "synthetic-seed0" if FLAGS.synthetic_requests == 12_000 else
-                            f"synthetic-synthetic_requests={FLAGS.synthetic_requests}-seed0")
+                            f"synthetic-v{SOURCES['synthetic'].version}{changed}-seed0")
     if not os.path.exists(os.path.join(data_dir, schema_lib.SCHEMA_FILENAME)):
       SOURCES["synthetic"].write(data_dir, synthetic_requests=FLAGS.synthetic_requests)
   schema = schema_lib.Schema.load(data_dir)
