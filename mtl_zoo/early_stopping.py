@@ -38,6 +38,10 @@ DEFAULT_PATIENCE = 2
 STATE_FILENAME = "monitor.json"
 
 
+class MonitorError(ValueError):
+  """The monitored metric cannot be computed on the eval data; the message says why."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Term:
   """One metric of a monitor: `task` None means the mean over every task that has it."""
@@ -83,19 +87,19 @@ class Monitor:
     """The monitored value of one epoch's eval metrics (task -> metric -> value).
 
     Raises:
-      ValueError: a term's metric is missing or not finite.
+      MonitorError: a term's metric is missing or not finite.
     """
     total, weights = 0.0, 0.0
     for term in self.terms:
       tasks = [term.task] if term.task else [t for t, m in results.items()
                                             if term.metric in m]
       if not tasks:
-        raise ValueError(f"--monitor={self.spec}: no task reports {term.metric}; the eval "
+        raise MonitorError(f"--monitor={self.spec}: no task reports {term.metric}; the eval "
                          f"metrics are {results}.")
       for task in tasks:
         metric = results.get(task, {}).get(term.metric)
         if metric is None or not math.isfinite(metric):
-          raise ValueError(f"--monitor={self.spec}: {task} {term.metric} is {metric} on "
+          raise MonitorError(f"--monitor={self.spec}: {task} {term.metric} is {metric} on "
                            "the eval data (does it hold both classes of the task's "
                            "label?); monitor another metric.")
         share = term.weight / len(tasks)

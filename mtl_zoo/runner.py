@@ -684,7 +684,7 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
     except (tf.errors.OpError, UnicodeDecodeError) as e:
       raise DataError(explain_data_error(
           e, ",".join(p for p in (train_pattern, eval_pattern) if p), schema)) from None
-    except metrics_lib.MetricError as e:  # from the epoch evaluation
+    except (metrics_lib.MetricError, early_stopping.MonitorError) as e:  # epoch evaluation
       raise DataError(f"--eval_files={eval_pattern}: {e}") from None
   seconds = time.perf_counter() - start
   if cache_mode == "file" and chief:

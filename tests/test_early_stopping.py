@@ -47,7 +47,7 @@ def test_malformed_monitor_is_refused_with_the_entry(spec, message):
 
 
 def test_monitor_of_a_missing_or_undefined_metric_says_so():
-  with pytest.raises(ValueError, match="cvr auc is nan"):
+  with pytest.raises(early_stopping.MonitorError, match="cvr auc is nan"):
     early_stopping.Monitor("cvr:auc").value({"cvr": {"auc": float("nan")}})
   with pytest.raises(ValueError, match=r"names \['click'\], which the run does not train"):
     early_stopping.Monitor("click:auc").check_tasks(["ctr", "cvr"])
