@@ -37,11 +37,17 @@ class BiasTower(keras.layers.Layer):
     units: hidden widths before each task's linear unit; empty for a linear
       tower over the embeddings (a free logit per position).
     activation: Keras activation of the hidden layers.
+    dropout: in training, the share of examples whose bias logit is dropped
+      (set to 0, not rescaled), as Zhao et al. drop 10% of the position
+      feature: the main model must then explain those clicks without the
+      position, which keeps it from handing relevance to the tower where the
+      logger placed relevant items high.
     **kwargs: `keras.layers.Layer` arguments (`name`, ...).
 
   Call args:
     inputs: dict feature name -> tensor (categorical [batch] int ids, numeric
       [batch] float raw values); extra keys are ignored.
+    training: whether to drop bias logits.
 
   Returns:
     dict task name -> [batch, 1] float32 logit.
@@ -51,8 +57,12 @@ class BiasTower(keras.layers.Layer):
   """
 
   def __init__(self, features: Sequence[dict], tasks: Dict[str, List[str]],
-               units: Sequence[int] = (), activation: str = "relu", **kwargs):
+               units: Sequence[int] = (), activation: str = "relu",
+               dropout: float = 0.1, **kwargs):
     super().__init__(**kwargs)
+    if not 0.0 <= dropout < 1.0:
+      raise ValueError(f"bias tower dropout must be in [0, 1), got {dropout}.")
+    self.dropout = float(dropout)
     self.features_config = [dict(f) for f in features]
     # Tuples, not a dict: Keras would track a dict as state and not serialize it.
     self._task_features = tuple((task, tuple(names)) for task, names in tasks.items())
@@ -73,12 +83,16 @@ class BiasTower(keras.layers.Layer):
     self._logits = [keras.layers.Dense(1, kernel_initializer="zeros", name=f"{task}_bias")
                     for task in self._task_names]
 
-  def call(self, inputs: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+  def call(self, inputs: Dict[str, tf.Tensor], training=None) -> Dict[str, tf.Tensor]:
     out = {}
     for task, embed, hidden, logit in zip(self._task_names, self._embeddings,
                                           self._hidden, self._logits):
       x = embed(inputs)
-      out[task] = logit(hidden(x) if hidden is not None else x)
+      bias = logit(hidden(x) if hidden is not None else x)
+      if training and self.dropout:
+        kept = tf.random.uniform(tf.shape(bias)[:1]) >= self.dropout
+        bias = bias * tf.cast(kept, bias.dtype)[:, None]
+      out[task] = bias
     return out
 
   @property
@@ -88,7 +102,7 @@ class BiasTower(keras.layers.Layer):
 
   def get_config(self):
     return {**super().get_config(), "features": self.features_config, "tasks": self.tasks,
-            "units": self.units, "activation": self.activation}
+            "units": self.units, "activation": self.activation, "dropout": self.dropout}
 
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
