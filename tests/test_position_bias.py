@@ -194,3 +194,17 @@ def test_learning_to_rank_adds_the_bias_to_the_list_score(ads_dir, ads_schema, t
       model_dir=str(tmp_path / "run"), export_dir="", quiet=True))
   assert "position" not in result.model.input_names
   assert np.isfinite(result.summary["train_loss"]["loss"])
+
+
+def test_bias_tower_dropout_zeroes_some_logits_in_training_only():
+  tower = layers.BiasTower([{"name": "position", "kind": "categorical", "vocab_size": 4,
+                             "embedding_dim": 2}], {"ctr": ["position"]}, dropout=0.5)
+  positions = {"position": tf.constant([1] * 400, tf.int64)}
+  tower(positions)
+  tower._logits[0].kernel.assign(tf.ones_like(tower._logits[0].kernel))
+  served = tower(positions, training=False)["ctr"].numpy().ravel()
+  trained = tower(positions, training=True)["ctr"].numpy().ravel()
+  assert np.all(served != 0) and np.allclose(served, served[0])
+  dropped = np.mean(trained == 0)
+  assert 0.35 < dropped < 0.65 and np.allclose(trained[trained != 0], served[0])
+  assert layers.BiasTower.from_config(tower.get_config()).dropout == 0.5

@@ -41,7 +41,9 @@ class BiasTower(keras.layers.Layer):
       (set to 0, not rescaled), as Zhao et al. drop 10% of the position
       feature: the main model must then explain those clicks without the
       position, which keeps it from handing relevance to the tower where the
-      logger placed relevant items high.
+      logger placed relevant items high. Off by default: its random draw is
+      not part of a training backup, so a resumed run would differ from an
+      uninterrupted one.
     **kwargs: `keras.layers.Layer` arguments (`name`, ...).
 
   Call args:
@@ -58,7 +60,7 @@ class BiasTower(keras.layers.Layer):
 
   def __init__(self, features: Sequence[dict], tasks: Dict[str, List[str]],
                units: Sequence[int] = (), activation: str = "relu",
-               dropout: float = 0.1, **kwargs):
+               dropout: float = 0.0, **kwargs):
     super().__init__(**kwargs)
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"bias tower dropout must be in [0, 1), got {dropout}.")
