@@ -31,11 +31,13 @@ from mtl_zoo import layers
 from mtl_zoo import metrics as metrics_lib
 from mtl_zoo import models
 from mtl_zoo import oracle_report
+from mtl_zoo import reports
 from mtl_zoo import serving
 from mtl_zoo import strategies
 from mtl_zoo._keras import keras
 from mtl_zoo.compile import compile_model
 from mtl_zoo.config import RESULT_FIELDS, STRATEGY_OPTIONS, ConfigError, RunConfig
+from mtl_zoo.reports import say as _say
 from pipelines import caching
 from pipelines import files
 from pipelines import manifest
@@ -145,7 +147,8 @@ def run(config: RunConfig) -> RunResult:
   else:
     model, schema = fitted[0].model, fitted[0].schema
 
-  summary = _summary(config, fitted, schema, fusion, train_pattern, eval_pattern, workers)
+  summary = reports.summary(config, fitted, schema, fusion, train_pattern, eval_pattern,
+                            workers)
   # Negative-sampling correction and calibrators join the model saved and exported.
   model, calibrated = calibration.finish(config, model, schema, calibration_pattern,
                                          eval_pattern, model_dir)
@@ -153,13 +156,16 @@ def run(config: RunConfig) -> RunResult:
   save_model(model, files.join(model_dir, "model.keras"))
   schema.save(files.join(model_dir, schema_lib.SCHEMA_FILENAME))
   if eval_pattern:
-    _print_eval(config, eval_pattern, summary)
+    reports.print_eval(config, eval_pattern, summary)
     summary["oracle"] = oracle_report.compare(schema, eval_pattern, summary["eval"],
                                               config.bad_records)
     if summary["oracle"]:
       _say(config, "\n" + oracle_report.format_table(summary["oracle"]))
-    summary["ranking"] = ranking_report(config, model, schema, data_schema, eval_pattern,
-                                        fusion, train_pattern)
+    try:
+      summary["ranking"] = reports.ranking_report(config, model, schema, data_schema,
+                                                  eval_pattern, fusion, train_pattern)
+    except metrics_lib.MetricError as e:
+      raise DataError(f"--eval_files={eval_pattern}: {e}") from None
   # Saved before the export, and the backup removed only after it: a failed
   # export loses nothing, and `python -m mtl_zoo.export --model_dir` redoes it.
   summary["backups"] = [run.report["backup_dir"] for run in fitted
@@ -224,11 +230,6 @@ def _parse_fusion(config: RunConfig) -> Optional[dict]:
     raise ConfigError(f"--fusion fuses several task outputs; --strategy="
                       f"{config.strategy} trains a model with one output.")
   return fusion
-
-
-def _say(config: RunConfig, text: str) -> None:
-  if not config.quiet:
-    print(text, flush=True)
 
 
 def _shown(path: str) -> str:
@@ -750,116 +751,3 @@ def _cache_file(model_dir: str, index) -> str:
 
 def _is_ps(strategy) -> bool:
   return isinstance(strategy, tf.distribute.ParameterServerStrategy)
-
-
-def _summary(config: RunConfig, fitted: List[_Fitted], schema: schema_lib.Schema,
-             fusion: Optional[dict], train_pattern: str, eval_pattern: Optional[str],
-             workers: int) -> dict:
-  """The run's summary: settings, what each model learned, eval metrics."""
-  return {"strategy": config.strategy, "model": config.architecture,
-          "loss_weighting": config.loss_weighting,
-          "balancer_options": config.balancer_options,
-          "balance_on": config.balance_on, "masked_loss": config.masked_loss,
-          "event_weights": {t.name: t.events for t in schema.tasks
-                            if t.events and t.type == schema_lib.BINARY},
-          "grades": {t.name: t.events for t in schema.tasks
-                     if t.type == schema_lib.RANKING},
-          "examples_past_list_size": (_merged(fitted, "examples_past_list_size")
-                                      if schema.list_size else None),
-          "fusion": fusion,
-          "hyperparameters": _hyperparameters(config),
-          "tasks": schema.task_names,
-          "train_files": train_pattern, "eval_files": eval_pattern,
-          "max_epochs": config.max_epochs, "batch_size": config.batch_size,
-          "monitor": _merged(fitted, "monitor"),
-          "steps_per_epoch": _merged(fitted, "steps_per_epoch"),
-          "distribution": config.distribution, "workers": workers,
-          "resumed_from": _merged(fitted, "resumed_from"),
-          "learning_rate": config.learning_rate, "seed": config.seed,
-          "train_seconds": round(sum(run.report["train_seconds"] for run in fitted), 2),
-          "cache": _merged(fitted, "cache"),
-          "train_loss": _merged_dicts(fitted, "train_loss"),
-          "task_weights": _merged_dicts(fitted, "task_weights"),
-          "eval": {task: values for run in fitted for task, values in
-                   run.report["eval"].items()},
-          "gates": _merged_dicts(fitted, "gates"),
-          "bad_records": bad_records_report(config, fitted)}
-
-
-def _print_eval(config: RunConfig, eval_pattern: str, summary: dict) -> None:
-  _say(config, "\nEval metrics (" + eval_pattern + "):")
-  columns = ["auc", "logloss", "pcoc", "ece", "ne", "mse", "positive_rate", "examples"]
-  _say(config, metrics_lib.format_table(summary["eval"], columns))
-  if "eval_uncalibrated" in summary:
-    _say(config, "As trained, before the negative-sampling correction and calibrators:")
-    _say(config, metrics_lib.format_table(summary["eval_uncalibrated"], columns))
-  for gate, gate_summary in summary["gates"].items():
-    weights = " ".join(f"{w:.2f}" for w in gate_summary["mean_weights"])
-    starved = gate_summary["starved_experts"]
-    _say(config, f"gate {gate}: mean expert weights [{weights}], normalized entropy "
-         f"{gate_summary['normalized_entropy']:.2f}"
-         + (f", starved experts {starved}" if starved else ""))
-
-
-def bad_records_report(config: RunConfig, fitted: List[_Fitted]) -> dict:
-  """The bad-record policy and what each run's data lost (printed with skip)."""
-  skipped = {run.name: {data: s.counts() for data, s in run.report["skipped"].items()}
-             for run in fitted}
-  report = {"policy": config.bad_records,
-            "skipped": skipped[fitted[0].name] if len(fitted) == 1 else skipped,
-            "damage": sorted({str(d) for run in fitted
-                              for s in run.report["skipped"].values() for d in s.damage})}
-  if config.bad_records == validation.SKIP:
-    _say(config, "\nBad records (--bad_records=skip):")
-    for run in fitted:
-      for data, s in run.report["skipped"].items():
-        _say(config, f"  {data}" + (f" ({run.name})" if len(fitted) > 1 else "")
-             + f": {s.summary()}")
-  return report
-
-
-def _merged(fitted: List[_Fitted], key: str):
-  """One run's value as is; several runs' values by run name."""
-  if len(fitted) == 1:
-    return fitted[0].report[key]
-  return {run.name: run.report[key] for run in fitted}
-
-
-def _merged_dicts(fitted: List[_Fitted], key: str) -> dict:
-  """One run's dict as is; several runs' dicts with keys prefixed by run name."""
-  if len(fitted) == 1:
-    return fitted[0].report[key]
-  return {f"{run.name}/{k}": v for run in fitted for k, v in run.report[key].items()}
-
-
-def ranking_report(config: RunConfig, model: keras.Model, schema: schema_lib.Schema,
-                   data_schema: schema_lib.Schema, eval_pattern: str,
-                   fusion: Optional[dict], train_pattern: str) -> Dict[str, float]:
-  """How the strategy's one ranking score (the fused outputs, or the only
-  output) serves each of the data's objectives on the eval data; printed.
-  Where the schema names the item, novelty is counted against the items'
-  popularity in the training data (one pass over its item column)."""
-  if not strategies.funnel(data_schema):
-    return {}  # no binary objectives to rank by
-  columns = reader.read_columns(eval_pattern, data_schema, bad_records=config.bad_records)
-  outputs = metrics_lib.predict_columns(model, schema, columns)
-  outputs = {task: outputs[task] for task in schema.task_names}
-  if fusion is None and len(outputs) > 1:
-    fusion = strategies.default_fusion(data_schema)
-  popularity = (metrics_lib.popularity(reader.count_ids(
-      train_pattern, data_schema, data_schema.item_id, config.bad_records))
-                if data_schema.item_id and data_schema.request_id else None)
-  try:
-    report = strategies.objective_report(
-        strategies.ranking_score(outputs, columns, fusion, data_schema), columns,
-        data_schema, item_popularity=popularity)
-  except metrics_lib.MetricError as e:
-    raise DataError(f"--eval_files={eval_pattern}: {e}") from None
-  how = (f"{fusion['mode']} of " + ", ".join(f"{t}^{w:g}" if fusion["mode"] == "product"
-                                             else f"{w:g}*{t}"
-                                             for t, w in zip(fusion["terms"],
-                                                             fusion["weights"]))
-         if fusion else f"the {next(iter(outputs))} output")
-  _say(config, f"\nRanking score ({how}) against each objective:")
-  _say(config, metrics_lib.format_table({"score": report}))
-  return report
