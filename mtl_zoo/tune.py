@@ -116,5 +116,10 @@ def main(argv):
     sys.exit(1)
 
 
-if __name__ == "__main__":
+def run():
+  """Console-script entry point (`mtl-zoo-tune`)."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

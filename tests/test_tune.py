@@ -16,18 +16,21 @@ import pytest
 from optuna.trial import TrialState
 
 from mtl_zoo import config as config_lib
+from mtl_zoo import runner
 from mtl_zoo.tuning import results
 from mtl_zoo.tuning import space as space_lib
 from mtl_zoo.tuning import study as study_lib
+from pipelines import schema as schema_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
-# Tiny trials: two epochs of a two-expert MMoE, only the learning rate and the
-# number of experts searched.
+# Tiny trials: two epochs of a two-expert MMoE; the learning rate, the number of
+# experts and cvr's loss weight searched.
 SPACE = {"learning_rate": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},
          "num_experts": {"type": "int", "low": 1, "high": 2}, "batch_size": 1024,
-         "loss_weighting": "fixed", "task_weights": None, "expert_units": "4",
+         "loss_weighting": "fixed",
+         "task_weights": {"type": "float", "low": 0.5, "high": 2.0}, "expert_units": "4",
          "tower_units": "4", "dropout": None, "embeddings_l2": None}
 
 # The tune CLI, killed (SIGKILL, as a lost machine) after trial 1's first epoch.
@@ -130,6 +133,16 @@ def test_two_processes_share_one_budget(ads_dir, space_file, tmp_path):
   trained = sorted(os.listdir(os.path.join(out, "trials")))
   assert trained == [f"trial-{t.number:04d}" for t in complete]
   assert len({(t.params["learning_rate"], t.params["num_experts"]) for t in complete}) == 4
+
+
+def test_task_weights_replace_the_schema_loss_weights(ads_dir):
+  schema = schema_lib.Schema.load(os.path.join(ads_dir, "schema.json"))
+  weighted = runner.with_task_weights(schema, "cvr=0.25")
+  assert {t.name: t.loss_weight for t in weighted.tasks} == {"ctr": 1.0, "cvr": 0.25}
+  with pytest.raises(config_lib.ConfigError, match=r"--task_weights names \['ctx'\]"):
+    runner.with_task_weights(schema, "ctx=2")
+  with pytest.raises(config_lib.ConfigError, match="--task_weights entries look like"):
+    runner.with_task_weights(schema, "cvr")
 
 
 def test_losing_trial_is_pruned(ads_dir, tmp_path):

@@ -2,9 +2,5 @@
 
 `space` says what a search varies, `study` runs the trials (each one
 `runner.run`) in a resumable, shareable study database, `results` writes the
-flagfiles, trials.json, tables and plots.
+flagfiles, trials.json, tables and plots. Import the submodules.
 """
-
-from mtl_zoo.tuning import results, space, study
-
-__all__ = ["results", "space", "study"]

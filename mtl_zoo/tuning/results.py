@@ -1,6 +1,7 @@
 """What a search leaves in its output directory, and the tables it prints.
 
-  trials.json             every trial: state, values, flags, eval metrics, epochs
+  trials.json             every trial: state, values, flags, eval metrics, epochs;
+                          the best trial or the Pareto front ("front")
   flags/trial-NNNN.flags  each finished trial, for `python -m mtl_zoo.train --flagfile=`
   best.flags              single objective: the best trial's
   pareto_front.md         multi-objective: the front (the trials no other beats on
@@ -92,6 +93,7 @@ def write(study: optuna.Study, objectives: Sequence[study_lib.Objective],
   written = {"trials": files.join(output_dir, "trials.json")}
   files.write_json(written["trials"], {"objectives": [o.name for o in objectives],
                                        "directions": [o.direction for o in objectives],
+                                       "front": [t.number for t in front(study)],
                                        "trials": rows})
   flagfiles = {}
   for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
