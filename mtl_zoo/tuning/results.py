@@ -46,8 +46,12 @@ def summarise(study: optuna.Study, objectives: Sequence[study_lib.Objective],
               output_dir: str) -> List[dict]:
   """Every trial as a JSON-able dict, in number order."""
   rows = []
-  for t in study.get_trials(deepcopy=False):
+  trials = study.get_trials(deepcopy=False)
+  retried = {t.user_attrs.get("retry_of") for t in trials}
+  for t in trials:
     why = next((k for k in ("error", "interrupted", "withdrawn") if k in t.user_attrs), None)
+    if t.state == TrialState.FAIL and not why and t.number in retried:
+      why = "interrupted"  # failed by another process's heartbeat check
     row = {"number": t.number, "state": t.state.name,
            "finished": study_lib.counts_as_finished(t),
            "values": (dict(zip([o.name for o in objectives], t.values))

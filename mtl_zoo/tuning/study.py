@@ -402,6 +402,10 @@ def _objective_fn(study: optuna.Study, base: RunConfig,
       trial.set_user_attr("error", str(e))
       say(f"Trial {trial.number}: refused: {e}")
       raise _TrialError(str(e)) from None
+    except KeyboardInterrupt:  # Optuna records FAIL; the next run retries the parameters
+      trial.set_user_attr("interrupted", True)
+      study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+      raise
     finally:
       keras.backend.clear_session()  # one process trains many models
     summary = result.summary
