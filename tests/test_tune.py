@@ -191,6 +191,7 @@ def test_losing_trial_is_pruned(ads_dir, tmp_path):
     ({"num_levels": {"type": "int", "low": 1, "high": 3}},
      "entry 'num_levels' does not apply to --model=mmoe; it is taken by ple"),
     ({"experts": 4}, "entry 'experts' is not a parameter the search can vary"),
+    ({"activation": "tanh"}, "entry 'activation' is not a parameter the search can vary"),
     ({"dropout": {"type": "uniform", "low": 0, "high": 1}},
      "entry 'dropout' has type 'uniform'"),
     ({"loss_weighting": {"type": "categorical", "choices": ["fixed", "magic"]}},
@@ -199,6 +200,11 @@ def test_losing_trial_is_pruned(ads_dir, tmp_path):
 def test_bad_space_entry_is_named(entries, message):
   with pytest.raises(space_lib.SpaceError, match="^--space=s.json: " + message):
     space_lib.make_space("mmoe", ["ctr", "cvr"], entries, where="--space=s.json")
+
+
+def test_searchable_architecture_parameters_are_train_flags():
+  from mtl_zoo import train  # noqa: defines the train flags
+  assert set(space_lib.ARCHITECTURE_PARAMETERS) == set(train.ARCHITECTURE_FLAGS)
 
 
 def test_space_file_narrows_and_fixes(tmp_path):

@@ -29,6 +29,13 @@ from mtl_zoo import models
 from mtl_zoo.config import RunConfig
 from pipelines import files
 
+# The builders' hyper-parameters that are train flags (train.ARCHITECTURE_FLAGS;
+# tests/test_tune.py checks they agree): only these can be searched, since a
+# trial's flagfile must reproduce it.
+ARCHITECTURE_PARAMETERS = ("num_experts", "num_task_experts", "num_shared_experts",
+                           "num_levels", "expert_units", "bottom_units", "tower_units",
+                           "dropout", "embeddings_l2", "cross_layers", "l2_distance_weight",
+                           "cross_stitch_self_weight")
 # Architecture flags with list values (comma-separated units; "" is no layer).
 UNIT_PARAMETERS = ("expert_units", "bottom_units", "tower_units")
 # Run-level parameters (RunConfig fields), searched for every architecture.
@@ -202,15 +209,16 @@ def load_space_file(path: str) -> dict:
 def _check_applies(name: str, architecture: str, takes: dict, where: str) -> None:
   if name in RUN_PARAMETERS or name in balancers.option_owners():
     return
-  if name in takes and name != "name":
+  if name in takes and name in ARCHITECTURE_PARAMETERS:
     return
-  takers = [m for m in sorted(models.MODELS) if name in models.builder_arguments(m)]
+  takers = [m for m in sorted(models.MODELS) if name in models.builder_arguments(m)
+            and name in ARCHITECTURE_PARAMETERS]
   if takers:
     raise SpaceError(f"{where}: entry '{name}' does not apply to --model={architecture}; it "
                      f"is taken by {', '.join(takers)}. Remove the entry or choose one of "
                      "those architectures.")
   known = sorted(set(RUN_PARAMETERS) | set(balancers.option_owners())
-                 | (set(takes) - {"name"}))
+                 | (set(takes) & set(ARCHITECTURE_PARAMETERS)))
   raise SpaceError(f"{where}: entry '{name}' is not a parameter the search can vary; for "
                    f"--model={architecture} they are {known}.")
 
