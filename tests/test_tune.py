@@ -133,6 +133,8 @@ def test_two_processes_share_one_budget(ads_dir, space_file, tmp_path):
   trained = sorted(os.listdir(os.path.join(out, "trials")))
   assert trained == [f"trial-{t.number:04d}" for t in complete]
   assert len({(t.params["learning_rate"], t.params["num_experts"]) for t in complete}) == 4
+  # Both worked on it (started together, they also raced to create the database).
+  assert len({t.user_attrs["pid"] for t in complete}) == 2
 
 
 def test_task_weights_replace_the_schema_loss_weights(ads_dir):

@@ -29,6 +29,7 @@ import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import optuna
+import sqlalchemy
 import tensorflow as tf
 from optuna.trial import TrialState
 
@@ -40,6 +41,7 @@ from mtl_zoo.tuning import space as space_lib
 from pipelines import files
 
 SAMPLERS = ("tpe", "random")
+_OPEN_ATTEMPTS = 5
 PRUNERS = ("median", "none")
 TUNE_ATTRS = "settings"  # study user attribute: what the study was started with
 
@@ -166,23 +168,19 @@ def open_study(settings: Settings, objectives: Sequence[Objective],
   url = settings.storage_url
   if url.startswith("sqlite:///"):
     tf.io.gfile.makedirs(os.path.dirname(url[len("sqlite:///"):]))
-  try:
-    with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna
-      warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-      storage = optuna.storages.RDBStorage(
-          url, heartbeat_interval=settings.heartbeat_seconds,
-          grace_period=settings.grace_seconds,
-          heartbeat_stale_trial_callback=_requeue,
-          # SQLite: wait for another process's write instead of failing at once.
-          engine_kwargs=({"connect_args": {"timeout": 60}} if url.startswith("sqlite")
-                         else None))
-    study = optuna.create_study(
-        storage=storage, study_name=settings.study_name, load_if_exists=True,
-        directions=[o.direction for o in objectives],
-        sampler=_sampler(settings, len(objectives)), pruner=_pruner(settings, objectives))
-  except ValueError as e:  # e.g. another study's directions under this name
-    raise TuneError(f"--storage={url}, study {settings.study_name!r}: {e}. Use another "
-                    "--study_name or --output_dir.") from None
+  for attempt in range(_OPEN_ATTEMPTS):
+    try:
+      study, storage = _open(settings, objectives, url)
+      break
+    except ValueError as e:  # e.g. another study's directions under this name
+      raise TuneError(f"--storage={url}, study {settings.study_name!r}: {e}. Use another "
+                      "--study_name or --output_dir.") from None
+    except sqlalchemy.exc.SQLAlchemyError as e:
+      # Processes starting together race to create the tables: the loser retries.
+      if attempt == _OPEN_ATTEMPTS - 1:
+        raise TuneError(f"--storage={url} cannot be opened ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0]}).") from None
+      time.sleep(1 + random.random())
   stored = study.user_attrs.get(TUNE_ATTRS)
   if stored is None:
     study.set_user_attr(TUNE_ATTRS, identity)
@@ -192,6 +190,24 @@ def open_study(settings: Settings, objectives: Sequence[Objective],
                     f"settings ({', '.join(changed)} differ: {[stored.get(k) for k in changed]}"
                     f" then, {[identity.get(k) for k in changed]} now). Resume it with the "
                     "same command, or start another with --study_name or --output_dir.")
+  return study, storage
+
+
+def _open(settings: Settings, objectives: Sequence[Objective], url: str
+          ) -> Tuple[optuna.Study, optuna.storages.RDBStorage]:
+  with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    storage = optuna.storages.RDBStorage(
+        url, heartbeat_interval=settings.heartbeat_seconds,
+        grace_period=settings.grace_seconds,
+        heartbeat_stale_trial_callback=_requeue,
+        # SQLite: wait for another process's write instead of failing at once.
+        engine_kwargs=({"connect_args": {"timeout": 60}} if url.startswith("sqlite")
+                       else None))
+  study = optuna.create_study(
+      storage=storage, study_name=settings.study_name, load_if_exists=True,
+      directions=[o.direction for o in objectives],
+      sampler=_sampler(settings, len(objectives)), pruner=_pruner(settings, objectives))
   return study, storage
 
 
