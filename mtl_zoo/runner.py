@@ -313,6 +313,9 @@ def with_task_weights(schema: schema_lib.Schema, spec: str) -> schema_lib.Schema
   if unknown:
     raise ConfigError(f"--task_weights names {unknown}, which are not tasks of the data; "
                       f"its tasks are {schema.task_names}.")
+  negative = sorted(t for t, w in weights.items() if not 0 <= w < math.inf)
+  if negative:
+    raise ConfigError(f"--task_weights: the weights of {negative} must be finite and >= 0.")
   return schema.replace(tasks=[dataclasses.replace(t, loss_weight=weights.get(t.name,
                                                                               t.loss_weight))
                                for t in schema.tasks])

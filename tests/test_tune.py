@@ -145,6 +145,8 @@ def test_task_weights_replace_the_schema_loss_weights(ads_dir):
     runner.with_task_weights(schema, "ctx=2")
   with pytest.raises(config_lib.ConfigError, match="--task_weights entries look like"):
     runner.with_task_weights(schema, "cvr")
+  with pytest.raises(config_lib.ConfigError, match=r"weights of \['cvr'\] must be finite"):
+    runner.with_task_weights(schema, "cvr=-1")
 
 
 def test_losing_trial_is_pruned(ads_dir, tmp_path):
