@@ -17,7 +17,8 @@ under the output directory unless `storage` names another), so:
   asking at once never run more than the budget, and none is lost.
 
 A finished trial is COMPLETE, PRUNED, or FAIL with an "error" (its settings were
-refused, e.g. a combination the runner does not allow): each uses up budget.
+refused, e.g. a combination the runner does not allow, or its run diverged):
+each uses up budget.
 """
 
 import dataclasses
@@ -41,9 +42,9 @@ from mtl_zoo.tuning import space as space_lib
 from pipelines import files
 
 SAMPLERS = ("tpe", "random")
-_OPEN_ATTEMPTS = 5
 PRUNERS = ("median", "none")
 TUNE_ATTRS = "settings"  # study user attribute: what the study was started with
+_OPEN_ATTEMPTS = 5  # tries to open a database that another process is creating
 
 
 class TuneError(ValueError):
@@ -230,10 +231,13 @@ def _pruner(settings: Settings, objectives: Sequence[Objective]) -> optuna.prune
 
 
 def _requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-  """Queues an interrupted trial's parameters to run again (once per interruption:
-  only the process whose update failed the trial calls this)."""
-  study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number},
-                      skip_if_exists=False)
+  """Queues an interrupted trial's parameters to run again, once: only the
+  process whose state update failed the trial calls this, and (as SQLite does not
+  lock the row it read) not if a retry is already queued."""
+  if any(t.user_attrs.get("retry_of") == trial.number
+         for t in study.get_trials(deepcopy=False)):
+    return
+  study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
 
 
 def fail_dead_local_trials(study: optuna.Study, storage: optuna.storages.BaseStorage
@@ -414,9 +418,15 @@ def _objective_fn(study: optuna.Study, base: RunConfig,
 
     try:
       result = runner.run(config, on_epoch_end=report)
-    except ConfigError as e:
+      scores = [o.value(result.summary["eval"]) for o in objectives]
+    except (ConfigError, runner.DataError, early_stopping.MonitorError) as e:
+      # The data are at fault only if no trial has completed on them (then the
+      # search stops); otherwise these settings are (e.g. a diverged run's NaN AUC).
+      if isinstance(e, runner.DataError) and not study.get_trials(
+          deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise
       trial.set_user_attr("error", str(e))
-      say(f"Trial {trial.number}: refused: {e}")
+      say(f"Trial {trial.number}: failed: {e}")
       raise _TrialError(str(e)) from None
     except KeyboardInterrupt:  # Optuna records FAIL; the next run retries the parameters
       trial.set_user_attr("interrupted", True)
@@ -425,10 +435,6 @@ def _objective_fn(study: optuna.Study, base: RunConfig,
     finally:
       keras.backend.clear_session()  # one process trains many models
     summary = result.summary
-    scores = [o.value(summary["eval"]) for o in objectives]
-    if any(s != s for s in scores):  # NaN: the run diverged
-      trial.set_user_attr("error", "the objective is NaN (the run diverged)")
-      raise _TrialError("NaN objective")
     trial.set_user_attr("eval", {t: {m: summary["eval"][t][m] for m in ("auc", "logloss")
                                      if m in summary["eval"][t]} for t in summary["eval"]})
     monitor = summary["monitor"] or {}
