@@ -16,6 +16,7 @@ from typing import Dict, List, Sequence
 import optuna
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from optuna.trial import TrialState
 
 from mtl_zoo import balancers
@@ -161,6 +162,7 @@ def _history_figure(study, objectives):
         best.append((number, running))
       axis.step(*zip(*best), where="post", color="tab:orange", label="best so far")
     axis.set_xlabel("trial")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_ylabel(objective.name + f" ({objective.direction})")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
