@@ -45,7 +45,8 @@ flags.DEFINE_string("study_dir", None, "The study's directory (default: "
                     "mtl_zoo_output/tune/<experiment>_mmoe).")
 flags.DEFINE_string("census_dir", os.path.join(REPO, "..", "shared", "data", "census-income"),
                     "Folder with census-income.data.gz and census-income.test.gz.")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "census: seeds the best trial is trained with.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds the best trial (census), the front "
+                  "members and the default flags (ads) are trained with; 0 is the trial.")
 
 CENSUS_DATA = os.path.join("mtl_zoo_output", "data", "census_group1")
 # scripts/census_mmoe.py, Group 1, seeds 0-2 (results/census_mmoe_group1.txt): test AUC.
@@ -121,30 +122,47 @@ def ads(study_dir):
   summary = trials_of(study_dir)
   data = next(d for d in sorted(os.listdir(os.path.join(study_dir, "data")))
               if d.startswith("synthetic"))
-  splits = {"eval": os.path.join(study_dir, "data", data, "eval-*"),
-            "held-out": os.path.join(study_dir, "data", data, "calibration-*")}
-  default_dir = os.path.join(study_dir, "default_flags")
-  if not os.path.exists(os.path.join(default_dir, "metrics.json")):
-    run([sys.executable, "-m", "mtl_zoo.train", f"--output_dir={study_dir}",
-         f"--model_dir={default_dir}", "--export_dir="])
+  data_dir = os.path.join(study_dir, "data", data)
+  splits = {"eval": f"{data_dir}/eval-*", "held-out": f"{data_dir}/calibration-*"}
   study = optuna.load_study(study_name="mtl_zoo", storage="sqlite:///" + os.path.abspath(
       os.path.join(study_dir, "study.db")))
   front = sorted(t.number for t in study.best_trials)
-  rows = {"default flags": {s: evaluate(default_dir, p) for s, p in splits.items()}}
+  # name -> (flags of a retraining, the seed-0 model: the trial's own, or a default run)
+  runs = {"default flags": ([f"--output_dir={study_dir}"],
+                            os.path.join(study_dir, "default_flags", "seed0"))}
   for t in summary["trials"]:
     if t["number"] in front:
-      rows[f"trial {t['number']}"] = {s: evaluate(t["model_dir"], p) for s, p in splits.items()}
+      runs[f"trial {t['number']}"] = ([f"--flagfile={t['flagfile']}"], t["model_dir"])
+  rows = {}
+  for name, (train_flags, seed0_dir) in runs.items():
+    rows[name] = {}
+    for seed in (int(s) for s in FLAGS.seeds):
+      model_dir = seed0_dir if seed == 0 else os.path.join(
+          study_dir, "seeds", name.replace(" ", "_") + f"-seed{seed}")
+      if not os.path.exists(os.path.join(model_dir, "metrics.json")):
+        # The built-in data are drawn from --seed: other seeds train on seed 0's files.
+        data_flags = [f"--train_files={data_dir}/train-*", f"--eval_files={data_dir}/eval-*"]
+        run([sys.executable, "-m", "mtl_zoo.train", *train_flags,
+             *(data_flags if seed else []), f"--seed={seed}", f"--model_dir={model_dir}",
+             "--export_dir="])
+      rows[name][seed] = {s: evaluate(model_dir, p) for s, p in splits.items()}
+  seeds = ", ".join(FLAGS.seeds)
   lines = [f"Ads log (synthetic-v2), MMoE, objectives ctr:auc and cvr:auc: "
            f"{sum(t['state'] == 'COMPLETE' for t in summary['trials'])} complete trials, "
-           f"{len(front)} on the Pareto front (validation = the eval split).", "",
+           f"{len(front)} on the Pareto front (validation = the eval split). AUC, mean "
+           f"(min-max) over seeds {seeds}; seed 0 is the trial itself.", "",
            "| run | ctr AUC eval | cvr AUC eval | ctr AUC held-out | cvr AUC held-out | "
            "settings |", "|---|---|---|---|---|---|"]
   flags_of = {f"trial {t['number']}": " ".join(t["flags"]) for t in summary["trials"]}
-  for name, scores in rows.items():
-    lines.append(f"| {name} | " + " | ".join(
-        f"{scores[s][t]['auc']:.4f}" for s in ("eval", "held-out") for t in ("ctr", "cvr"))
-        + f" | {flags_of.get(name, 'python -m mtl_zoo.train (defaults)')} |")
-  plot_front(summary, front, rows["default flags"]["eval"])
+  for name, per_seed in rows.items():
+    cells = []
+    for split in ("eval", "held-out"):
+      for task in ("ctr", "cvr"):
+        values = [per_seed[s][split][task]["auc"] for s in per_seed]
+        cells.append(f"{sum(values) / len(values):.4f} ({min(values):.4f}-{max(values):.4f})")
+    lines.append(f"| {name} | " + " | ".join(cells)
+                 + f" | {flags_of.get(name, 'python -m mtl_zoo.train (defaults)')} |")
+  plot_front(summary, front, rows["default flags"][0]["eval"])
   report(lines, {"rows": rows, "front": front}, "ads")
 
 
