@@ -22,6 +22,7 @@ from typing import List
 import optuna
 from absl import app, flags, logging
 
+from mtl_zoo import balancers
 from mtl_zoo import runner
 from mtl_zoo import train  # the train flags: the base settings of every trial
 from mtl_zoo.config import ConfigError
@@ -86,9 +87,11 @@ def tune(argv_rest=None) -> None:
     base.validate()
     entries = space_lib.load_space_file(FLAGS.space) if FLAGS.space else None
     fixed = [f.name for f in FLAGS.get_flags_for_module(train) if f.present]
-    space = space_lib.make_space(base.architecture, study_lib.data_tasks(base), entries,
-                                 fixed_flags=fixed, where=f"--space={FLAGS.space}",
-                                 loss_weighting=base.loss_weighting)
+    schema = study_lib.data_schema(base)
+    space = space_lib.make_space(
+        base.architecture, schema.task_names, entries, fixed_flags=fixed,
+        where=f"--space={FLAGS.space}", loss_weighting=base.loss_weighting,
+        shares_parameters=base.architecture in balancers.sharing_architectures(schema))
     base, flags_list, objectives = study_lib.prepare(base, base_flags(), FLAGS.objectives)
     study = study_lib.run_search(
         base, flags_list, space, settings, objectives,

@@ -219,10 +219,10 @@ def test_space_file_narrows_and_fixes(tmp_path):
     space_lib.load_space_file(path)
   space = space_lib.make_space("single_task", ["ctr", "cvr"],
                                {"bottom_units": "32", "dropout": None},
-                               fixed_flags=["learning_rate"])
+                               fixed_flags=["learning_rate"], shares_parameters=False)
   assert "learning_rate" not in space.parameters and "dropout" not in space.parameters
   assert space.parameters["bottom_units"].kind == "fixed"
-  # single_task shares nothing: the per-task gradient balancers are left out.
+  # Nothing shared: the per-task gradient balancers are left out.
   assert set(space.parameters["loss_weighting"].choices) == {"fixed", "uncertainty", "dwa"}
   trial = optuna.create_study().ask({})
   values = space.suggest(trial)

@@ -150,7 +150,7 @@ class Space:
 
 def make_space(architecture: str, tasks: Sequence[str], entries: Optional[dict] = None,
                fixed_flags: Sequence[str] = (), where: str = "the space",
-               loss_weighting: str = "fixed") -> Space:
+               loss_weighting: str = "fixed", shares_parameters: bool = True) -> Space:
   """The search space of `architecture`: the defaults it applies to, changed by
   `entries` (a space file's), less the parameters fixed by the command line.
 
@@ -161,6 +161,9 @@ def make_space(architecture: str, tasks: Sequence[str], entries: Optional[dict] 
     fixed_flags: train flags given explicitly, which the search leaves alone.
     where: the space's origin for messages (a file name).
     loss_weighting: the balancer when the space does not search it.
+    shares_parameters: whether the architecture's tasks share dense parameters
+      on the data (`balancers.sharing_architectures`); if not, the balancers
+      that need them (GradNorm, PCGrad) are left out of the default space.
 
   Returns:
     The Space.
@@ -169,10 +172,9 @@ def make_space(architecture: str, tasks: Sequence[str], entries: Optional[dict] 
     SpaceError: naming the entry, what is wrong and the fix.
   """
   takes = models.builder_arguments(architecture)
-  shares = architecture != "single_task"
   default = {name: entry for name, entry in DEFAULT_SPACE.items()
              if name in RUN_PARAMETERS or name in takes}
-  if not shares:  # no dense parameter shared: the per-task gradient balancers refuse it
+  if not shares_parameters:
     default["loss_weighting"] = {"type": "categorical", "choices": [
         n for n in balancers.BALANCERS if n not in TASK_GRADIENT_BALANCERS]}
   merged = dict(default)

@@ -40,6 +40,7 @@ from mtl_zoo._keras import keras
 from mtl_zoo.config import ConfigError, RunConfig
 from mtl_zoo.tuning import space as space_lib
 from pipelines import files
+from pipelines import schema as schema_lib
 
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "none")
@@ -292,13 +293,13 @@ def _claims(trial: optuna.trial.FrozenTrial) -> bool:
   return counts_as_finished(trial) or trial.state in (TrialState.RUNNING, TrialState.WAITING)
 
 
-def data_tasks(base: RunConfig) -> List[str]:
-  """The tasks of the base run's data (written first if it is the built-in data).
+def data_schema(base: RunConfig) -> schema_lib.Schema:
+  """The schema of the base run's data (written first if it is the built-in data).
 
   Raises:
     runner.DataError, ConfigError: as the run would.
   """
-  return runner.resolve_data(base)[2].task_names
+  return runner.resolve_data(base)[2]
 
 
 def prepare(base: RunConfig, base_flags: Sequence[str], objectives_spec: Optional[str]
