@@ -22,7 +22,6 @@ from typing import List
 import optuna
 from absl import app, flags, logging
 
-from mtl_zoo import balancers
 from mtl_zoo import runner
 from mtl_zoo import train  # the train flags: the base settings of every trial
 from mtl_zoo.config import ConfigError
@@ -91,7 +90,7 @@ def tune(argv_rest=None) -> None:
     space = space_lib.make_space(
         base.architecture, schema.task_names, entries, fixed_flags=fixed,
         where=f"--space={FLAGS.space}", loss_weighting=base.loss_weighting,
-        shares_parameters=base.architecture in balancers.sharing_architectures(schema))
+        shares_parameters=space_lib.shares_parameters(base.architecture, schema))
     base, flags_list, objectives = study_lib.prepare(base, base_flags(), FLAGS.objectives)
     study = study_lib.run_search(
         base, flags_list, space, settings, objectives,

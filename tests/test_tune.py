@@ -25,7 +25,7 @@ from pipelines import schema as schema_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
-# Tiny trials: two epochs of a two-expert MMoE; the learning rate, the number of
+# Tiny trials: one epoch of a 1-2-expert MMoE; the learning rate, the number of
 # experts and cvr's loss weight searched.
 SPACE = {"learning_rate": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},
          "num_experts": {"type": "int", "low": 1, "high": 2}, "batch_size": 1024,
@@ -61,7 +61,7 @@ def space_file(tmp_path_factory):
 
 def _tune_args(ads_dir, space_file, output_dir, trials):
   return [f"--train_files={ads_dir}/train-*", f"--eval_files={ads_dir}/eval-*",
-          "--max_epochs=2", f"--trials={trials}", f"--space={space_file}",
+          "--max_epochs=1", f"--trials={trials}", f"--space={space_file}",
           f"--output_dir={output_dir}", "--pruner=none"]
 
 
@@ -117,7 +117,7 @@ def test_killed_search_resumes_and_flagfile_reproduces(ads_dir, space_file, tmp_
 @pytest.mark.slow
 def test_two_processes_share_one_budget(ads_dir, space_file, tmp_path):
   out = str(tmp_path / "tune")
-  command = [sys.executable, "-m", "mtl_zoo.tune", *_tune_args(ads_dir, space_file, out, 4),
+  command = [sys.executable, "-m", "mtl_zoo.tune", *_tune_args(ads_dir, space_file, out, 3),
              "--heartbeat_seconds=1", "--grace_seconds=30"]
   processes = [subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -126,13 +126,13 @@ def test_two_processes_share_one_budget(ads_dir, space_file, tmp_path):
     assert p.returncode == 0, err[-3000:]
   trials = _load(out).get_trials()
   complete = [t for t in trials if t.state == TrialState.COMPLETE]
-  assert len(complete) == 4
+  assert len(complete) == 3
   # Any other trial was started past the budget and withdrawn before training.
   assert all(t.user_attrs.get("withdrawn") for t in trials if t.state != TrialState.COMPLETE)
   # Each complete trial trained once, in its own directory.
   trained = sorted(os.listdir(os.path.join(out, "trials")))
   assert trained == [f"trial-{t.number:04d}" for t in complete]
-  assert len({(t.params["learning_rate"], t.params["num_experts"]) for t in complete}) == 4
+  assert len({(t.params["learning_rate"], t.params["num_experts"]) for t in complete}) == 3
   # Both worked on it (started together, they also raced to create the database).
   assert len({t.user_attrs["pid"] for t in complete}) == 2
 
@@ -209,6 +209,12 @@ def test_bad_space_entry_is_named(entries, message):
 def test_searchable_architecture_parameters_are_train_flags():
   from mtl_zoo import train  # noqa: defines the train flags
   assert set(space_lib.ARCHITECTURE_PARAMETERS) == set(train.ARCHITECTURE_FLAGS)
+
+
+def test_shares_parameters(ads_dir):
+  schema = schema_lib.Schema.load(os.path.join(ads_dir, "schema.json"))
+  assert space_lib.shares_parameters("mmoe", schema)
+  assert not space_lib.shares_parameters("single_task", schema)
 
 
 def test_space_file_narrows_and_fixes(tmp_path):

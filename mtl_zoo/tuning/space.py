@@ -162,8 +162,8 @@ def make_space(architecture: str, tasks: Sequence[str], entries: Optional[dict] 
     where: the space's origin for messages (a file name).
     loss_weighting: the balancer when the space does not search it.
     shares_parameters: whether the architecture's tasks share dense parameters
-      on the data (`balancers.sharing_architectures`); if not, the balancers
-      that need them (GradNorm, PCGrad) are left out of the default space.
+      on the data (`shares_parameters`); if not, the balancers that need them
+      (GradNorm, PCGrad) are left out of the default space.
 
   Returns:
     The Space.
@@ -187,6 +187,24 @@ def make_space(architecture: str, tasks: Sequence[str], entries: Optional[dict] 
       continue
     parameters[name] = _parameter(name, entry, where)
   return Space(parameters, list(tasks), loss_weighting)
+
+
+def shares_parameters(architecture: str, schema) -> bool:
+  """Whether `architecture`'s trained tasks share dense parameters on `schema`
+  (what GradNorm and PCGrad need; `balancers.sharing_architectures` asks it of
+  every architecture, which costs seconds).
+
+  Args:
+    architecture: a MODELS name.
+    schema: the data's schema.
+  """
+  train_schema = models.training_schema(architecture, schema)
+  try:
+    balancers.balanced_indices(models.build(architecture, train_schema), train_schema,
+                               [t.name for t in train_schema.tasks if t.loss_weight > 0])
+  except ValueError:  # NothingSharedError, or fewer than two trained tasks
+    return False
+  return True
 
 
 def load_space_file(path: str) -> dict:
