@@ -12,6 +12,8 @@ PYARROW = "pyarrow>=10"
 # scripts/baseline_logreg.py: logistic regression on sparse one-hot ids (scipy
 # comes with it).
 BASELINE = ["scikit-learn>=1.3"]
+# python -m mtl_zoo.tune: TPE sampler, pruners, RDB (SQLite/any SQLAlchemy URL) storage.
+TUNE = ["optuna>=4.2,<6"]
 
 setup(
     name="mtl_zoo",
@@ -36,13 +38,16 @@ setup(
     extras_require={
         # Beam is in the test extra so that CI runs the Beam converter's test.
         # ... and scikit-learn, so that it runs the baseline script's test.
-        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", *BEAM, *BASELINE],
+        # ... and optuna, so that it runs the search's tests.
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", *BEAM, *BASELINE, *TUNE],
         # Kept so that `pip install .[experiments]` still works; matplotlib is now core.
         "experiments": ["matplotlib>=3.5"],
         "beam": BEAM,
         "baseline": BASELINE,
+        "tune": TUNE,
         # Kept so that `pip install .[parquet]` still works; pyarrow is now core.
         "parquet": [PYARROW],
     },
-    entry_points={"console_scripts": ["mtl-zoo-train=mtl_zoo.train:run"]},
+    entry_points={"console_scripts": ["mtl-zoo-train=mtl_zoo.train:run",
+                                      "mtl-zoo-tune=mtl_zoo.tune:run"]},
 )

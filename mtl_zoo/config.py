@@ -54,7 +54,7 @@ RESULT_FIELDS = ("strategy", "model", "train_files", "schema", "tasks", "event_w
                  "backup_every_steps", "learning_rate", "hyperparameters", "seed", "cache",
                  "cache_memory_mb",
                  "shuffle_block", "bad_records", "source", "source_options", "eval_files",
-                 "negative_sampling")
+                 "negative_sampling", "task_weights")
 OUTPUT_FIELDS = ("output_dir", "model_dir", "export_dir", "fusion", "keep", "serving_task",
                  "serving_threads", "quiet", "calibrate", "calibration_files")
 
@@ -119,6 +119,8 @@ class RunConfig:
   calibrate: Optional[str] = None
   calibration_files: Optional[str] = None
   negative_sampling: Optional[float] = None
+  # Task loss weights over the schema's, e.g. "ctr=1,cvr=0.5" (issue 15: tuned).
+  task_weights: Optional[str] = None
 
   @property
   def architecture(self) -> str:

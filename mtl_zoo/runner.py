@@ -19,7 +19,7 @@ import os
 import re
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
@@ -81,11 +81,15 @@ class _Fitted:
   curve: List[dict]
 
 
-def run(config: RunConfig) -> RunResult:
+def run(config: RunConfig, on_epoch_end: Optional[Callable[[int, float], None]] = None
+        ) -> RunResult:
   """Runs the whole job `config` describes.
 
   Args:
     config: the run's settings; validated first.
+    on_epoch_end: called after every evaluated epoch with the 1-based epoch and
+      the --monitor value as the metric reads (e.g. to prune a search's trial
+      by raising); needs eval data.
 
   Returns:
     The trained model, its schema and the run's summary (also written to
@@ -134,7 +138,7 @@ def run(config: RunConfig) -> RunResult:
   workers = distribute.num_workers(config.distribution, cluster)
   fitted = [fit_model(config, name, schema, train_pattern, eval_pattern,
                       files.join(model_dir, name) if len(runs) > 1 else model_dir,
-                      strategy, cluster, workers)
+                      strategy, cluster, workers, on_epoch_end)
             for name, schema in runs]
   if not chief:
     # The chief holds the same weights and writes every output.
@@ -288,10 +292,34 @@ def resolve_data(config: RunConfig) -> Tuple[str, Optional[str], schema_lib.Sche
           os.path.dirname(train_files[0]), schema_lib.SCHEMA_FILENAME))
     if config.tasks:
       schema = schema.with_tasks(config.tasks)
+    if config.task_weights:
+      schema = with_task_weights(schema, config.task_weights)
     schema.require_statistics()
   except (FileNotFoundError, schema_lib.SchemaError) as e:
     raise DataError(str(e)) from None
   return train, evaluation, schema
+
+
+def with_task_weights(schema: schema_lib.Schema, spec: str) -> schema_lib.Schema:
+  """`schema` with the loss weights of --task_weights ('ctr=1,cvr=0.5').
+
+  Raises:
+    ConfigError: a malformed entry or a task the schema does not have.
+  """
+  try:
+    weights = strategies.parse_event_values(spec, "--task_weights")
+  except schema_lib.SchemaError as e:
+    raise ConfigError(str(e)) from None
+  unknown = sorted(set(weights) - set(schema.task_names))
+  if unknown:
+    raise ConfigError(f"--task_weights names {unknown}, which are not tasks of the data; "
+                      f"its tasks are {schema.task_names}.")
+  negative = sorted(t for t, w in weights.items() if not 0 <= w < math.inf)
+  if negative:
+    raise ConfigError(f"--task_weights: the weights of {negative} must be finite and >= 0.")
+  return schema.replace(tasks=[dataclasses.replace(t, loss_weight=weights.get(t.name,
+                                                                              t.loss_weight))
+                               for t in schema.tasks])
 
 
 def _builtin_data(config: RunConfig) -> Tuple[str, str]:
@@ -524,7 +552,8 @@ def check_balancer(config: RunConfig, runs: List[Tuple[str, schema_lib.Schema]])
 
 def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pattern: str,
               eval_pattern: Optional[str], model_dir: str, strategy, cluster: dict,
-              workers: int) -> _Fitted:
+              workers: int, on_epoch_end: Optional[Callable[[int, float], None]] = None
+              ) -> _Fitted:
   """Builds, compiles and fits one model (under `strategy`, resuming from its
   backup in `model_dir` if there is one).
 
@@ -672,6 +701,9 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
     callbacks.insert(0, early_stopping.EarlyStopping(
         monitor, config.patience_epochs, evaluator, state_dir=model_dir if chief else None,
         progress=progress, strategy=strategy, report=not config.quiet))
+  if evaluator and on_epoch_end:  # after the early stopping, which appends the value
+    callbacks.insert(1, keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: (
+        on_epoch_end(epoch + 1, monitor.shown(progress.values[-1])))))
   if evaluator:
     evaluator.curve = curve
     callbacks.insert(0, evaluator)  # first, so later callbacks log its metrics

@@ -196,6 +196,9 @@ flags.DEFINE_float("negative_sampling", None,
                    "calibration data are never sampled. Tasks masked by the engagement label "
                    "(cvr) keep all their rows, those with a positive engagement label; other "
                    "tasks would be biased and are refused. Default: every negative.")
+flags.DEFINE_string("task_weights", None, "Loss weight of each task, over the schema's, "
+                    "e.g. 'ctr=1,cvr=0.5' (what `python -m mtl_zoo.tune` searches). "
+                    "Default: the schema's loss weights.")
 flags.DEFINE_integer("synthetic_requests", 12_000, "Training requests (10 impressions "
                      "each) of the default synthetic log.", lower_bound=1)
 
@@ -266,7 +269,7 @@ def config_from_flags() -> RunConfig:
       source_options=({"synthetic_requests": FLAGS.synthetic_requests}
                       if FLAGS.source == "synthetic" else {}),
       calibrate=FLAGS.calibrate, calibration_files=FLAGS.calibration_files,
-      negative_sampling=FLAGS.negative_sampling)
+      negative_sampling=FLAGS.negative_sampling, task_weights=FLAGS.task_weights)
 
 
 def check_source_flags() -> None:

@@ -10,7 +10,7 @@ from conftest import REPO
 PACKAGES = ("mtl_zoo", "pipelines")
 # Modules that are command-line programs: the only ones that may read flags.
 CLI_MODULES = {"mtl_zoo.train", "mtl_zoo.export", "mtl_zoo.predict", "mtl_zoo.fusion_search",
-               "pipelines.convert", "pipelines.beam_convert"}
+               "mtl_zoo.tune", "pipelines.convert", "pipelines.beam_convert"}
 
 
 def _modules() -> dict:
@@ -94,6 +94,11 @@ def test_data_flows_one_way():
     if module.startswith("mtl_zoo.models"):
       assert not [d for d in deps if d.startswith("mtl_zoo.") and not d.startswith(
           ("mtl_zoo.layers", "mtl_zoo.models", "mtl_zoo._keras"))], (module, deps)
+    # The search drives the runner; only its CLI uses it, and it uses no CLI.
+    if not module.startswith(("mtl_zoo.tuning", "mtl_zoo.tune")):
+      assert not [d for d in deps if d.startswith("mtl_zoo.tuning")], module
+    if module.startswith("mtl_zoo.tuning"):
+      assert not deps & CLI_MODULES, (module, deps & CLI_MODULES)
 
 
 def test_only_command_line_modules_read_flags():
