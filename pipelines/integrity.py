@@ -170,6 +170,13 @@ def _gzip_size(path: str) -> Optional[int]:
     return struct.unpack("<I", f.read(4))[0]
 
 
+# The scan's reads are traced once per process (tf.function with fixed input
+# signatures): building their tf.data pipelines anew for every shard or run cost
+# more than reading a small shard.
+_PATH = tf.TensorSpec([], tf.string)
+_PATHS = tf.TensorSpec([None], tf.string)
+
+
 def count_records(path: str, compression: str) -> Tuple[int, int]:
   """(records, payload bytes) of one shard, read to its end; raises its
   reading error."""
@@ -177,6 +184,7 @@ def count_records(path: str, compression: str) -> Tuple[int, int]:
   return int(n), int(payload)
 
 
+@tf.function(input_signature=[_PATH, _PATH])
 def _count(path: tf.Tensor, compression: tf.Tensor):
   records = tf.data.TFRecordDataset(path, compression).batch(4096)
   return records.reduce(
@@ -188,9 +196,17 @@ def _count(path: tf.Tensor, compression: tf.Tensor):
 
 def count_in_parallel(files: Sequence[str], compressions: Sequence[str]) -> list:
   """`count_records` of every shard at once; raises the first reading error."""
-  ds = tf.data.Dataset.from_tensor_slices((list(files), list(compressions))).map(
+  if not files:
+    return []
+  counts = _count_each(tf.constant(list(files)), tf.constant(list(compressions)))
+  return [(int(n), int(b)) for n, b in zip(*(c.numpy() for c in counts))]
+
+
+@tf.function(input_signature=[_PATHS, _PATHS])
+def _count_each(files: tf.Tensor, compressions: tf.Tensor):
+  ds = tf.data.Dataset.from_tensor_slices((files, compressions)).map(
       _count, num_parallel_calls=tf.data.AUTOTUNE)
-  return [(int(n), int(b)) for n, b in ds.as_numpy_iterator()]
+  return ds.batch(tf.size(files, out_type=tf.int64)).get_single_element()
 
 
 def _count_all(files: Sequence[str]) -> list:
@@ -213,15 +229,21 @@ def _count_all(files: Sequence[str]) -> list:
 
 def _readable_run(path: str, compression: Optional[str], offset: int) -> Tuple[int, int]:
   """(records, payload bytes) readable from `offset` up to the first damage."""
+  n, payload = _run_length(tf.constant(path), tf.constant(compression or ""),
+                           tf.constant(offset, tf.int64))
+  return int(n), int(payload)
+
+
+@tf.function(input_signature=[_PATH, _PATH, tf.TensorSpec([], tf.int64)])
+def _run_length(path: tf.Tensor, compression: tf.Tensor, offset: tf.Tensor):
   # The reader ends a file at its first error; ignore_errors() turns that into
   # the end of the run.
   run = tf.data.Dataset.from_tensors(path).interleave(
-      lambda p: record_dataset(p, compression or "", offset, -1)).ignore_errors()
-  n, payload = run.reduce(
+      lambda p: record_dataset(p, compression, offset, -1)).ignore_errors()
+  return run.reduce(
       (tf.constant(0, tf.int64), tf.constant(0, tf.int64)),
       lambda total, r: (total[0] + 1,
                         total[1] + tf.cast(tf.strings.length(r), tf.int64)))
-  return int(n), int(payload)
 
 
 def record_dataset(path: tf.Tensor, compression: tf.Tensor, offset: tf.Tensor,
