@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from mtl_zoo import layers
-from mtl_zoo._keras import keras
+from mtl_zoo._keras import keras, outputs_by_name
 
 # An expert is "starved" when a gate's mean weight on it is below this fraction
 # of the uniform weight 1/num_experts.
@@ -50,7 +50,7 @@ def with_gate_outputs(model: keras.Model) -> keras.Model:
   gates = gate_outputs(model)
   if not gates:
     return model
-  return keras.Model(model.inputs, {**dict(zip(model.output_names, model.outputs)),
+  return keras.Model(model.inputs, {**outputs_by_name(model),
                                     **{GATE_PREFIX + name: g for name, g in gates.items()}})
 
 

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 import mtl_zoo
 from mtl_zoo import layers, models
-from mtl_zoo._keras import keras
+from mtl_zoo._keras import input_names, keras, output_names
 from mtl_zoo.balancers import shared
 from pipelines import reader
 from pipelines.schema import Schema
@@ -21,13 +21,13 @@ def _layers_of(model, cls):
 def test_builders_have_feature_inputs_and_task_named_outputs(name, ads_schema):
   model = models.build(name, ads_schema)
   # The training model takes the train-only position too; the served one does not.
-  assert sorted(model.input_names) == sorted(ads_schema.feature_names)
-  assert sorted(models.serving_model(model).input_names) == sorted(
+  assert sorted(input_names(model)) == sorted(ads_schema.feature_names)
+  assert sorted(input_names(models.serving_model(model))) == sorted(
       set(ads_schema.feature_names) - {"position"})
-  assert not set(model.input_names) & set(ads_schema.labels)
+  assert not set(input_names(model)) & set(ads_schema.labels)
   tasks = sorted(models.training_schema(name, ads_schema).task_names)
   assert tasks == (["ctr", "ctr_cvr", "cvr"] if name == "esmm" else ["ctr", "cvr"])
-  assert sorted(model.output_names) == tasks
+  assert sorted(output_names(model)) == tasks
   features = {k: tf.zeros([3] + spec.shape[1:].as_list(), spec.dtype)
               for k, spec in ads_schema.feature_signature().items()}
   outputs = model({**features, "position": tf.zeros([3], tf.int64)})
@@ -283,5 +283,5 @@ def test_any_architecture_can_use_a_dcn_cross_bottom(name, tmp_path, ads_dir, ad
   path = str(tmp_path / "m.keras")
   model.save(path)
   loaded = keras.models.load_model(path)
-  for task in model.output_names:
+  for task in output_names(model):
     np.testing.assert_allclose(model(features)[task], loaded(features)[task], atol=1e-6)
