@@ -135,6 +135,25 @@ def default_adam(learning_rate: float):
   return keras.optimizers.legacy.Adam(learning_rate)
 
 
+# The ending of weights-only checkpoints: Keras 2 writes TensorFlow checkpoints
+# (a prefix, no ending); Keras 3's ModelCheckpoint accepts only `.weights.h5`.
+WEIGHTS_SUFFIX = ".weights.h5" if KERAS_3 else ""
+
+
+def load_weights(model, path: str) -> None:
+  """Loads a weights-only checkpoint that `model`'s ModelCheckpoint wrote
+  (Keras 2: without the optimizer slots it also holds).
+
+  Args:
+    model: the model (or trainer) that was fitted.
+    path: the checkpoint (its prefix under Keras 2), with `WEIGHTS_SUFFIX`.
+  """
+  if KERAS_3:
+    model.load_weights(path)
+  else:
+    model.load_weights(path).expect_partial()
+
+
 def input_names(model) -> list:
   """Names of a functional model's inputs (Keras 3 has no `input_names`).
 
@@ -167,6 +186,23 @@ def outputs_by_name(model) -> dict:
   return dict(zip(model.output_names, model.outputs))
 
 
+def dict_output(layer, keys) -> dict:
+  """The symbolic dict a layer returned when called in a functional model
+  (Keras 3 keeps only the flattened values, in sorted key order).
+
+  Args:
+    layer: a layer called once, whose call returns a dict.
+    keys: that dict's keys.
+
+  Returns:
+    dict key -> symbolic tensor.
+  """
+  if not KERAS_3:
+    return layer.output
+  (node,) = layer._inbound_nodes
+  return dict(zip(sorted(keys), node.outputs))
+
+
 def output_names(model) -> list:
   """Names of a functional model's outputs (see `outputs_by_name`).
 
@@ -179,5 +215,5 @@ def output_names(model) -> list:
   return list(outputs_by_name(model))
 
 
-__all__ = ["keras", "VERSION", "KERAS_3", "ENV_VAR", "feature_cross", "default_adam", "input_names", "output_names",
-           "outputs_by_name"]
+__all__ = ["keras", "VERSION", "KERAS_3", "ENV_VAR", "feature_cross", "default_adam", "WEIGHTS_SUFFIX", "load_weights", "input_names", "output_names",
+           "outputs_by_name", "dict_output"]

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from mtl_zoo import layers
-from mtl_zoo._keras import keras, outputs_by_name
+from mtl_zoo._keras import dict_output, keras, outputs_by_name
 
 # An expert is "starved" when a gate's mean weight on it is below this fraction
 # of the uniform weight 1/num_experts.
@@ -26,7 +26,7 @@ def gate_outputs(model: keras.Model) -> Dict[str, tf.Tensor]:
     if isinstance(layer, layers.SoftmaxGate):
       found[layer.name] = layer.output
     elif isinstance(layer, layers.SoftmaxGates):
-      found.update(layer.output)
+      found.update(dict_output(layer, layer.gate_names))
   return found
 
 
