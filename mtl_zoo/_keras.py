@@ -215,5 +215,6 @@ def output_names(model) -> list:
   return list(outputs_by_name(model))
 
 
-__all__ = ["keras", "VERSION", "KERAS_3", "ENV_VAR", "feature_cross", "default_adam", "WEIGHTS_SUFFIX", "load_weights", "input_names", "output_names",
+__all__ = ["keras", "VERSION", "KERAS_3", "ENV_VAR", "feature_cross", "default_adam",
+           "WEIGHTS_SUFFIX", "load_weights", "input_names", "output_names",
            "outputs_by_name", "dict_output"]

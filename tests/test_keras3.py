@@ -143,3 +143,16 @@ def test_mmoe_inside_a_users_keras_3_model_trains_saves_and_exports(ads_dir, ads
   for task in ("ctr", "cvr"):
     np.testing.assert_allclose(loaded(features)[task], expected[task], atol=1e-6)
     np.testing.assert_allclose(served[task], expected[task][:, 0], atol=1e-5)
+
+
+@pytest.mark.keras3
+@pytest.mark.skipif(not _keras.KERAS_3, reason="what Keras 3 refuses")
+@pytest.mark.parametrize("settings, flag", [
+    ({"distribution": "mirrored"}, "--distribution=mirrored needs Keras 2"),
+    ({"backup_every_steps": 10}, "--backup_every_steps: crash backups"),
+])
+def test_what_needs_keras_2_is_refused_at_start_naming_the_flag(settings, flag):
+  from mtl_zoo.config import ConfigError, RunConfig
+  with pytest.raises(ConfigError, match=flag):
+    RunConfig(**settings).validate()
+  RunConfig().validate()  # the defaults run under Keras 3
