@@ -2,9 +2,9 @@
 
 from typing import Optional, Union
 
+from mtl_zoo import _keras
 from mtl_zoo import balancers as balancers_lib
 from mtl_zoo import losses
-from mtl_zoo import _keras
 from mtl_zoo._keras import keras
 from pipelines import schema as schema_lib
 

@@ -80,7 +80,8 @@ def test_serving_signature_has_features_only():
 
 
 def _run(code, **env_vars):
-  env = {k: v for k, v in os.environ.items() if k not in ("TF_USE_LEGACY_KERAS", "MTL_ZOO_KERAS")}
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("TF_USE_LEGACY_KERAS", "MTL_ZOO_KERAS")}
   return subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, **env_vars},
                         capture_output=True, text=True, timeout=120)
 

@@ -26,9 +26,9 @@ def embed(inputs: Dict[str, tf.Tensor], schema: schema_lib.Schema,
           embeddings_l2: float = EMBEDDINGS_L2, cross_layers: int = 0,
           name: str = "feature_embedding") -> tf.Tensor:
   """The feature-interaction bottom every builder shares: embeddings, then
-  optionally `cross_layers` explicit DCN-v2 feature crosses (`_keras.feature_cross`:
-  TFRS under Keras 2, keras-rs under Keras 3)
-  (Wang et al., WWW 2021): x_{l+1} = x_0 * (W x_l + b) + x_l."""
+  optionally `cross_layers` explicit DCN-v2 feature crosses (Wang et al., WWW
+  2021): x_{l+1} = x_0 * (W x_l + b) + x_l (`_keras.feature_cross`: TFRS under
+  Keras 2, keras-rs under Keras 3)."""
   x0 = layers.feature_embedding(schema, embeddings_l2, name=name)(inputs)
   x = x0
   if cross_layers:
