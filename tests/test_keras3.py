@@ -47,8 +47,8 @@ for layer in model.layers:
   if layer.weights:
     layer.set_weights([saved[f"{layer.name}/{i}"] for i in range(len(layer.weights))])
 examples = list(np.load(os.path.join(out, "examples.npy"), allow_pickle=True))
-serving.export_saved_model(model, schema, os.path.join(out, f"keras{version}", "mmoe"), version=1,
-                           warmup_examples=examples[:4],
+serving.export_saved_model(model, schema, os.path.join(out, f"keras{version}", "mmoe"),
+                           version=1, warmup_examples=examples[:4],
                            fusion=layers.parse_fusion(%r))
 """ % FUSION
 
