@@ -27,6 +27,9 @@ setup(
         "tensorflow>=2.16,<2.22",
         "tf-keras>=2.16,<2.22",
         "tensorflow-recommenders==0.7.7",
+        # Keras 3 (the process's choice, or MTL_ZOO_KERAS=3) and its DCN cross layer.
+        "keras>=3.10",
+        "keras-rs==0.4.0",
         "tensorboard>=2.16",
         "absl-py>=1.0",
         "tensorflow-serving-api>=2.16,<2.22",

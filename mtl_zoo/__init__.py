@@ -1,10 +1,10 @@
-"""mtl_zoo: multi-objective ranking models for TensorFlow / Keras 2.
+"""mtl_zoo: multi-objective ranking models for TensorFlow / Keras.
 
-Importing mtl_zoo selects Keras 2 (tf-keras) for tf.keras, which TensorFlow
-Recommenders needs; it fails with a clear message if Keras 3 was already chosen.
+Importing mtl_zoo follows the Keras the process uses (Keras 3 if it already
+does, else MTL_ZOO_KERAS, else Keras 2 from tf-keras); `mtl_zoo._keras` says how.
 """
 
-from mtl_zoo._keras import keras  # noqa: F401  (first: pins tf.keras to Keras 2)
+from mtl_zoo._keras import keras  # noqa: F401  (first: chooses the Keras)
 from mtl_zoo.models import (MODELS, build, build_cgc, build_cross_stitch, build_esmm,
                             build_l2_constrained, build_mmoe, build_omoe, build_ple,
                             build_shared_bottom, build_single_task, training_schema)

@@ -1,20 +1,33 @@
 """The only module that knows Keras 2 from Keras 3.
 
-mtl_zoo builds on Keras 2 (the `tf-keras` package) because TensorFlow
-Recommenders 0.7.7 refuses Keras 3. TensorFlow picks the Keras behind `tf.keras`
-from TF_USE_LEGACY_KERAS the first time `tf.keras` is touched, so this module
-sets it before that happens and refuses to run if Keras 3 was already chosen.
-Everything in mtl_zoo imports `keras` from here.
+mtl_zoo runs on either, written once: Keras 2 (the `tf-keras` package, with
+TensorFlow Recommenders' DCN cross) or Keras 3 with the TensorFlow backend
+(with keras-rs' `FeatureCross`). Everything in mtl_zoo imports `keras` and the
+few shims that differ from here.
+
+Which Keras, decided once at the first `import mtl_zoo`:
+  1. the Keras the process already uses: Keras 3 when tf.keras is already
+     bound to Keras 3, when TF_USE_LEGACY_KERAS is set to a false value, or
+     when the Keras 3 package (`import keras`) is already imported and tf.keras
+     is not bound to Keras 2;
+  2. otherwise MTL_ZOO_KERAS (`2` or `3`; the CLIs' way to choose);
+  3. otherwise Keras 2, as before.
+MTL_ZOO_KERAS contradicting the process's choice is refused with the fix.
+
+TensorFlow binds tf.keras from TF_USE_LEGACY_KERAS the first time tf.keras is
+touched, so for Keras 2 this module sets it to 1 before that happens.
 """
 
 import os
 import sys
 
+ENV_VAR = "MTL_ZOO_KERAS"
 _LEGACY_VALUES = ("1", "true", "True")
 
 
-def _tf_keras_is_keras_3() -> bool:
-  """Whether an already imported TensorFlow has bound tf.keras to Keras 3.
+def _tf_keras_binding() -> str:
+  """What an already imported TensorFlow bound tf.keras to: "keras_3",
+  "keras_2" or "" (not yet chosen, or TensorFlow not imported).
 
   Until first use, tf.keras is a lazy loader that records its choice in its
   own __dict__ (reading attributes through it would trigger the choice); after
@@ -23,29 +36,185 @@ def _tf_keras_is_keras_3() -> bool:
   tensorflow = sys.modules.get("tensorflow")
   bound = tensorflow.__dict__.get("keras") if tensorflow else None
   if bound is None:
-    return False
+    return ""
   if type(bound).__name__ == "KerasLazyLoader":
-    return bound.__dict__.get("_tfll_keras_version") == "keras_3"
-  return bound.__dict__.get("__name__", "").startswith("keras.")
+    return {"keras_3": "keras_3", "keras_2": "keras_2"}.get(
+        bound.__dict__.get("_tfll_keras_version"), "")
+  name = bound.__dict__.get("__name__", "")
+  if name.startswith("tf_keras"):
+    return "keras_2"
+  return "keras_3" if name.startswith("keras") else ""
 
 
-def _require_legacy_keras() -> None:
-  value = os.environ.get("TF_USE_LEGACY_KERAS")
-  if value is not None and value not in _LEGACY_VALUES:
-    raise ImportError(
-        f"TF_USE_LEGACY_KERAS={value!r} selects Keras 3, but mtl_zoo (and TensorFlow "
-        "Recommenders) need Keras 2 from the tf-keras package. Unset it or set "
-        "TF_USE_LEGACY_KERAS=1 before starting Python.")
-  if _tf_keras_is_keras_3():
-    raise ImportError(
-        "tf.keras is already bound to Keras 3 in this process, and mtl_zoo needs Keras 2 "
-        "(tf-keras). Import mtl_zoo before anything touches tf.keras, or set "
-        "TF_USE_LEGACY_KERAS=1 in the environment before starting Python.")
+def _keras_3_imported() -> bool:
+  """Whether the process has imported the Keras 3 package itself."""
+  module = sys.modules.get("keras")
+  return bool(module) and str(getattr(module, "__version__", "")).startswith("3")
+
+
+def _choose() -> int:
+  """The Keras major version this process uses (2 or 3); see the module doc."""
+  requested = os.environ.get(ENV_VAR, "").strip()
+  if requested not in ("", "2", "3"):
+    raise ImportError(f"{ENV_VAR}={requested!r}: set it to 2 (Keras 2, tf-keras) or "
+                      "3 (Keras 3 with the TensorFlow backend), or unset it.")
+  legacy = os.environ.get("TF_USE_LEGACY_KERAS")
+  binding = _tf_keras_binding()
+  if binding == "keras_3" or (legacy is not None and legacy not in _LEGACY_VALUES):
+    why = ("tf.keras is already bound to Keras 3" if binding == "keras_3" else
+           f"TF_USE_LEGACY_KERAS={legacy!r} selects Keras 3")
+    if requested == "2":
+      raise ImportError(
+          f"{ENV_VAR}=2 asks for Keras 2, but {why} in this process. Unset {ENV_VAR} "
+          "(mtl_zoo then uses Keras 3), or set TF_USE_LEGACY_KERAS=1 before starting "
+          "Python and import mtl_zoo before anything touches tf.keras.")
+    return 3
+  if binding == "keras_2" or legacy is not None:
+    if requested == "3":
+      raise ImportError(
+          f"{ENV_VAR}=3 asks for Keras 3, but tf.keras is Keras 2 in this process "
+          "(TF_USE_LEGACY_KERAS is set, or tf.keras was bound to tf-keras). Unset "
+          f"TF_USE_LEGACY_KERAS, or unset {ENV_VAR}.")
+    return 2
+  if requested:
+    return int(requested)
+  return 3 if _keras_3_imported() else 2
+
+
+VERSION = _choose()
+
+if VERSION == 2:
   os.environ["TF_USE_LEGACY_KERAS"] = "1"
+  import tf_keras as keras  # noqa: E402  (must follow the choice above)
+else:
+  os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+  import keras  # noqa: E402
+  if keras.backend.backend() != "tensorflow":
+    raise ImportError(
+        f"mtl_zoo needs Keras 3's TensorFlow backend, and this process uses "
+        f"{keras.backend.backend()!r}. Set KERAS_BACKEND=tensorflow before starting Python.")
+
+KERAS_3 = VERSION == 3
 
 
-_require_legacy_keras()
+def feature_cross(name: str):
+  """A DCN-v2 cross layer, called as `layer(x0, x)`: x0 * (W x + b) + x.
 
-import tf_keras as keras  # noqa: E402  (must follow the check above)
+  TensorFlow Recommenders' `Cross` under Keras 2, keras-rs' `FeatureCross`
+  under Keras 3: the same full-rank formula and the same variables (kernel
+  [d, d], then bias [d]), so weights move between the two.
 
-__all__ = ["keras"]
+  Args:
+    name: the layer's name.
+
+  Returns:
+    An unbuilt cross layer.
+  """
+  if KERAS_3:
+    import keras_rs  # only models with crosses pay its import
+    return keras_rs.layers.FeatureCross(name=name)
+  import tensorflow_recommenders as tfrs  # only models with crosses pay its import
+  return tfrs.layers.dcn.Cross(name=name)
+
+
+def default_adam(learning_rate: float):
+  """Adam as compile_model uses it by default.
+
+  Keras 2's legacy Adam applies each variable's update in one fused kernel,
+  where its new one issues ~10 ops per variable, which dominates small models
+  on a CPU; Keras 3 has only the new one.
+
+  Args:
+    learning_rate: Adam's learning rate.
+
+  Returns:
+    A Keras optimizer.
+  """
+  if KERAS_3:
+    return keras.optimizers.Adam(learning_rate)
+  return keras.optimizers.legacy.Adam(learning_rate)
+
+
+# The ending of weights-only checkpoints: Keras 2 writes TensorFlow checkpoints
+# (a prefix, no ending); Keras 3's ModelCheckpoint accepts only `.weights.h5`.
+WEIGHTS_SUFFIX = ".weights.h5" if KERAS_3 else ""
+
+
+def load_weights(model, path: str) -> None:
+  """Loads a weights-only checkpoint that `model`'s ModelCheckpoint wrote
+  (Keras 2: without the optimizer slots it also holds).
+
+  Args:
+    model: the model (or trainer) that was fitted.
+    path: the checkpoint (its prefix under Keras 2), with `WEIGHTS_SUFFIX`.
+  """
+  if KERAS_3:
+    model.load_weights(path)
+  else:
+    model.load_weights(path).expect_partial()
+
+
+def input_names(model) -> list:
+  """Names of a functional model's inputs (Keras 3 has no `input_names`).
+
+  Args:
+    model: a functional Keras model.
+
+  Returns:
+    The input names, in the model's order.
+  """
+  if not KERAS_3:
+    return model.input_names
+  return list(model.input) if isinstance(model.input, dict) else [t.name for t in model.inputs]
+
+
+def outputs_by_name(model) -> dict:
+  """A functional model's symbolic outputs by output name.
+
+  Keras 3's `output_names` are the producing layers' names and its `outputs`
+  are flattened in sorted key order; the output dict's own keys are what the
+  model returns, so they are the names under Keras 3.
+
+  Args:
+    model: a functional Keras model.
+
+  Returns:
+    dict output name -> symbolic tensor, in the model's order.
+  """
+  if KERAS_3 and isinstance(model.output, dict):
+    return dict(model.output)
+  return dict(zip(model.output_names, model.outputs))
+
+
+def dict_output(layer, keys) -> dict:
+  """The symbolic dict a layer returned when called in a functional model
+  (Keras 3 keeps only the flattened values, in sorted key order).
+
+  Args:
+    layer: a layer called once, whose call returns a dict.
+    keys: that dict's keys.
+
+  Returns:
+    dict key -> symbolic tensor.
+  """
+  if not KERAS_3:
+    return layer.output
+  (node,) = layer._inbound_nodes
+  return dict(zip(sorted(keys), node.outputs))
+
+
+def output_names(model) -> list:
+  """Names of a functional model's outputs (see `outputs_by_name`).
+
+  Args:
+    model: a functional Keras model.
+
+  Returns:
+    The output names, in the model's order.
+  """
+  return list(outputs_by_name(model))
+
+
+__all__ = ["keras", "VERSION", "KERAS_3", "ENV_VAR", "feature_cross", "default_adam",
+           "WEIGHTS_SUFFIX", "load_weights", "input_names", "output_names",
+           "outputs_by_name", "dict_output"]

@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from mtl_zoo import layers
 from mtl_zoo import metrics as metrics_lib
-from mtl_zoo._keras import keras
+from mtl_zoo._keras import input_names, keras
 from mtl_zoo.config import ConfigError, RunConfig
 from mtl_zoo.layers.calibration import LOGIT_EPSILON
 from pipelines import files
@@ -181,7 +181,7 @@ def calibrated_model(model: keras.Model, schema: schema_lib.Schema,
     A functional model that nests `model`, named as it.
   """
   inputs = layers.schema_inputs(schema)
-  produced = model({name: inputs[name] for name in model.input_names})
+  produced = model({name: inputs[name] for name in input_names(model)})
   outputs = {}
   for task in schema.task_names:
     corrected = negative_sampling is not None and negative_sampling[0] == task

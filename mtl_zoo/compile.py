@@ -2,6 +2,7 @@
 
 from typing import Optional, Union
 
+from mtl_zoo import _keras
 from mtl_zoo import balancers as balancers_lib
 from mtl_zoo import losses
 from mtl_zoo._keras import keras
@@ -31,9 +32,8 @@ def compile_model(model: keras.Model, schema: schema_lib.Schema,
     model: a built model with one output per schema task.
     schema: the schema it trains on (`models.training_schema`).
     learning_rate: Adam's learning rate (when no `optimizer` is given).
-    optimizer: the optimizer; default Adam (Keras' legacy one: it applies each
-      variable's update in one fused kernel, where the new one issues ~10 ops
-      per variable, which dominates small models on a CPU).
+    optimizer: the optimizer; default Adam (`_keras.default_adam`: Keras 2's
+      legacy, fused one).
     weighting: a `balancers.BALANCERS` name, or a built `LossBalancer`.
     weighting_options: the named balancer's options (e.g. dwa_temperature).
     balance_on: the shared dense parameters GradNorm and PCGrad act on:
@@ -51,7 +51,7 @@ def compile_model(model: keras.Model, schema: schema_lib.Schema,
       ValueError) for GradNorm or PCGrad on a model whose tasks share no dense
       parameter (e.g. single_task).
   """
-  optimizer = optimizer or keras.optimizers.legacy.Adam(learning_rate)
+  optimizer = optimizer or _keras.default_adam(learning_rate)
   # Task masks arrive as sample weights; no streaming metrics need them.
   compile_kwargs.setdefault("weighted_metrics", [])
   if isinstance(weighting, str):

@@ -15,6 +15,7 @@ architecture or balancer does not take.
 import dataclasses
 from typing import Any, Dict, List, Optional, Union
 
+from mtl_zoo import _keras
 from mtl_zoo import balancers
 from mtl_zoo import early_stopping
 from mtl_zoo import losses
@@ -164,6 +165,7 @@ class RunConfig:
       raise ConfigError(f"--loss_weighting={self.loss_weighting} balances several tasks "
                         f"in one model; --strategy={self.strategy} trains one task per "
                         "model. Use --strategy=multi_task.")
+    _refuse_under_keras_3(self)
     if self.distribution != "none" and self.loss_weighting != "fixed":
       raise ConfigError(
           f"--loss_weighting={self.loss_weighting} trains with its own train step, which "
@@ -254,6 +256,21 @@ class RunConfig:
           raise ConfigError(f"--{name} applies to binary tasks' probabilities; "
                             "--strategy=learning_to_rank scores requests' lists with a "
                             f"ranking task. Drop --{name} or choose another --strategy.")
+
+
+def _refuse_under_keras_3(config: "RunConfig") -> None:
+  """What needs Keras 2: tf.distribute through tf-keras and the crash backup."""
+  if not _keras.KERAS_3:
+    return
+  if config.distribution != "none":
+    raise ConfigError(
+        f"--distribution={config.distribution} needs Keras 2 (tf-keras); this process "
+        f"uses Keras 3. Run with {_keras.ENV_VAR}=2 or --distribution=none.")
+  if config.backup_every_steps != RunConfig.backup_every_steps:
+    raise ConfigError(
+        "--backup_every_steps: crash backups (resuming an interrupted run) need Keras 2 "
+        f"(tf-keras); under Keras 3 runs are not backed up. Run with {_keras.ENV_VAR}=2, "
+        "or leave --backup_every_steps out.")
 
 
 def _choice(name: str, value, choices) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from mtl_zoo import layers
-from mtl_zoo._keras import keras
+from mtl_zoo._keras import dict_output, keras, outputs_by_name
 
 # An expert is "starved" when a gate's mean weight on it is below this fraction
 # of the uniform weight 1/num_experts.
@@ -26,7 +26,7 @@ def gate_outputs(model: keras.Model) -> Dict[str, tf.Tensor]:
     if isinstance(layer, layers.SoftmaxGate):
       found[layer.name] = layer.output
     elif isinstance(layer, layers.SoftmaxGates):
-      found.update(layer.output)
+      found.update(dict_output(layer, layer.gate_names))
   return found
 
 
@@ -50,7 +50,7 @@ def with_gate_outputs(model: keras.Model) -> keras.Model:
   gates = gate_outputs(model)
   if not gates:
     return model
-  return keras.Model(model.inputs, {**dict(zip(model.output_names, model.outputs)),
+  return keras.Model(model.inputs, {**outputs_by_name(model),
                                     **{GATE_PREFIX + name: g for name, g in gates.items()}})
 
 

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
+from mtl_zoo import _keras
 from mtl_zoo._keras import keras
 from pipelines import files
 
@@ -240,4 +241,4 @@ def _any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
 
 def checkpoint_path(model_dir: str, epoch: int) -> str:
   """The weights the run's ModelCheckpoint saved after 1-based `epoch`."""
-  return files.join(model_dir, "checkpoints", f"epoch-{epoch:03d}")
+  return files.join(model_dir, "checkpoints", f"epoch-{epoch:03d}{_keras.WEIGHTS_SUFFIX}")

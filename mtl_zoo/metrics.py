@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from mtl_zoo import diagnostics
-from mtl_zoo._keras import keras
+from mtl_zoo._keras import input_names, keras
 from pipelines import schema as schema_lib
 
 
@@ -299,7 +299,7 @@ def predict_function(model):
   """A traced inference call that tolerates the smaller last batch and takes
   only the model's inputs from the features (a serving model is evaluated on
   data that also holds the train-only features)."""
-  names = set(model.input_names)
+  names = set(input_names(model))
   return tf.function(lambda features: model({k: v for k, v in features.items() if k in names},
                                             training=False),
                      reduce_retracing=True)

@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
+from mtl_zoo import _keras
 from mtl_zoo import balancers
 from mtl_zoo import calibration
 from mtl_zoo import distribute
@@ -590,10 +591,11 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
   steps_per_epoch = config.steps_per_epoch or max(1, math.ceil(
       examples / examples_per_step(config, schema)))
 
-  # Crash safety: only an explicit --model_dir can be found again by a rerun.
+  # Crash safety: only an explicit --model_dir can be found again by a rerun;
+  # the backup is Keras 2's (BUILD_NOTES "Keras 3").
   try:
     backup_dir, resumed = distribute.claim_backup(
-        model_dir if config.model_dir else None, chief,
+        model_dir if config.model_dir and not _keras.KERAS_3 else None, chief,
         run_identity(config, train_pattern, schema, steps_per_epoch), steps_per_epoch,
         per_step=config.backup_every_steps > 0 and not _is_ps(strategy))
   except distribute.BackupOwnerError as e:
@@ -681,8 +683,9 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
         or "none (each is smaller than --ps_min_shard_bytes)"))
 
   callbacks = [
-      keras.callbacks.ModelCheckpoint(files.join(model_dir, "checkpoints", "epoch-{epoch:03d}"),
-                                      save_weights_only=True),
+      keras.callbacks.ModelCheckpoint(
+          files.join(model_dir, "checkpoints", "epoch-{epoch:03d}" + _keras.WEIGHTS_SUFFIX),
+          save_weights_only=True),
       keras.callbacks.TensorBoard(files.join(model_dir, "logs"), profile_batch=0),
   ]
   if backup_dir:
@@ -731,7 +734,7 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
     if best_epoch:
       _say(config, f"Keeping epoch {best_epoch}'s weights, the best by --monitor="
            f"{monitor.spec} ({epochs_trained} epochs trained).")
-    trainable.load_weights(early_stopping.checkpoint_path(model_dir, kept)).expect_partial()
+    _keras.load_weights(trainable, early_stopping.checkpoint_path(model_dir, kept))
     if evaluator:
       evaluator.evaluate()  # the report is the kept model's, measured again
   if strategy is not None:

@@ -38,7 +38,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import mtl_zoo  # noqa: E402  (pins Keras 2 first)
+import mtl_zoo  # noqa: E402  (chooses the Keras first)
 import tensorflow as tf  # noqa: E402
 from pipelines import integrity, reader  # noqa: E402
 from pipelines.sources import SOURCES  # noqa: E402

@@ -15,7 +15,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mtl_zoo import experiments, models  # noqa: E402  (pins Keras 2 first)
+from mtl_zoo import experiments, models  # noqa: E402  (chooses the Keras first)
 from pipelines.sources import SOURCES  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -120,6 +120,7 @@ def test_versions_increase_and_failed_export_leaves_nothing(exported, ads_schema
     serving.export_saved_model(model, ads_schema, base, version=os.path.basename(first))
 
 
+@pytest.mark.keras3
 @pytest.mark.parametrize("name", sorted(mtl_zoo.MODELS))
 def test_every_architecture_round_trips_through_the_example_signature(
     name, ads_dir, ads_schema, tmp_path):

@@ -7,6 +7,8 @@ from mtl_zoo import layers
 from mtl_zoo._keras import keras
 from pipelines import schema as schema_lib
 
+pytestmark = pytest.mark.keras3  # every layer, under both Keras
+
 
 def _embedding():
   layer = layers.feature_embedding(mixed_schema())

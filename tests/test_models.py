@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 
 import mtl_zoo
-from mtl_zoo import layers, models
-from mtl_zoo._keras import keras
+from mtl_zoo import _keras, layers, models
+from mtl_zoo._keras import input_names, keras, output_names
 from mtl_zoo.balancers import shared
 from pipelines import reader
 from pipelines.schema import Schema
@@ -17,17 +17,18 @@ def _layers_of(model, cls):
   return [l for l in model.layers if isinstance(l, cls)]
 
 
+@pytest.mark.keras3
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_builders_have_feature_inputs_and_task_named_outputs(name, ads_schema):
   model = models.build(name, ads_schema)
   # The training model takes the train-only position too; the served one does not.
-  assert sorted(model.input_names) == sorted(ads_schema.feature_names)
-  assert sorted(models.serving_model(model).input_names) == sorted(
+  assert sorted(input_names(model)) == sorted(ads_schema.feature_names)
+  assert sorted(input_names(models.serving_model(model))) == sorted(
       set(ads_schema.feature_names) - {"position"})
-  assert not set(model.input_names) & set(ads_schema.labels)
+  assert not set(input_names(model)) & set(ads_schema.labels)
   tasks = sorted(models.training_schema(name, ads_schema).task_names)
   assert tasks == (["ctr", "ctr_cvr", "cvr"] if name == "esmm" else ["ctr", "cvr"])
-  assert sorted(model.output_names) == tasks
+  assert sorted(output_names(model)) == tasks
   features = {k: tf.zeros([3] + spec.shape[1:].as_list(), spec.dtype)
               for k, spec in ads_schema.feature_signature().items()}
   outputs = model({**features, "position": tf.zeros([3], tf.int64)})
@@ -65,6 +66,7 @@ def test_shared_bottom_structure(ads_schema):
   assert all(len(t._outbound_nodes) == 1 for t in towers)
 
 
+@pytest.mark.keras3
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_short_training_lowers_the_loss(name, ads_dir, ads_schema):
   keras.utils.set_random_seed(0)
@@ -114,6 +116,7 @@ def test_loss_weights_come_from_the_schema(ads_schema):
   assert model.compiled_loss._loss_weights == {"ctr": 1.0, "cvr": 3.0}
 
 
+@pytest.mark.keras3
 def test_keras_model_file_round_trip(tmp_path, ads_dir, ads_schema):
   model = mtl_zoo.build_mmoe(ads_schema)
   path = str(tmp_path / "m.keras")
@@ -272,16 +275,17 @@ def test_l2_constrained_penalty_pulls_task_networks_together(ads_dir, ads_schema
   assert distances[1.0] < 0.1 * distances[0.0]
 
 
+@pytest.mark.keras3
 @pytest.mark.parametrize("name", ["mmoe", "single_task", "esmm"])
 def test_any_architecture_can_use_a_dcn_cross_bottom(name, tmp_path, ads_dir, ads_schema):
-  import tensorflow_recommenders as tfrs
   model = models.serving_model(models.build(name, ads_schema, cross_layers=2))
-  crosses = [l for l in model.layers if isinstance(l, tfrs.layers.dcn.Cross)]
+  cross_type = type(_keras.feature_cross("probe"))  # TFRS' Cross or keras-rs' FeatureCross
+  crosses = [l for l in model.layers if isinstance(l, cross_type)]
   assert len(crosses) == (4 if name == "single_task" else 2)
   ds = reader.make_dataset(os.path.join(ads_dir, "eval-*"), ads_schema, 50, shuffle=False)
   features = next(iter(ds))[0]
   path = str(tmp_path / "m.keras")
   model.save(path)
   loaded = keras.models.load_model(path)
-  for task in model.output_names:
+  for task in output_names(model):
     np.testing.assert_allclose(model(features)[task], loaded(features)[task], atol=1e-6)

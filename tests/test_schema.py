@@ -79,20 +79,37 @@ def test_serving_signature_has_features_only():
   assert "click" not in spec and "conversion" not in spec
 
 
-def _run(code):
-  env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
-  return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+def _run(code, **env_vars):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("TF_USE_LEGACY_KERAS", "MTL_ZOO_KERAS")}
+  return subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, **env_vars},
                         capture_output=True, text=True, timeout=120)
 
 
 def test_import_selects_keras_2():
   result = _run("import mtl_zoo, tensorflow as tf, tensorflow_recommenders as tfrs\n"
-                "print(tf.keras.__name__)")
+                "print(tf.keras.__name__, mtl_zoo.keras.__name__)")
   assert result.returncode == 0, result.stderr
-  assert "tf_keras" in result.stdout
+  assert [name.split(".")[0] for name in result.stdout.split()[-2:]] == ["tf_keras"] * 2
 
 
-def test_import_refuses_when_keras_3_is_already_bound():
-  result = _run("import tensorflow as tf\ntf.keras.layers\nimport mtl_zoo")
+@pytest.mark.parametrize("code", [
+    "import tensorflow as tf\ntf.keras.layers\nimport mtl_zoo",  # tf.keras already Keras 3
+    "import keras\nimport mtl_zoo",  # the user's code imports Keras 3 itself
+])
+def test_import_follows_the_keras_3_the_process_already_uses(code):
+  result = _run(code + "\nimport keras\nprint(mtl_zoo.keras is keras, keras.__version__)")
+  assert result.returncode == 0, result.stderr[-2000:]
+  same, version = result.stdout.split()[-2:]
+  assert same == "True" and version.startswith("3.")
+
+
+@pytest.mark.parametrize("code, env, message", [
+    ("import tensorflow as tf\ntf.keras.layers\nimport mtl_zoo", {"MTL_ZOO_KERAS": "2"},
+     "MTL_ZOO_KERAS=2 asks for Keras 2, but tf.keras is already bound to Keras 3"),
+    ("import mtl_zoo", {"MTL_ZOO_KERAS": "4"}, "MTL_ZOO_KERAS='4': set it to 2"),
+])
+def test_import_refuses_a_keras_choice_it_cannot_follow(code, env, message):
+  result = _run(code, **env)
   assert result.returncode != 0
-  assert "already bound to Keras 3" in result.stderr
+  assert message in result.stderr

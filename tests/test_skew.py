@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import mtl_zoo
@@ -45,6 +46,7 @@ def _records():
   return schema, records
 
 
+@pytest.mark.keras3
 def test_training_pipeline_savedmodel_and_rest_agree(tmp_path):
   schema, records = _records()
   mtl_zoo.keras.utils.set_random_seed(0)

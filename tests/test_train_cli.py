@@ -18,6 +18,7 @@ def _train(*flags, timeout=300):
                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
 
 
+@pytest.mark.keras3
 def test_cli_trains_reports_metrics_and_exports(ads_dir, tmp_path):
   model_dir, export_dir = tmp_path / "run", tmp_path / "export"
   flagfile = tmp_path / "run.flags"

@@ -65,6 +65,7 @@ class LossBalancer(keras.layers.Layer):
     for option, (default, _) in self.OPTIONS.items():
       setattr(self, option, float(options.get(option, default)))
     self.balanced: Tuple[int, ...] = ()
+    self.built = True  # its state is made here; Keras 3 saves only built layers
 
   def task_weights(self) -> tf.Tensor:
     return tf.constant(self.base_weights, tf.float32)
@@ -140,6 +141,7 @@ class MultiTaskTrainer(keras.Model):
     self._loss_fns = losses_lib.task_losses(schema, masked_loss)
     self._trackers = {name: keras.metrics.Mean(name) for name in
                       ["loss"] + [f"{t.name}_loss" for t in self.tasks]}
+    self.built = True  # of built parts; Keras 3 saves only built models
 
   def call(self, inputs, training=None):
     return self.model(inputs, training=training)

@@ -12,7 +12,7 @@ class UncertaintyWeighting(LossBalancer):
 
   def __init__(self, base_weights, **options):
     super().__init__(base_weights, **options)
-    self.log_variances = self.add_weight("log_variances", shape=[self.num_tasks],
+    self.log_variances = self.add_weight(name="log_variances", shape=[self.num_tasks],
                                          initializer="zeros", trainable=True)
 
   def task_weights(self) -> tf.Tensor:

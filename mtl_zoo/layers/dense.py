@@ -105,9 +105,9 @@ class ExpertBank(keras.layers.Layer):
     self.kernels, self.biases = [], []
     for i, u in enumerate(self.units):
       self.kernels.append(self.add_weight(
-          f"kernel_{i}", shape=[fan_in, self.num_experts, u],
+          name=f"kernel_{i}", shape=[fan_in, self.num_experts, u],
           initializer=_ExpertGlorotUniform(), regularizer=reg))
-      self.biases.append(self.add_weight(f"bias_{i}", shape=[self.num_experts, u],
+      self.biases.append(self.add_weight(name=f"bias_{i}", shape=[self.num_experts, u],
                                          initializer="zeros"))
       fan_in = u
     super().build(input_shape)

@@ -117,12 +117,12 @@ class FeatureEmbedding(keras.layers.Layer):
       return keras.initializers.RandomUniform(-0.05, 0.05)
 
     self._tables = [
-        self.add_weight(f"embeddings_dim{dim}",
+        self.add_weight(name=f"embeddings_dim{dim}",
                         shape=[sum(f.num_embedding_rows for f in group), dim],
                         initializer=init(), regularizer=self._regularizer())
         for dim, group in self._scalar_groups]
     self._list_tables = [
-        self.add_weight(f"embeddings_{f.name}", shape=[f.num_embedding_rows, f.embedding_dim],
+        self.add_weight(name=f"embeddings_{f.name}", shape=[f.num_embedding_rows, f.embedding_dim],
                         initializer=init(), regularizer=self._regularizer())
         for f in self._lists]
     super().build(input_shape)

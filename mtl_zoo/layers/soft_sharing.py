@@ -48,7 +48,7 @@ class CrossStitch(keras.layers.Layer):
       raise ValueError("CrossStitch needs the outputs of at least two task networks.")
     other = (1.0 - self.self_weight) / (n - 1)
     init = other * tf.ones([n, n]) + (self.self_weight - other) * tf.eye(n)
-    self.alpha = self.add_weight("alpha", shape=[n, n],
+    self.alpha = self.add_weight(name="alpha", shape=[n, n],
                                  initializer=keras.initializers.Constant(init.numpy()))
     super().build(input_shape)
 

@@ -19,7 +19,7 @@ by the position's examination. Served, they are the serving model's
 from typing import Dict, List
 
 from mtl_zoo import layers
-from mtl_zoo._keras import keras
+from mtl_zoo._keras import input_names, keras, output_names
 from mtl_zoo.models import esmm
 from pipelines import schema as schema_lib
 
@@ -51,13 +51,13 @@ def with_bias_tower(serving: keras.Model, schema: schema_lib.Schema) -> keras.Mo
     products recomputed from the biased first stage, the others unchanged.
     `serving` itself when no train-only feature biases any of its tasks.
   """
-  products = _entire_space_products(schema, serving.output_names)
-  tasks = [t for t in serving.output_names if t in schema.task_names and t not in products]
+  products = _entire_space_products(schema, output_names(serving))
+  tasks = [t for t in output_names(serving) if t in schema.task_names and t not in products]
   tower = layers.bias_tower(schema, tasks)
   if tower is None:
     return serving
   inputs = {**layers.schema_inputs(schema), **layers.train_only_inputs(schema)}
-  served = serving({name: inputs[name] for name in serving.input_names})
+  served = serving({name: inputs[name] for name in input_names(serving)})
   logits = tower({f.name: inputs[f.name] for f in schema.train_only_features})
   outputs = {}
   for task, output in served.items():

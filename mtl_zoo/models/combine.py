@@ -4,7 +4,7 @@ exported, fused and served as one SavedModel (`mtl_zoo.serving`)."""
 from typing import List, Sequence, Tuple
 
 from mtl_zoo import layers
-from mtl_zoo._keras import keras
+from mtl_zoo._keras import input_names, keras, output_names
 from pipelines import schema as schema_lib
 
 
@@ -29,8 +29,8 @@ def combine_models(models: Sequence[keras.Model], schema: schema_lib.Schema,
     if names.count(model.name) > 1:
       # A nested model is a layer, and layer names must be unique (separately
       # trained runs are often all called e.g. "single_task").
-      model._name = f"{model.name}_{'_'.join(model.output_names)}"
-    produced = model({n: inputs[n] for n in model.input_names})
+      model._name = f"{model.name}_{'_'.join(output_names(model))}"
+    produced = model({n: inputs[n] for n in input_names(model)})
     clash = set(produced) & set(outputs)
     if clash:
       raise ValueError(f"models {[m.name for m in models]} both output {sorted(clash)}; "

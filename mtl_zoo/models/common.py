@@ -4,7 +4,7 @@ from typing import Dict, Sequence, Tuple
 
 import tensorflow as tf
 
-from mtl_zoo import layers
+from mtl_zoo import _keras, layers
 from pipelines import schema as schema_lib
 
 # Default L2 on embedding tables, chosen on the realistic synthetic log's
@@ -26,14 +26,14 @@ def embed(inputs: Dict[str, tf.Tensor], schema: schema_lib.Schema,
           embeddings_l2: float = EMBEDDINGS_L2, cross_layers: int = 0,
           name: str = "feature_embedding") -> tf.Tensor:
   """The feature-interaction bottom every builder shares: embeddings, then
-  optionally `cross_layers` explicit feature crosses from TFRS's DCN-v2 `Cross`
-  (Wang et al., WWW 2021): x_{l+1} = x_0 * (W x_l + b) + x_l."""
+  optionally `cross_layers` explicit DCN-v2 feature crosses (Wang et al., WWW
+  2021): x_{l+1} = x_0 * (W x_l + b) + x_l (`_keras.feature_cross`: TFRS under
+  Keras 2, keras-rs under Keras 3)."""
   x0 = layers.feature_embedding(schema, embeddings_l2, name=name)(inputs)
   x = x0
   if cross_layers:
-    import tensorflow_recommenders as tfrs  # only models with crosses pay its import
     for i in range(cross_layers):
-      x = tfrs.layers.dcn.Cross(name=f"{name}_cross_{i}")(x0, x)
+      x = _keras.feature_cross(f"{name}_cross_{i}")(x0, x)
   return x
 
 

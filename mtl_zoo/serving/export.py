@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 import tensorflow as tf
 
 from mtl_zoo import models
-from mtl_zoo._keras import keras
+from mtl_zoo._keras import keras, output_names
 from mtl_zoo.serving import signatures
 from mtl_zoo.serving import warmup
 from pipelines import files
@@ -111,9 +111,9 @@ def export_saved_model(model: keras.Model, schema: schema_lib.Schema, export_dir
     The version directory's path.
   """
   model = models.serving_model(model)
-  missing = [t for t in schema.task_names if t not in model.output_names]
+  missing = [t for t in schema.task_names if t not in output_names(model)]
   if missing:
-    raise ValueError(f"model outputs {model.output_names} lack tasks {missing} of the "
+    raise ValueError(f"model outputs {output_names(model)} lack tasks {missing} of the "
                      "schema; export the model with the schema it was built from.")
   tf.io.gfile.makedirs(export_dir)
   version = next_version(export_dir) if version is None else int(version)
