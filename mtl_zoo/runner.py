@@ -593,6 +593,9 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
 
   # Crash safety: only an explicit --model_dir can be found again by a rerun;
   # the backup is Keras 2's (BUILD_NOTES "Keras 3").
+  if config.model_dir and _keras.KERAS_3:
+    _say(config, f"Not backed up: crash resume needs Keras 2 ({_keras.ENV_VAR}=2); "
+         "this process uses Keras 3.")
   try:
     backup_dir, resumed = distribute.claim_backup(
         model_dir if config.model_dir and not _keras.KERAS_3 else None, chief,

@@ -74,6 +74,12 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+  # Modules with slow tests first, each module's tests kept together (its
+  # module-scoped fixtures are set up once) and in order: under `-n 2` the
+  # multi-minute ones then start early instead of leaving one worker alone at
+  # the end.
+  has_slow = {item.module for item in items if "slow" in item.keywords}
+  items.sort(key=lambda item: item.module not in has_slow)
   # Under Keras 3, a test not marked keras3 uses Keras 2 only (tf-keras internals,
   # crash backups, tf.distribute through tf-keras): skipped, saying why.
   if not _keras.KERAS_3:

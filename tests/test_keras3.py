@@ -69,6 +69,7 @@ def _signature_defs(path: str) -> dict:
   return defs
 
 
+@pytest.mark.slow
 def test_exports_under_keras_2_and_3_have_one_signature_and_agree(ads_dir, ads_schema,
                                                                    tmp_path):
   examples = [ads_schema.serving_example(r) for r in _serving_records(ads_dir, ads_schema, 100)]
