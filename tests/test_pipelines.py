@@ -4,13 +4,14 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import mixed_columns, mixed_schema, run_cli_cases
+from conftest import REPO, mixed_columns, mixed_schema, run_cli_cases
 from pipelines import files, integrity, manifest, reader, records, targets, validation
 from pipelines import schema as schema_lib
 from pipelines import writer as writer_lib
@@ -415,8 +416,15 @@ def test_sources_are_a_registry_with_declared_options(tmp_path, monkeypatch):
   assert schema.feature("x").mean is not None
   assert reader.count_records(str(tmp_path / "toy" / "train-*")) == 25
   assert SOURCES["toy"].write_if_missing(str(tmp_path / "toy"), toy_rows=99) == schema
-  from pipelines import convert  # defines its flags from SOURCES: toy's included
-  assert ("toy", ToySource.options[0]) in convert.source_options()
+  # The convert CLI defines its flags from SOURCES, toy's included. In a process
+  # of its own: another CLI imported by an earlier test defines --source too.
+  check = ("import sys; sys.path.insert(0, 'tests'); from test_pipelines import ToySource; "
+           "from pipelines.sources import SOURCES; SOURCES['toy'] = ToySource(); "
+           "from pipelines import convert; "
+           "assert ('toy', ToySource.options[0]) in convert.source_options()")
+  run = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
 
 
 def test_synthetic_log_streams_in_chunks_and_the_first_is_the_single_draw(monkeypatch):
