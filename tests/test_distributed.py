@@ -312,12 +312,18 @@ def test_killed_training_resumes_from_its_last_backup_and_ends_as_if_never_kille
   code, log = processes.wait("other")
   assert code != 0 and "unfinished run with other settings (learning_rate)" in log
 
-  processes.start("resumed", *flags(killed))
+  # The rerun is killed again in epoch 2, after the in-memory cache of the parsed
+  # data was filled (and lost with the process), once a backup at step 30 is written.
+  processes.start("resumed", *flags(killed), kill_at=(1, 35))
   code, log = processes.wait("resumed")
-  assert code == 0, log[-3000:]
+  assert code == -signal.SIGKILL, log[-3000:]
   assert f"Resuming from the backup in {killed}/backup: epoch {epoch + 1}, step {step} " \
          "of 94." in log
-  assert eval_metrics(killed)["resumed_from"] == {"epoch": epoch + 1, "step": step}
+  processes.start("finished", *flags(killed))
+  code, log = processes.wait("finished")
+  assert code == 0, log[-3000:]
+  assert f"Resuming from the backup in {killed}/backup: epoch 2, step 30 of 94." in log
+  assert eval_metrics(killed)["resumed_from"] == {"epoch": 2, "step": 30}
   assert not os.path.exists(os.path.join(killed, "backup"))  # done: a rerun starts afresh
   code, log = processes.wait("reference")
   assert code == 0, log[-3000:]
@@ -361,39 +367,43 @@ def multi_worker_reference(two_shards, tmp_path_factory):
   return model_dir
 
 
-# name: (where both workers die: 0-based epoch and batch, None for the epoch's
-# end; where the rerun resumes: 1-based epoch and step, as printed)
-KILL_POINTS = {
-    "mid first epoch": ((0, 5), (1, 4)),  # backed up after step 4; steps 5-6 redone
-    "at an epoch boundary": ((0, None), (2, 0)),  # after epoch 1's eval and backup
-    "after the cache is filled": ((1, 6), (2, 4)),  # epoch 2: reads the full cache
-}
+# Where both workers die (0-based epoch and batch, None for the epoch's end) and
+# where the rerun then resumes (1-based epoch and step, as printed), in the order
+# one run meets them: each rerun but the last is killed at the next point.
+KILL_POINTS = [
+    ("mid first epoch", (0, 5), (1, 4)),  # backed up after step 4; steps 5-6 redone
+    ("at an epoch boundary", (0, None), (2, 0)),  # after epoch 1's eval and backup
+    ("after the cache is filled", (1, 6), (2, 4)),  # epoch 2: reads the full cache
+]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_multi_worker_killed_and_rerun_ends_as_if_never_killed(
-    point, two_shards, multi_worker_reference, processes, tmp_path):
-  kill_at, (epoch, step) = KILL_POINTS[point]
+def test_multi_worker_killed_at_three_points_ends_as_if_never_killed(
+    two_shards, multi_worker_reference, processes, tmp_path):
   killed = str(tmp_path / "killed")
-  start_multi_worker(processes, "victim", killable_flags(two_shards, killed), kill_at)
-  for index in (0, 1):
-    code, log = processes.wait(f"victim{index}")
-    assert code == -signal.SIGKILL, log[-3000:]
-  assert not os.path.exists(os.path.join(killed, "metrics.json"))
-  if epoch > 1:  # both workers' file caches complete: index written, no lock left
-    cache = os.listdir(os.path.join(killed, "cache"))
-    assert {"train-0.index", "train-1.index"} <= set(cache), cache
-    assert not [f for f in cache if f.endswith(".lockfile")], cache
+  resume_line = None
+  for run, (point, kill_at, (epoch, step)) in enumerate(KILL_POINTS):
+    start_multi_worker(processes, f"run{run}-", killable_flags(two_shards, killed), kill_at)
+    for index in (0, 1):
+      code, log = processes.wait(f"run{run}-{index}")
+      assert code == -signal.SIGKILL, (point, log[-3000:])
+    if resume_line:  # this run resumed where the previous one was killed
+      assert resume_line in log, (point, log[-3000:])
+    assert not os.path.exists(os.path.join(killed, "metrics.json"))
+    if epoch > 1:  # both workers' file caches complete: index written, no lock left
+      cache = os.listdir(os.path.join(killed, "cache"))
+      assert {"train-0.index", "train-1.index"} <= set(cache), (point, cache)
+      assert not [f for f in cache if f.endswith(".lockfile")], (point, cache)
+    resume_line = f"Resuming from the backup in {killed}/backup: epoch {epoch}, step {step} of 10."
 
-  start_multi_worker(processes, "resumed", killable_flags(two_shards, killed))
+  start_multi_worker(processes, "finished", killable_flags(two_shards, killed))
   for index in (1, 0):  # the chief's log last
-    code, log = processes.wait(f"resumed{index}")
+    code, log = processes.wait(f"finished{index}")
     assert code == 0, log[-3000:]
-  assert f"Resuming from the backup in {killed}/backup: epoch {epoch}, step {step} of 10." in log
-  assert eval_metrics(killed)["resumed_from"] == {"epoch": epoch, "step": step}
+  assert resume_line in log
+  assert eval_metrics(killed)["resumed_from"] == {"epoch": 2, "step": 4}
   assert not os.path.exists(os.path.join(killed, "backup"))
-  # The rerun skips the steps the backup holds and both workers read their files
+  # Each rerun skips the steps the backup holds and both workers read their files
   # in the same deterministic order as before, so the all-reduced updates are the
   # uninterrupted run's (README: to 1e-4; bit-identical in the runs measured).
   assert_same_run(killed, multi_worker_reference, atol=1e-4)
