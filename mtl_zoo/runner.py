@@ -304,6 +304,13 @@ def resolve_data(config: RunConfig) -> Tuple[str, Optional[str], schema_lib.Sche
 def with_task_weights(schema: schema_lib.Schema, spec: str) -> schema_lib.Schema:
   """`schema` with the loss weights of --task_weights ('ctr=1,cvr=0.5').
 
+  Args:
+    schema: the data's schema.
+    spec: task=weight pairs; tasks not named keep their weight.
+
+  Returns:
+    The schema with those tasks' `loss_weight` replaced.
+
   Raises:
     ConfigError: a malformed entry or a task the schema does not have.
   """
