@@ -27,7 +27,16 @@ from pipelines import files
 def trial_flags(trial: optuna.trial.FrozenTrial, base_flags: Sequence[str],
                 output_dir: str) -> List[str]:
   """The train flags that reproduce `trial`: the base flags, those the trial
-  set instead, and a model_dir of its own beside the study's."""
+  set instead, and a model_dir of its own beside the study's.
+
+  Args:
+    trial: a finished trial (its flags are in its user attributes).
+    base_flags: the train flags the search was started with.
+    output_dir: the study's output directory.
+
+  Returns:
+    The flags, one per line of a flagfile.
+  """
   own = trial.user_attrs.get("flags", [])
   names = {f.split("=", 1)[0] for f in own} | {"--model_dir"}
   balancer = next((f.split("=", 1)[1] for f in own if f.startswith("--loss_weighting=")),
@@ -73,7 +82,14 @@ def summarise(study: optuna.Study, objectives: Sequence[study_lib.Objective],
 
 
 def front(study: optuna.Study) -> List[optuna.trial.FrozenTrial]:
-  """The best trial (single objective) or the Pareto front, by trial number."""
+  """The best trial (single objective) or the Pareto front, by trial number.
+
+  Args:
+    study: the study.
+
+  Returns:
+    The trials, empty while none has completed.
+  """
   if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
     return []
   best = study.best_trials if len(study.directions) > 1 else [study.best_trial]

@@ -210,6 +210,12 @@ def shares_parameters(architecture: str, schema) -> bool:
 def load_space_file(path: str) -> dict:
   """A space file's entries (a JSON object).
 
+  Args:
+    path: the --space file, on any filesystem tf.io.gfile reads.
+
+  Returns:
+    Flag name -> entry, as written (checked later by the space itself).
+
   Raises:
     SpaceError: the file is missing or not a JSON object.
   """
@@ -312,7 +318,16 @@ def _check_value(name: str, value, fail) -> None:
 
 
 def apply(base: RunConfig, values: Dict[str, Any]) -> RunConfig:
-  """`base` with one trial's values (flag name -> flag-syntax value) applied."""
+  """`base` with one trial's values applied.
+
+  Args:
+    base: the settings every trial starts from (the command's train flags).
+    values: flag name -> flag-syntax value: run settings, balancer options and
+      the architecture's hyper-parameters.
+
+  Returns:
+    A new RunConfig; `base` is unchanged.
+  """
   hyperparameters = dict(base.hyperparameters)
   options = dict(base.balancer_options)
   changes = {}
@@ -335,6 +350,13 @@ def apply(base: RunConfig, values: Dict[str, Any]) -> RunConfig:
 
 
 def as_flags(values: Dict[str, Any]) -> List[str]:
-  """One trial's values as train flags ('--learning_rate=0.0031')."""
+  """One trial's values as train flags.
+
+  Args:
+    values: flag name -> value.
+
+  Returns:
+    Flags such as '--learning_rate=0.0031' (floats at full precision).
+  """
   return [f"--{name}={value!r}" if isinstance(value, float) else f"--{name}={value}"
           for name, value in values.items()]

@@ -81,6 +81,13 @@ class Objective:
 def parse_objectives(spec: Optional[str], monitor_spec: str) -> List[Objective]:
   """--objectives ('ctr:auc,cvr:auc') or, without it, the one objective --monitor.
 
+  Args:
+    spec: the --objectives value, or None.
+    monitor_spec: the --monitor value (its default when unset).
+
+  Returns:
+    The objectives, each with its direction (auc maximised, losses minimised).
+
   Raises:
     TuneError: naming the entry.
   """
