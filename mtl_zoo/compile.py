@@ -67,8 +67,10 @@ def compile_model(model: keras.Model, schema: schema_lib.Schema,
                        f"{[t.name for t in balancers_lib.trained_tasks(schema)]}.")
     trainer = balancers_lib.MultiTaskTrainer(model, schema, balancer, balance_on, masked_loss)
     trainer.compile(optimizer=optimizer, **compile_kwargs)
+    _keras.create_training_state(trainer)
     return trainer
   model.compile(optimizer=optimizer, loss=losses.task_losses(schema, masked_loss),
                 loss_weights={t.name: t.loss_weight for t in schema.tasks},
                 **compile_kwargs)
+  _keras.create_training_state(model)
   return model

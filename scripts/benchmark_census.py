@@ -85,14 +85,14 @@ class EpochTimer(mtl_zoo.keras.callbacks.Callback):
 
   def __init__(self):
     super().__init__()
-    self.seconds = []
+    self.seconds, self.cpu_seconds = [], []
     self.first_step = None
 
   def on_train_begin(self, logs=None):
     self.train_begin = time.perf_counter()
 
   def on_epoch_begin(self, epoch, logs=None):
-    self._start = time.perf_counter()
+    self._start, self._cpu_start = time.perf_counter(), time.process_time()
     if epoch == 0:
       self.setup_seconds = self._start - self.train_begin
 
@@ -102,6 +102,7 @@ class EpochTimer(mtl_zoo.keras.callbacks.Callback):
 
   def on_epoch_end(self, epoch, logs=None):
     self.seconds.append(time.perf_counter() - self._start)
+    self.cpu_seconds.append(time.process_time() - self._cpu_start)
 
   def on_train_end(self, logs=None):
     self.train_end = time.perf_counter()
@@ -163,36 +164,37 @@ def main(argv):
         f"framing scan alone (integrity.scan_shards): {scan_seconds:.2f}s")
 
   def one_pass(ds):
-    """(examples/s of a whole pass, seconds to its first batch)."""
-    start = time.perf_counter()
+    """(examples/s of a whole pass, seconds to its first batch, CPU seconds)."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     first = None
     for _ in ds:
       first = first or time.perf_counter() - start
-    return n / (time.perf_counter() - start), first
+    return n / (time.perf_counter() - start), first, time.process_time() - cpu_start
 
   # Two uncached passes, each read and parsed from disk; the better one counts
   # (the first can pay one-off start-up costs on a busy machine).
   uncached_ds, uncached_build = timed(
       reader.make_dataset, pattern, schema, default_batch, seed=0, cache=False)
   uncached_passes = [one_pass(uncached_ds) for _ in range(2)]
-  uncached = max(rate for rate, _ in uncached_passes)
+  uncached = max(rate for rate, _, _ in uncached_passes)
   cached_ds = reader.make_dataset(pattern, schema, default_batch, seed=0)
   one_pass(cached_ds)
-  cached, _ = one_pass(cached_ds)
+  cached, _, cached_cpu = one_pass(cached_ds)
   print(f"reader alone, make_dataset (with any framing scan): {uncached_build:.2f}s")
   print(f"reader alone, uncached, one pass, batch {default_batch}: {uncached:,.0f} examples/s "
         f"= {n / uncached:.2f}s (passes: "
-        f"{', '.join(f'{r:,.0f}/s, first batch after {f:.2f}s' for r, f in uncached_passes)})")
-  print(f"reader alone, cached epoch: {cached:,.0f} examples/s = {n / cached:.2f}s")
+        + ", ".join(f"{r:,.0f}/s, first batch after {f:.2f}s, {c:.2f} CPU s"
+                    for r, f, c in uncached_passes) + ")")
+  print(f"reader alone, cached epoch: {cached:,.0f} examples/s = {n / cached:.2f}s, "
+        f"{cached_cpu:.2f} CPU s")
 
   # Tracing alone: one step of fit on one batch already in memory.
   trainable, _ = build_mmoe(schema)
   batch_in_memory = tf.data.Dataset.from_tensors(next(iter(cached_ds)))
   timer = EpochTimer()
   trainable.fit(batch_in_memory, epochs=1, verbose=0, callbacks=[timer])
-  tracing = timer.first_step
   print(f"tracing alone (fit on one batch in memory, train begin to first step end): "
-        f"{tracing:.2f}s")
+        f"{timer.first_step:.2f}s, {timer.cpu_seconds[0]:.2f} CPU s")
   if not deepctr:
     print(f"DeepCTR skipped: no {FLAGS.deepctr_python} (build it with "
           f"bash {os.path.normpath(ANCHORS)}/make_deepctr_env.sh)")
@@ -216,6 +218,7 @@ def main(argv):
     between = (timer.train_end - timer.train_begin - timer.setup_seconds
                - sum(timer.seconds))
     later = sum(timer.seconds[1:]) / max(len(timer.seconds) - 1, 1)
+    later_cpu = sum(timer.cpu_seconds[1:]) / max(len(timer.cpu_seconds) - 1, 1)
     print(f"MMoE training from TFRecords, batch {batch}: {ours:,.0f} examples/s averaged "
           f"over {FLAGS.epochs} epochs (whole fit call, {total:.2f}s); per epoch: "
           f"{', '.join(f'{n / s:,.0f}' for s in timer.seconds)}")
@@ -225,7 +228,8 @@ def main(argv):
     print(f"  fit: call -> train begin {timer.train_begin - start:.2f}s, -> epoch 1 "
           f"{timer.setup_seconds:.2f}s; epoch 1 -> first step end "
           f"{timer.first_step - timer.setup_seconds:.2f}s; epoch 1 {timer.seconds[0]:.2f}s vs "
-          f"later {later:.2f}s (+{timer.seconds[0] - later:.2f}s); epochs "
+          f"later {later:.2f}s (+{timer.seconds[0] - later:.2f}s); CPU seconds (all cores) "
+          f"epoch 1 {timer.cpu_seconds[0]:.2f} vs later {later_cpu:.2f}; epochs "
           f"{sum(timer.seconds):.2f}s, between them {between:.2f}s; train end -> return "
           f"{end - timer.train_end:.2f}s", flush=True)
     theirs = None

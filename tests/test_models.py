@@ -113,7 +113,7 @@ def test_loss_weights_come_from_the_schema(ads_schema):
                                                                loss_weight=3.0)])
   model = mtl_zoo.build_mmoe(schema)
   mtl_zoo.compile_model(model, schema)
-  assert model.compiled_loss._loss_weights == {"ctr": 1.0, "cvr": 3.0}
+  assert model.compiled_loss._user_loss_weights == {"ctr": 1.0, "cvr": 3.0}
 
 
 @pytest.mark.keras3
