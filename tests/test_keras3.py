@@ -12,7 +12,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 import mtl_zoo
 from conftest import REPO
-from mtl_zoo import _keras, serving
+from mtl_zoo import _keras, layers, serving
 from mtl_zoo.serving import warmup
 from pipelines import reader
 from pipelines import schema as schema_lib
@@ -20,37 +20,36 @@ from test_export import _serving_records
 
 FUSION = "product:ctr=1,cvr=0.5,price=1"
 
-# One process per Keras: builds the same MMoE (with a DCN cross, the layer that
-# differs between the two), takes its weights from weights.npz (or trains a few
-# steps and writes them there, layer by layer), then exports it under one
-# model name (the warm-up requests carry it).
-_EXPORT = """
-import os, sys
-import numpy as np
-import mtl_zoo
-from mtl_zoo import _keras, layers, serving
-from pipelines import reader, schema as schema_lib
-data, out, version = sys.argv[1:4]
-assert _keras.VERSION == int(version), _keras.VERSION
-schema = schema_lib.Schema.load(data)
-model = mtl_zoo.build_mmoe(schema, cross_layers=1)
-weights_path = os.path.join(out, "weights.npz")
-if not os.path.exists(weights_path):
-  _keras.keras.utils.set_random_seed(0)
-  mtl_zoo.compile_model(model, schema)
-  model.fit(reader.make_dataset(os.path.join(data, "train-*"), schema, 256).take(5),
-            verbose=0)
-  np.savez(weights_path, **{f"{l.name}/{i}": w for l in model.layers
-                            for i, w in enumerate(l.get_weights())})
-saved = np.load(weights_path)
-for layer in model.layers:
-  if layer.weights:
-    layer.set_weights([saved[f"{layer.name}/{i}"] for i in range(len(layer.weights))])
-examples = list(np.load(os.path.join(out, "examples.npy"), allow_pickle=True))
-serving.export_saved_model(model, schema, os.path.join(out, f"keras{version}", "mmoe"),
-                           version=1, warmup_examples=examples[:4],
-                           fusion=layers.parse_fusion(%r))
-""" % FUSION
+def export_trained_mmoe(data: str, out: str) -> str:
+  """Builds the same MMoE under this process's Keras (with a DCN cross, the
+  layer that differs between the two), takes its weights from weights.npz (or
+  trains a few steps and writes them there, layer by layer), then exports it
+  under one model name (the warm-up requests carry it); returns the version's
+  path."""
+  schema = schema_lib.Schema.load(data)
+  model = mtl_zoo.build_mmoe(schema, cross_layers=1)
+  weights_path = os.path.join(out, "weights.npz")
+  if not os.path.exists(weights_path):
+    _keras.keras.utils.set_random_seed(0)
+    mtl_zoo.compile_model(model, schema)
+    model.fit(reader.make_dataset(os.path.join(data, "train-*"), schema, 256).take(5),
+              verbose=0)
+    np.savez(weights_path, **{f"{l.name}/{i}": w for l in model.layers
+                              for i, w in enumerate(l.get_weights())})
+  saved = np.load(weights_path)
+  for layer in model.layers:
+    if layer.weights:
+      layer.set_weights([saved[f"{layer.name}/{i}"] for i in range(len(layer.weights))])
+  examples = list(np.load(os.path.join(out, "examples.npy"), allow_pickle=True))
+  return serving.export_saved_model(model, schema,
+                                    os.path.join(out, f"keras{_keras.VERSION}", "mmoe"),
+                                    version=1, warmup_examples=examples[:4],
+                                    fusion=layers.parse_fusion(FUSION))
+
+
+# The Keras 3 half runs in a process of its own (a process has one Keras).
+_EXPORT_UNDER_KERAS_3 = ("import sys; sys.path.insert(0, 'tests'); import test_keras3; "
+                         "test_keras3.export_trained_mmoe(*sys.argv[1:])")
 
 
 def _signature_defs(path: str) -> dict:
@@ -74,14 +73,14 @@ def test_exports_under_keras_2_and_3_have_one_signature_and_agree(ads_dir, ads_s
                                                                    tmp_path):
   examples = [ads_schema.serving_example(r) for r in _serving_records(ads_dir, ads_schema, 100)]
   np.save(tmp_path / "examples.npy", np.array(examples, dtype=object))
-  exports = {}
-  for version in ("2", "3"):  # Keras 2 trains and writes the weights; Keras 3 reads them
-    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
-    run = subprocess.run([sys.executable, "-c", _EXPORT, ads_dir, str(tmp_path), version],
-                         cwd=REPO, capture_output=True, text=True, timeout=600,
-                         env={**env, _keras.ENV_VAR: version, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    assert run.returncode == 0, run.stderr[-3000:]
-    exports[version] = str(tmp_path / f"keras{version}" / "mmoe" / "1")
+  # Keras 2 (this process) trains and writes the weights; Keras 3 reads them.
+  exports = {"2": export_trained_mmoe(ads_dir, str(tmp_path))}
+  env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+  run = subprocess.run([sys.executable, "-c", _EXPORT_UNDER_KERAS_3, ads_dir, str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**env, _keras.ENV_VAR: "3", "TF_CPP_MIN_LOG_LEVEL": "2"})
+  assert run.returncode == 0, run.stderr[-3000:]
+  exports["3"] = str(tmp_path / "keras3" / "mmoe" / "1")
   defs = {v: _signature_defs(p) for v, p in exports.items()}
   assert sorted(defs["2"]) == ["__saved_model_init_op", "classify", "features", "rank",
                                "regress", "serving_default"]
