@@ -136,24 +136,31 @@ def default_adam(learning_rate: float):
 
 
 def create_training_state(trainable) -> None:
-  """Creates, before the first train step, the variables Keras 2 would create
-  inside it: the optimizer's slots and the per-output loss means.
+  """Creates, before the first train step, the variables Keras would create
+  inside it: the optimizer's slots and the per-task loss means.
 
   A tf.function whose first call creates variables is traced twice (once to
   create them, once more without), so this halves the train step's tracing,
-  the largest part of a first epoch's extra time on small data. Under Keras 3
-  only the optimizer's are made here (its compiled loss builds from the first
-  batch's structure), which is enough for `balancers.MultiTaskTrainer`.
+  the largest part of a first epoch's extra time on small data.
 
   Args:
     trainable: a compiled model (or `balancers.MultiTaskTrainer`), under the
-      tf.distribute scope its variables were made in, if any.
+      tf.distribute scope its variables were made in, if any. The loss means
+      are made for functional models compiled with a loss (a trainer with its
+      own train step has its own, made with it).
   """
+  # Keras 2 marks functional models (and their subclasses); Keras 3 has the class.
+  functional = bool(getattr(trainable, "_is_graph_network", False)
+                    or type(trainable).__name__ == "Functional")
   if KERAS_3:
     trainable.optimizer.build(trainable.trainable_variables)
+    loss = getattr(trainable, "_compile_loss", None)
+    if functional and loss is not None and not loss.built:
+      outputs = outputs_by_name(trainable)  # the labels come as a dict like these
+      loss.build(outputs, outputs)
     return
   trainable.optimizer._create_all_weights(trainable.trainable_variables)
-  if trainable.loss and not trainable.compiled_loss.built:  # no loss: a custom train_step
+  if functional and trainable.loss and not trainable.compiled_loss.built:
     trainable.compiled_loss.build(trainable.output)
 
 

@@ -107,6 +107,20 @@ def test_masked_examples_do_not_touch_the_masked_task(ads_dir, ads_schema):
   assert cvr_loss_and_grads(flipped)[0] != pytest.approx(loss_a, rel=1e-3)
 
 
+@pytest.mark.keras3
+@pytest.mark.parametrize("weighting", ["fixed", "uncertainty"])
+def test_fit_traces_the_train_step_once(weighting, ads_dir, ads_schema):
+  # A tf.function that creates variables on its first call is traced twice;
+  # compile_model makes the optimizer's slots and the loss means beforehand.
+  model = mtl_zoo.build_mmoe(ads_schema, num_experts=2, expert_units=[4], tower_units=[4])
+  trainable = mtl_zoo.compile_model(model, ads_schema, weighting=weighting)
+  traces = []
+  train_step = trainable.train_step
+  trainable.train_step = lambda data: traces.append(data) or train_step(data)
+  trainable.fit(reader.make_dataset(f"{ads_dir}/train-*", ads_schema, 256).take(2), verbose=0)
+  assert len(traces) == 1
+
+
 def test_loss_weights_come_from_the_schema(ads_schema):
   schema = Schema(ads_schema.features, ads_schema.labels,
                   [ads_schema.task("ctr"), dataclasses.replace(ads_schema.task("cvr"),
