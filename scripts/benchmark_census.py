@@ -24,7 +24,9 @@ Prints, for the census Group 1 TFRecords (199,523 training examples):
     arrays in memory, run right after ours at each batch size when its venv
     exists (`../shared/anchors/make_deepctr_env.sh` builds it; never a
     dependency of this project); then a table of both.
-The machine may be busy with other work: compare runs, not single numbers.
+Epochs, reader passes and tracing also print their CPU seconds (all cores
+together: where the time goes on a 2-core machine). The machine may be busy
+with other work: compare runs, not single numbers.
 """
 
 import math
