@@ -141,27 +141,35 @@ def create_training_state(trainable) -> None:
 
   A tf.function whose first call creates variables is traced twice (once to
   create them, once more without), so this halves the train step's tracing,
-  the largest part of a first epoch's extra time on small data.
+  the largest part of a first epoch's extra time on small data. What it cannot
+  make ahead (an optimizer without a way to, a model not built yet, a
+  subclassed model's loss means) is made in the first step, as before.
 
   Args:
-    trainable: a compiled model (or `balancers.MultiTaskTrainer`), under the
-      tf.distribute scope its variables were made in, if any. The loss means
-      are made for functional models compiled with a loss (a trainer with its
-      own train step has its own, made with it).
+    trainable: a compiled model (or `balancers.MultiTaskTrainer`).
   """
+  variables = trainable.trainable_variables
+  optimizer = trainable.optimizer
   # Keras 2 marks functional models (and their subclasses); Keras 3 has the class.
   functional = bool(getattr(trainable, "_is_graph_network", False)
                     or type(trainable).__name__ == "Functional")
-  if KERAS_3:
-    trainable.optimizer.build(trainable.trainable_variables)
-    loss = getattr(trainable, "_compile_loss", None)
-    if functional and loss is not None and not loss.built:
-      outputs = outputs_by_name(trainable)  # the labels come as a dict like these
-      loss.build(outputs, outputs)
-    return
-  trainable.optimizer._create_all_weights(trainable.trainable_variables)
-  if functional and trainable.loss and not trainable.compiled_loss.built:
-    trainable.compiled_loss.build(trainable.output)
+  with trainable.distribute_strategy.scope():  # where compile and fit make them
+    # Slots for every trainable variable, also one a balancer's step leaves
+    # without a gradient (a task with loss weight 0): unused, zero, saved.
+    if not variables:
+      pass  # not built yet: Keras 3 would fix the optimizer to no variables
+    elif hasattr(optimizer, "_create_all_weights"):  # Keras 2's legacy optimizers
+      optimizer._create_all_weights(variables)
+    elif hasattr(optimizer, "build"):  # Keras 3's, and tf-keras' new ones
+      optimizer.build(variables)
+    if not functional:
+      return
+    if KERAS_3:
+      loss = getattr(trainable, "_compile_loss", None)
+      if loss is not None and not loss.built:
+        loss.build(trainable.output, trainable.output)  # labels mirror the outputs
+    elif trainable.loss and not trainable.compiled_loss.built:
+      trainable.compiled_loss.build(trainable.output)
 
 
 # The ending of weights-only checkpoints: Keras 2 writes TensorFlow checkpoints

@@ -26,7 +26,9 @@ def compile_model(model: keras.Model, schema: schema_lib.Schema,
   Masks arrive as per-task sample weights from the reader, so a masked example
   adds nothing to its task's loss. Exact per-task metrics are computed on eval
   data by `mtl_zoo.metrics` rather than by streaming Keras metrics, which are
-  approximate (AUC) and slow down every training step.
+  approximate (AUC) and slow down every training step. The optimizer's slots
+  and the loss means are made here, so `fit` traces its train step once
+  (`_keras.create_training_state`).
 
   Args:
     model: a built model with one output per schema task.

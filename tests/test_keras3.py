@@ -49,6 +49,7 @@ def export_trained_mmoe(data: str, out: str) -> str:
 
 # The Keras 3 half runs in a process of its own (a process has one Keras).
 _EXPORT_UNDER_KERAS_3 = ("import sys; sys.path.insert(0, 'tests'); import test_keras3; "
+                         "assert test_keras3._keras.KERAS_3; "
                          "test_keras3.export_trained_mmoe(*sys.argv[1:])")
 
 
@@ -74,6 +75,7 @@ def test_exports_under_keras_2_and_3_have_one_signature_and_agree(ads_dir, ads_s
   examples = [ads_schema.serving_example(r) for r in _serving_records(ads_dir, ads_schema, 100)]
   np.save(tmp_path / "examples.npy", np.array(examples, dtype=object))
   # Keras 2 (this process) trains and writes the weights; Keras 3 reads them.
+  assert not _keras.KERAS_3
   exports = {"2": export_trained_mmoe(ads_dir, str(tmp_path))}
   env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
   run = subprocess.run([sys.executable, "-c", _EXPORT_UNDER_KERAS_3, ads_dir, str(tmp_path)],
