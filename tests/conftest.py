@@ -80,14 +80,16 @@ SHARED_RUNS = ("cli", "single_worker_run")
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-  # Modules with slow tests first, each module's tests kept together and in
-  # order: under `-n 2` the multi-minute ones then start early instead of
-  # leaving one worker alone at the end.
-  has_slow = {item.module for item in items if "slow" in item.keywords}
-  items.sort(key=lambda item: item.module not in has_slow)
+  grouped = set()
   for item in items:
     for fixture in set(SHARED_RUNS) & set(item.fixturenames):
       item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{fixture}"))
+      grouped.add(item)
+  # Modules with slow tests and the groups first, each module's tests kept
+  # together and in order: under `-n 2` the multi-minute ones then start early
+  # instead of leaving one worker alone at the end.
+  has_slow = {item.module for item in items if "slow" in item.keywords}
+  items.sort(key=lambda item: item.module not in has_slow and item not in grouped)
   # Under Keras 3, a test not marked keras3 uses Keras 2 only (tf-keras internals,
   # crash backups, tf.distribute through tf-keras): skipped, saying why.
   if not _keras.KERAS_3:
