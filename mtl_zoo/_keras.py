@@ -155,12 +155,11 @@ def create_training_state(trainable) -> None:
                     or type(trainable).__name__ == "Functional")
   with trainable.distribute_strategy.scope():  # where compile and fit make them
     # Slots for every trainable variable, also one a balancer's step leaves
-    # without a gradient (a task with loss weight 0): unused, zero, saved.
-    if not variables:
-      pass  # not built yet: Keras 3 would fix the optimizer to no variables
-    elif hasattr(optimizer, "_create_all_weights"):  # Keras 2's legacy optimizers
+    # without a gradient (a task with loss weight 0): unused, zero, saved. None
+    # for a model not built yet: Keras 3 would tie the optimizer to no variables.
+    if variables and hasattr(optimizer, "_create_all_weights"):  # Keras 2's legacy ones
       optimizer._create_all_weights(variables)
-    elif hasattr(optimizer, "build"):  # Keras 3's, and tf-keras' new ones
+    elif variables and hasattr(optimizer, "build"):  # Keras 3's, tf-keras' new ones
       optimizer.build(variables)
     if not functional:
       return
