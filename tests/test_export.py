@@ -129,9 +129,14 @@ def test_every_architecture_round_trips_through_the_example_signature(
   path = serving.export_saved_model(model, schema, str(tmp_path / name))
   serialized = tf.constant([schema.serving_example(r)
                             for r in _serving_records(ads_dir, schema, 64)])
-  served = tf.saved_model.load(path).signatures["serving_default"](examples=serialized)
+  loaded = tf.saved_model.load(path)
+  served = loaded.signatures["serving_default"](examples=serialized)
   expected = models.serving_model(model)(schema.parse_serving_examples(serialized))
   assert sorted(served) == sorted(schema.task_names)
+  # Saved: the signatures and the variables they read; not the Keras model,
+  # whose per-layer functions no server runs.
+  assert len(loaded.model_variables) == len(models.serving_model(model).variables)
+  assert not hasattr(loaded, "model")
   for task in schema.task_names:
     np.testing.assert_allclose(served[task], expected[task][:, 0], atol=1e-5)
 

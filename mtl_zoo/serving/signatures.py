@@ -60,10 +60,20 @@ class ServingModule(tf.Module):
   def __init__(self, model: keras.Model, schema: schema_lib.Schema,
                serving_task: Optional[str] = None, fusion: Optional[dict] = None):
     super().__init__(name="mtl_zoo_serving")
-    self.model = model
+    self._hold_untracked(model, layers.score_fusion(fusion, schema) if fusion else None)
+    # What the signatures read, saved with them.
+    self.model_variables = list(model.variables)
+    self.fusion_variables = list(self.fusion.variables) if self.fusion else []
     self.schema = schema
     self.task = schema.task(serving_task or schema.task_names[0])
-    self.fusion = layers.score_fusion(fusion, schema) if fusion else None
+
+  @tf.__internal__.tracking.no_automatic_dependency_tracking
+  def _hold_untracked(self, model: keras.Model, fusion: Optional[keras.layers.Layer]) -> None:
+    # The SavedModel holds the signatures and the variables they read, not the
+    # Keras objects: saving those traces every layer's call once more (about
+    # half of an export's time) for functions no server runs.
+    self.model = model
+    self.fusion = fusion
 
   def predict(self, features: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
     """Feature tensors -> one float32 [batch] output per task."""
