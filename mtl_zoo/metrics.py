@@ -302,7 +302,7 @@ def predict_function(model):
   names = set(input_names(model))
   return tf.function(lambda features: model({k: v for k, v in features.items() if k in names},
                                             training=False),
-                     reduce_retracing=True)
+                     reduce_retracing=True, autograph=False)
 
 
 def predict_columns(model, schema: schema_lib.Schema, columns: Dict[str, np.ndarray],

@@ -171,7 +171,7 @@ def _gzip_size(path: str) -> Optional[int]:
 
 
 # The scan's reads are traced once per process (tf.function with fixed input
-# signatures): building their tf.data pipelines anew for every shard or run cost
+# signatures, AutoGraph off): building their tf.data pipelines anew for every shard or run cost
 # more than reading a small shard.
 _PATH = tf.TensorSpec([], tf.string)
 _PATHS = tf.TensorSpec([None], tf.string)
@@ -184,7 +184,7 @@ def count_records(path: str, compression: str) -> Tuple[int, int]:
   return int(n), int(payload)
 
 
-@tf.function(input_signature=[_PATH, _PATH])
+@tf.function(input_signature=[_PATH, _PATH], autograph=False)
 def _count(path: tf.Tensor, compression: tf.Tensor):
   records = tf.data.TFRecordDataset(path, compression).batch(4096)
   return records.reduce(
@@ -202,7 +202,7 @@ def count_in_parallel(files: Sequence[str], compressions: Sequence[str]) -> list
   return [(int(n), int(b)) for n, b in zip(*(c.numpy() for c in counts))]
 
 
-@tf.function(input_signature=[_PATHS, _PATHS])
+@tf.function(input_signature=[_PATHS, _PATHS], autograph=False)
 def _count_each(files: tf.Tensor, compressions: tf.Tensor):
   ds = tf.data.Dataset.from_tensor_slices((files, compressions)).map(
       _count, num_parallel_calls=tf.data.AUTOTUNE)
@@ -234,7 +234,8 @@ def _readable_run(path: str, compression: Optional[str], offset: int) -> Tuple[i
   return int(n), int(payload)
 
 
-@tf.function(input_signature=[_PATH, _PATH, tf.TensorSpec([], tf.int64)])
+@tf.function(input_signature=[_PATH, _PATH, tf.TensorSpec([], tf.int64)],
+             autograph=False)
 def _run_length(path: tf.Tensor, compression: tf.Tensor, offset: tf.Tensor):
   # The reader ends a file at its first error; ignore_errors() turns that into
   # the end of the run.

@@ -28,6 +28,7 @@ BLOCK_SHUFFLE_BUFFER = 64
 LIST_MASK = "__list_mask__"
 
 
+@tf.autograph.experimental.do_not_convert  # see shards.parsed_blocks
 def make_dataset(file_pattern: Union[str, Sequence[str]],
                  schema: schema_lib.Schema,
                  batch_size: int,
@@ -321,6 +322,7 @@ def count_records(file_pattern: Union[str, Sequence[str]]) -> int:
   return sum(scan.records for scan in scans)
 
 
+@tf.autograph.experimental.do_not_convert
 def count_ids(file_pattern: Union[str, Sequence[str]], schema: schema_lib.Schema,
               feature: str, bad_records: str = validation.FAIL) -> np.ndarray:
   """Records per id of one categorical feature (e.g. impressions per item), in

@@ -75,6 +75,7 @@ def default_event_weights(columns: Dict[str, np.ndarray], events: Sequence[str]
       {e: float(np.sum(np.asarray(columns[e]) > 0.5)) for e in events})
 
 
+@tf.autograph.experimental.do_not_convert  # see shards.parsed_blocks
 def count_events(file_pattern: Union[str, Sequence[str]], schema: schema_lib.Schema,
                  events: Sequence[str], bad_records: str = validation.FAIL
                  ) -> Dict[str, float]:

@@ -8,7 +8,7 @@ is one builder function plus one row:
   def score_only(module: ServingModule) -> Optional[SignatureFunction]:
     def serve(examples):  # the serving task's output alone, as `score`
       return {"score": module.serve_examples(examples)[module.task.name]}
-    return tf.function(serve, input_signature=[EXAMPLES_SPEC])
+    return tf.function(serve, input_signature=[EXAMPLES_SPEC], autograph=False)
 
   SIGNATURES["score_only"] = Signature(score_only, PREDICT_METHOD)
 
@@ -88,17 +88,22 @@ class ServingModule(tf.Module):
 SignatureFunction = tf.types.experimental.GenericFunction
 
 
+# Signatures are TensorFlow ops without Python control flow on tensors: traced
+# with AutoGraph off, which would only rewrite their source first.
+
+
 def serving_default(module: ServingModule) -> SignatureFunction:
   """examples: string [batch] -> one float32 [batch] per task, named by task."""
   def serve(examples):
     return module.serve_examples(examples)
-  return tf.function(serve, input_signature=[EXAMPLES_SPEC])
+  return tf.function(serve, input_signature=[EXAMPLES_SPEC], autograph=False)
 
 
 def features(module: ServingModule) -> SignatureFunction:
   """The schema's raw feature tensors (`Schema.feature_signature`) -> the same
   outputs as serving_default."""
-  return tf.function(module.predict, input_signature=[module.schema.feature_signature()])
+  return tf.function(module.predict, input_signature=[module.schema.feature_signature()],
+                     autograph=False)
 
 
 def classify(module: ServingModule) -> Optional[SignatureFunction]:
@@ -113,7 +118,7 @@ def classify(module: ServingModule) -> Optional[SignatureFunction]:
     classes = tf.tile(tf.constant([["0", "1"]]), [tf.shape(p)[0], 1])
     return {tf.saved_model.CLASSIFY_OUTPUT_SCORES: scores,
             tf.saved_model.CLASSIFY_OUTPUT_CLASSES: classes}
-  return tf.function(serve, input_signature=[INPUTS_SPEC])
+  return tf.function(serve, input_signature=[INPUTS_SPEC], autograph=False)
 
 
 def regress(module: ServingModule) -> SignatureFunction:
@@ -121,7 +126,7 @@ def regress(module: ServingModule) -> SignatureFunction:
   (its probability, if binary)."""
   def serve(inputs):
     return {tf.saved_model.REGRESS_OUTPUTS: module.serve_examples(inputs)[module.task.name]}
-  return tf.function(serve, input_signature=[INPUTS_SPEC])
+  return tf.function(serve, input_signature=[INPUTS_SPEC], autograph=False)
 
 
 def rank(module: ServingModule) -> Optional[SignatureFunction]:
@@ -143,7 +148,7 @@ def rank(module: ServingModule) -> Optional[SignatureFunction]:
     numeric = {f.name: parsed[f.name] for f in module.schema.numeric
                if not f.train_only}
     return {**outputs, "score": fusion({**numeric, **outputs}, weights)}
-  return tf.function(serve, input_signature=[EXAMPLES_SPEC])
+  return tf.function(serve, input_signature=[EXAMPLES_SPEC], autograph=False)
 
 
 class Signature(NamedTuple):
