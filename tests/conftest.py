@@ -73,9 +73,9 @@ def pytest_configure(config):
                           "pass (MTL_ZOO_KERAS=3 pytest -m keras3)")
 
 
-# Module-scoped fixtures that train: every test using one runs on the worker
+# Module-scoped fixtures that train or hold servers: every test using one runs on the worker
 # that set it up (`--dist loadgroup`), or each worker would train it again.
-SHARED_RUNS = ("cli", "single_worker_run")
+SHARED_RUNS = ("cli", "single_worker_run", "ps_cluster")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
