@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence
 
 import tensorflow as tf
 
-from mtl_zoo._keras import keras
+from mtl_zoo._keras import Layer, keras
 from mtl_zoo.layers.dense import MLP
 from mtl_zoo.layers.inputs import FeatureEmbedding
 from pipelines import schema as schema_lib
@@ -22,7 +22,7 @@ EPSILON = 1e-7
 
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
-class BiasTower(keras.layers.Layer):
+class BiasTower(Layer):
   """One bias logit per task from train-only features.
 
   Each task has its own small network over the features that bias it: their
@@ -108,7 +108,7 @@ class BiasTower(keras.layers.Layer):
 
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
-class BiasedOutput(keras.layers.Layer):
+class BiasedOutput(Layer):
   """A task output with a bias logit added.
 
   Binary tasks: sigmoid(logit(clip(p)) + bias), p clipped to

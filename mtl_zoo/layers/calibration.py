@@ -10,14 +10,14 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from mtl_zoo._keras import keras
+from mtl_zoo._keras import Layer, keras
 
 # Probabilities are clipped this far inside (0, 1) before taking their logit.
 LOGIT_EPSILON = 1e-6
 
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
-class NegativeSamplingCorrection(keras.layers.Layer):
+class NegativeSamplingCorrection(Layer):
   """Undoes training on a fraction `rate` of the negatives: p -> p / (p + (1 - p)
   / rate). A model trained with every negative kept with probability `rate` learns
   odds 1/rate times the true ones; this multiplies them back by `rate`.
@@ -47,7 +47,7 @@ class NegativeSamplingCorrection(keras.layers.Layer):
 
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
-class PlattCalibration(keras.layers.Layer):
+class PlattCalibration(Layer):
   """Platt scaling on the logit: p -> sigmoid(slope * logit(p) + intercept).
 
   Args:
@@ -76,7 +76,7 @@ class PlattCalibration(keras.layers.Layer):
 
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
-class IsotonicCalibration(keras.layers.Layer):
+class IsotonicCalibration(Layer):
   """A monotone piecewise-linear map through knots (x_i, y_i): linear between
   neighbouring knots, constant (y_0, y_last) outside them, as `numpy.interp`.
 

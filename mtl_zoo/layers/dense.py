@@ -4,12 +4,12 @@ from typing import Optional, Sequence
 
 import tensorflow as tf
 
-from mtl_zoo._keras import keras
+from mtl_zoo._keras import Layer, keras
 from pipelines import schema as schema_lib
 
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
-class MLP(keras.layers.Layer):
+class MLP(Layer):
   """Dense layers with an activation and optional dropout after each.
 
   Used for shared bottoms, towers and single experts. The activation (and
@@ -55,7 +55,7 @@ class MLP(keras.layers.Layer):
 
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
-class ExpertBank(keras.layers.Layer):
+class ExpertBank(Layer):
   """`num_experts` independent MLPs over the same input, computed together.
 
   Kernels are [fan_in, num_experts, units]: the first layer of every expert is
@@ -162,7 +162,7 @@ class _ExpertGlorotUniform(keras.initializers.Initializer):
 
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
-class TaskHead(keras.layers.Layer):
+class TaskHead(Layer):
   """One output unit: a sigmoid probability (binary) or a linear value
   (regression, and the score of ranking tasks).
 

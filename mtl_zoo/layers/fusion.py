@@ -5,7 +5,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from mtl_zoo._keras import keras
+from mtl_zoo._keras import Layer, keras
 from pipelines import schema as schema_lib
 
 FUSION_MODES = ("sum", "product")
@@ -16,7 +16,7 @@ _LOG_FLOAT32_MAX = float(np.log(np.finfo(np.float32).max)) - 1e-3
 
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
-class ScoreFusion(keras.layers.Layer):
+class ScoreFusion(Layer):
   """Fuses named scores: weighted sum `sum_i w_i * s_i`, or weighted product
   `prod_i s_i ** w_i` (the ads formula ctr^w1 * cvr^w2 * price^w3).
 

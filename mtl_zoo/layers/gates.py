@@ -4,7 +4,7 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from mtl_zoo._keras import keras
+from mtl_zoo._keras import Layer, keras
 
 
 def _softmax(logits: tf.Tensor) -> tf.Tensor:
@@ -16,7 +16,7 @@ def _softmax(logits: tf.Tensor) -> tf.Tensor:
 
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
-class SoftmaxGate(keras.layers.Layer):
+class SoftmaxGate(Layer):
   """A softmax over experts computed from the gate input (MMoE, OMoE, CGC, PLE).
 
   softmax(W x + b): one Dense layer to `num_experts` logits, then a softmax.
@@ -47,7 +47,7 @@ class SoftmaxGate(keras.layers.Layer):
 
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
-class SoftmaxGates(keras.layers.Layer):
+class SoftmaxGates(Layer):
   """Several `SoftmaxGate`s over the same input, computed together (MMoE's
   per-task gates).
 
@@ -92,7 +92,7 @@ class SoftmaxGates(keras.layers.Layer):
 
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
-class ExpertMixture(keras.layers.Layer):
+class ExpertMixture(Layer):
   """Weighted sum of expert outputs: sum_e weights[:, e] * experts[:, e].
 
   No weights of its own; the mixing half of an MoE gate (weights usually from a

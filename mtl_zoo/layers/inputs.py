@@ -5,7 +5,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 import tensorflow as tf
 
-from mtl_zoo._keras import keras
+from mtl_zoo._keras import Layer, keras
 from pipelines import schema as schema_lib
 
 # Z-scores are clipped here: far beyond real data (10,000 standard deviations),
@@ -42,7 +42,7 @@ def _lookup(table, rows: tf.Tensor) -> tf.Tensor:
 
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
-class FeatureEmbedding(keras.layers.Layer):
+class FeatureEmbedding(Layer):
   """Embeds categorical features, pools categorical lists, normalises numerics.
 
   Scalar categorical features that share an embedding width live in one fused

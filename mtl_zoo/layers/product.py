@@ -1,10 +1,10 @@
 """Entire-space probability: the product of conditional stage probabilities."""
 
-from mtl_zoo._keras import keras
+from mtl_zoo._keras import Layer, keras
 
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
-class ProbabilityProduct(keras.layers.Layer):
+class ProbabilityProduct(Layer):
   """Multiplies probabilities element-wise: p(click & convert) = pCTR x pCVR
   (ESMM, Ma et al., SIGIR 2018).
 

@@ -4,12 +4,12 @@ from typing import List, Optional, Sequence
 
 import tensorflow as tf
 
-from mtl_zoo._keras import keras
+from mtl_zoo._keras import Layer, keras
 from mtl_zoo.layers.dense import ExpertBank
 
 
 @keras.utils.register_keras_serializable(package="mtl_zoo")
-class CrossStitch(keras.layers.Layer):
+class CrossStitch(Layer):
   """A cross-stitch unit (Misra et al., CVPR 2016).
 
   Input: a list of `num_tasks` tensors of one shape [batch, units], one per task
