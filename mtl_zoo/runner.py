@@ -274,6 +274,12 @@ def resolve_data(config: RunConfig) -> Tuple[str, Optional[str], schema_lib.Sche
 
   Without `train_files`, the built-in data of `config.source` is written under
   `<output_dir>/data` on first use and read from there afterwards.
+
+  Args:
+    config: the run's settings (`train_files`, `eval_files`, `schema`, `source`).
+
+  Returns:
+    (training file pattern, eval file pattern or None, the data's schema).
   """
   if config.train_files:
     train, evaluation = config.train_files, config.eval_files
@@ -362,7 +368,16 @@ def _builtin_data(config: RunConfig) -> Tuple[str, str]:
 
 def training_runs(config: RunConfig, schema: schema_lib.Schema,
                   train_pattern: str) -> List[Tuple[str, schema_lib.Schema]]:
-  """(run name, training schema) per model the strategy trains."""
+  """The models `config.strategy` trains.
+
+  Args:
+    config: the run's settings.
+    schema: the data's schema.
+    train_pattern: the training files (event weights are counted from them).
+
+  Returns:
+    (run name, training schema) per model.
+  """
   architecture = config.architecture
   if config.strategy == "fusion":
     return [(task, models.training_schema(architecture, schema.with_tasks([task])))
@@ -381,7 +396,16 @@ def training_runs(config: RunConfig, schema: schema_lib.Schema,
 def event_weights(config: RunConfig, schema: schema_lib.Schema,
                   train_pattern: str) -> Dict[str, float]:
   """--event_weights: explicit, or 'auto:<events>' (default: auto over the
-  funnel's labels) from the training data's event counts."""
+  funnel's labels) from the training data's event counts.
+
+  Args:
+    config: the run's settings.
+    schema: the data's schema (its funnel's labels).
+    train_pattern: the training files, counted for 'auto'.
+
+  Returns:
+    event label column -> sample weight.
+  """
   spec = config.event_weights
   if spec and not spec.startswith("auto:"):
     return strategies.parse_event_values(spec, "--event_weights")
@@ -402,7 +426,12 @@ def event_weights(config: RunConfig, schema: schema_lib.Schema,
 
 def save_model(model: keras.Model, path: str) -> None:
   """Saves `model` (Keras format) to `path` through a temporary name: a crash
-  leaves the previous file, never a truncated one."""
+  leaves the previous file, never a truncated one.
+
+  Args:
+    model: the model to save.
+    path: the `.keras` file, on any filesystem TensorFlow supports.
+  """
   with files.atomic_path(path) as tmp:
     # Keras picks the format from the extension, which the temporary name keeps.
     model.save(tmp)
@@ -417,7 +446,20 @@ def count_examples(config: RunConfig, pattern: str, schema: schema_lib.Schema,
   `list_overflow` counts; with --bad_records=skip, of the good records only, and
   `skipped` counts the others. Plain records are counted from the converter's
   manifest where it vouches for the files. With `negative_sampling`, the rows
-  it keeps."""
+  it keeps.
+
+  Args:
+    config: the run's settings (`bad_records`, `seed`).
+    pattern: the training files.
+    schema: the training schema.
+    duplicate_task: the task whose event copies are counted (--duplicate), or None.
+    skipped: receives the bad records left out.
+    list_overflow: receives the examples past `list_size`, for ranking tasks.
+    negative_sampling: (label columns, rate) or None.
+
+  Returns:
+    The number of training examples one epoch sees.
+  """
   skip = config.bad_records == validation.SKIP
   if not duplicate_task and not schema.list_size and not skip and not negative_sampling:
     return reader.count_records(pattern)
@@ -430,7 +472,15 @@ def count_examples(config: RunConfig, pattern: str, schema: schema_lib.Schema,
 
 
 def examples_per_step(config: RunConfig, schema: schema_lib.Schema) -> int:
-  """--batch_size, or for ranking tasks the whole lists that fit in it."""
+  """Examples in one training step.
+
+  Args:
+    config: the run's settings (`batch_size`).
+    schema: the training schema.
+
+  Returns:
+    --batch_size, or for ranking tasks the slots of the whole lists that fit in it.
+  """
   if not schema.list_size:
     return config.batch_size
   return max(1, config.batch_size // schema.list_size) * schema.list_size
@@ -439,7 +489,17 @@ def examples_per_step(config: RunConfig, schema: schema_lib.Schema) -> int:
 def run_identity(config: RunConfig, train_pattern: str, schema: schema_lib.Schema,
                  steps_per_epoch: int) -> dict:
   """The settings a backup belongs to (`config.RESULT_FIELDS`, with the
-  defaults they resolve to): resuming with others would mix two runs."""
+  defaults they resolve to): resuming with others would mix two runs.
+
+  Args:
+    config: the run's settings.
+    train_pattern: the training files.
+    schema: the training schema.
+    steps_per_epoch: the steps of one epoch.
+
+  Returns:
+    A JSON-serializable dict, compared field by field on resume.
+  """
   identity = {name: getattr(config, name) for name in RESULT_FIELDS}
   # eval_files matter through the monitor (which epoch is kept, when to stop).
   identity.update(model=config.architecture, hyperparameters=_hyperparameters(config),
@@ -459,7 +519,14 @@ def _hyperparameters(config: RunConfig) -> dict:
 
 def serve_if_server_task(config: RunConfig) -> dict:
   """TF_CONFIG; on a parameter-server cluster's workers and ps tasks, which take
-  no other settings, serves the chief and never returns."""
+  no other settings, serves the chief and never returns.
+
+  Args:
+    config: the run's settings (`distribution`).
+
+  Returns:
+    The parsed TF_CONFIG ({} without one).
+  """
   try:
     cluster = distribute.tf_config()
   except distribute.ClusterError as e:
@@ -474,7 +541,15 @@ def serve_if_server_task(config: RunConfig) -> dict:
 def setup_distribution(config: RunConfig, cluster: dict):
   """The tf.distribute strategy of `config.distribution` (None for "none");
   made before TensorFlow runs any op, as the multi-worker strategy must be (its
-  creation waits for every worker, so the settings are checked before)."""
+  creation waits for every worker, so the settings are checked before).
+
+  Args:
+    config: the run's settings (`distribution`, `cpu_replicas`, `ps_shards`, ...).
+    cluster: the parsed TF_CONFIG (`serve_if_server_task`).
+
+  Returns:
+    The strategy, or None.
+  """
   try:
     workers = distribute.num_workers(config.distribution, cluster)
     if workers > 1:
@@ -500,7 +575,16 @@ def setup_distribution(config: RunConfig, cluster: dict):
 
 def explain_data_error(e: Exception, data_files: str, schema: schema_lib.Schema) -> str:
   """A reading error (an OpError, or TensorFlow failing to decode one) as the fix
-  it needs; `data_files` are the setting's globs."""
+  it needs.
+
+  Args:
+    e: the error.
+    data_files: the setting's globs.
+    schema: the schema the files should follow.
+
+  Returns:
+    The message for the user: the file, the record where known, and the fix.
+  """
   text = " ".join(l.strip() for l in getattr(e, "message", "").splitlines() if l.strip())
   bad_record = re.search(r"assertion failed: \[(bad record in .*?)\](?: \[\[| \[Op:|$)", text)
   if bad_record:  # pipelines.validation names file, record, problem and fix
@@ -535,6 +619,10 @@ def check_balancer(config: RunConfig, runs: List[Tuple[str, schema_lib.Schema]])
   """Refuses, before any data is read, a balancer that takes per-task gradients
   (GradNorm, PCGrad) on an architecture whose tasks share no dense parameter.
 
+  Args:
+    config: the run's settings (`loss_weighting`, `architecture`, `balance_on`).
+    runs: `training_runs`' (name, schema) pairs.
+
   Raises:
     ConfigError: naming --loss_weighting and the architectures that share.
   """
@@ -564,6 +652,18 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
               ) -> _Fitted:
   """Builds, compiles and fits one model (under `strategy`, resuming from its
   backup in `model_dir` if there is one).
+
+  Args:
+    config: the run's settings.
+    name: the run's name (a strategy's model).
+    schema: its training schema.
+    train_pattern: the training files.
+    eval_pattern: the eval files, or None.
+    model_dir: where its checkpoints, backups and logs go.
+    strategy: the tf.distribute strategy, or None.
+    cluster: the parsed TF_CONFIG ({} without one).
+    workers: the number of workers reading the data.
+    on_epoch_end: as in `run`.
 
   Returns:
     The model, outside any strategy, its schema, the report of its training
