@@ -695,6 +695,14 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
       _say(config, f"Warning: {list_overflow.count} training examples are past --list_size="
            f"{schema.list_size} in their request and are left out of training; raise "
            "--list_size to keep them.")
+  else:  # not counted: at least see that there is something to train on
+    try:
+      empty = not reader.has_records(train_pattern)
+    except (tf.errors.OpError, UnicodeDecodeError) as e:
+      raise DataError(explain_data_error(e, train_pattern, schema)) from None
+    if empty:
+      raise DataError(f"--train_files={train_pattern} holds no training examples: the "
+                      "files hold no records.")
   steps_per_epoch = config.steps_per_epoch or max(1, math.ceil(
       examples / examples_per_step(config, schema)))
 

@@ -322,6 +322,25 @@ def count_records(file_pattern: Union[str, Sequence[str]]) -> int:
   return sum(scan.records for scan in scans)
 
 
+def has_records(file_pattern: Union[str, Sequence[str]]) -> bool:
+  """Whether the shards hold any record, reading at most one (where counting
+  them all would read every shard).
+
+  Args:
+    file_pattern: glob(s) of TFRecord shards.
+
+  Returns:
+    True as soon as one record is read.
+
+  Raises:
+    tf.errors.OpError: the first shard with a record cannot be read (e.g. a
+      damaged header).
+  """
+  files = shards.list_files(file_pattern)
+  records = tf.data.TFRecordDataset(files, shards.detect_compression(files) or "")
+  return any(True for _ in records.take(1))
+
+
 @tf.autograph.experimental.do_not_convert
 def count_ids(file_pattern: Union[str, Sequence[str]], schema: schema_lib.Schema,
               feature: str, bad_records: str = validation.FAIL) -> np.ndarray:

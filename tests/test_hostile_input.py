@@ -483,6 +483,9 @@ def cli(tmp_path_factory):
   cases["not an example"] = [f"--train_files={junk}", f"--model_dir={base}/junk-run", *small]
   empty = _one_file_dataset(base / "empty", [])
   cases["no records"] = [f"--train_files={empty}", f"--model_dir={base}/empty-run", *small]
+  # With --steps_per_epoch the files are not counted; one record is looked for.
+  cases["no records, steps given"] = [f"--train_files={empty}", "--steps_per_epoch=3",
+                                      f"--model_dir={base}/empty-steps-run", *small]
   only_bad = _one_file_dataset(base / "only-bad", [_record(click=2.0)] * 3)
   cases["only bad records"] = [f"--train_files={only_bad}", "--bad_records=skip",
                                f"--model_dir={base}/only-bad-run", *small]
@@ -529,6 +532,7 @@ def test_cli_names_the_record_that_is_not_an_example(cli):
 
 @pytest.mark.parametrize("case, message", [
     ("no records", "the files hold no records"),
+    ("no records, steps given", "the files hold no records"),
     ("only bad records", "(3 bad records were skipped)")])
 def test_cli_without_training_examples_says_so(case, message, cli):
   code, _, err, _ = cli[case]
