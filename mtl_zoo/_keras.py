@@ -101,7 +101,9 @@ class Layer(keras.layers.Layer):
   """The base of mtl_zoo's layers: a Keras layer whose `call` is TensorFlow ops
   without Python control flow on tensors, so AutoGraph has nothing to rewrite.
   Keras 2 rewrites every subclassed layer's `call` before tracing it (~0.9 s a
-  process over the zoo's layers); Keras 3 never does."""
+  process over the zoo's layers); Keras 3 never does. A subclass (also a
+  user's) writes `tf.cond`/`tf.while_loop` where it branches on a tensor, as
+  under Keras 3."""
 
   if not KERAS_3:
     def _should_use_autograph(self) -> bool:

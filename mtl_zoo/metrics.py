@@ -298,7 +298,8 @@ def mse(labels: np.ndarray, predictions: np.ndarray) -> float:
 def predict_function(model):
   """A traced inference call that tolerates the smaller last batch and takes
   only the model's inputs from the features (a serving model is evaluated on
-  data that also holds the train-only features)."""
+  data that also holds the train-only features). AutoGraph off: a dict
+  comprehension and the model's call leave it nothing to rewrite."""
   names = set(input_names(model))
   return tf.function(lambda features: model({k: v for k, v in features.items() if k in names},
                                             training=False),

@@ -183,6 +183,7 @@ def score(saved_model: str, pattern: str, output: str, layout: str = "training",
                                compression_type=shards_lib.detect_compression(shards) or "")
   ds = ds.batch(batch_size)
   if layout == "training":
+    # Plain TensorFlow ops: AutoGraph would only rewrite it (pipelines.shards).
     ds = ds.map(tf.autograph.experimental.do_not_convert(schema.parse_training_examples),
                 num_parallel_calls=tf.data.AUTOTUNE)
     signature = loaded.signatures[serving.FEATURES_SIGNATURE]

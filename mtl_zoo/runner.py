@@ -276,10 +276,16 @@ def resolve_data(config: RunConfig) -> Tuple[str, Optional[str], schema_lib.Sche
   `<output_dir>/data` on first use and read from there afterwards.
 
   Args:
-    config: the run's settings (`train_files`, `eval_files`, `schema`, `source`).
+    config: the run's settings (the data: `train_files`, `eval_files`, `schema`,
+      or `source` and its options under `output_dir`; `tasks`, `task_weights`).
 
   Returns:
-    (training file pattern, eval file pattern or None, the data's schema).
+    (training file pattern, eval file pattern or None, the data's schema with
+    only the --tasks, weighted by --task_weights).
+
+  Raises:
+    DataError: files, or a schema, that cannot be found or read.
+    ConfigError: --task_weights that do not fit the schema.
   """
   if config.train_files:
     train, evaluation = config.train_files, config.eval_files
@@ -377,6 +383,11 @@ def training_runs(config: RunConfig, schema: schema_lib.Schema,
 
   Returns:
     (run name, training schema) per model.
+
+  Raises:
+    pipelines.schema.SchemaError: --event_weights or --grades that do not fit
+      the data (e.g. events that are not label columns).
+    DataError: training files that cannot be read to count the events.
   """
   architecture = config.architecture
   if config.strategy == "fusion":
@@ -405,6 +416,11 @@ def event_weights(config: RunConfig, schema: schema_lib.Schema,
 
   Returns:
     event label column -> sample weight.
+
+  Raises:
+    pipelines.schema.SchemaError: events that are not label columns, or a
+      malformed spec.
+    DataError: training files that cannot be read for the counts.
   """
   spec = config.event_weights
   if spec and not spec.startswith("auto:"):
@@ -479,7 +495,8 @@ def examples_per_step(config: RunConfig, schema: schema_lib.Schema) -> int:
     schema: the training schema.
 
   Returns:
-    --batch_size, or for ranking tasks the slots of the whole lists that fit in it.
+    --batch_size, or for ranking tasks the slots of the whole lists that fit in
+    it (at least one list).
   """
   if not schema.list_size:
     return config.batch_size
@@ -526,6 +543,9 @@ def serve_if_server_task(config: RunConfig) -> dict:
 
   Returns:
     The parsed TF_CONFIG ({} without one).
+
+  Raises:
+    ConfigError: TF_CONFIG that cannot be parsed.
   """
   try:
     cluster = distribute.tf_config()
@@ -549,6 +569,10 @@ def setup_distribution(config: RunConfig, cluster: dict):
 
   Returns:
     The strategy, or None.
+
+  Raises:
+    ConfigError: a cluster or batch size the strategy cannot use.
+    DataError: training files that cannot be split among the workers.
   """
   try:
     workers = distribute.num_workers(config.distribution, cluster)
@@ -583,7 +607,8 @@ def explain_data_error(e: Exception, data_files: str, schema: schema_lib.Schema)
     schema: the schema the files should follow.
 
   Returns:
-    The message for the user: the file, the record where known, and the fix.
+    The message for the user: the file and record where they can be found, and
+    the fix where one is known; else TensorFlow's own message.
   """
   text = " ".join(l.strip() for l in getattr(e, "message", "").splitlines() if l.strip())
   bad_record = re.search(r"assertion failed: \[(bad record in .*?)\](?: \[\[| \[Op:|$)", text)
@@ -620,7 +645,8 @@ def check_balancer(config: RunConfig, runs: List[Tuple[str, schema_lib.Schema]])
   (GradNorm, PCGrad) on an architecture whose tasks share no dense parameter.
 
   Args:
-    config: the run's settings (`loss_weighting`, `architecture`, `balance_on`).
+    config: the run's settings (`loss_weighting`, `architecture` and its
+      hyperparameters, `balance_on`).
     runs: `training_runs`' (name, schema) pairs.
 
   Raises:

@@ -103,6 +103,7 @@ def scan(files: Sequence[str], trust_manifest: bool = True) -> List[integrity.Sh
 # The functions of every pipeline here are written with TensorFlow ops and no
 # Python control flow on tensors: built with AutoGraph off, which saves the
 # ~2 s a process spends rewriting their source (what AutoGraph does first).
+# Off for everything traced inside a decorated builder, tf.functions included.
 @tf.autograph.experimental.do_not_convert
 def parsed_blocks(files: Sequence[str], schema: schema_lib.Schema, block: int,
                   bad_records: str, skipped: Optional[validation.SkippedRecords],

@@ -203,8 +203,8 @@ def test_two_multi_worker_processes_match_one_worker_with_the_same_global_batch(
 
 @pytest.fixture(scope="module")
 def ps_cluster(tmp_path_factory):
-  """Two workers and a parameter server, waiting for a chief: each chief that
-  connects in turn runs its own job on them."""
+  """(cluster, server processes): two workers and a parameter server, waiting
+  for a chief; each chief that connects in turn runs its own job on them."""
   chief, worker0, worker1, ps = (f"127.0.0.1:{p}" for p in free_ports(4))
   cluster = {"chief": [chief], "worker": [worker0, worker1], "ps": [ps]}
   servers = Processes(str(tmp_path_factory.mktemp("ps_cluster")))
@@ -212,15 +212,24 @@ def ps_cluster(tmp_path_factory):
     for task in (("worker", 0), ("worker", 1), ("ps", 0)):
       servers.start(f"{task[0]}{task[1]}", "--distribution=parameter_server",
                     cluster=cluster, task=task)
-    yield cluster
+    yield cluster, servers
   finally:
     servers.stop()
+
+
+def serving_cluster(ps_cluster) -> dict:
+  """The cluster, after checking that its servers are still up (a test before
+  may have left them dead)."""
+  cluster, servers = ps_cluster
+  exited = [name for name, (proc, _) in servers.procs.items() if proc.poll() is not None]
+  assert not exited, f"parameter-server cluster tasks exited: {exited}"
+  return cluster
 
 
 @pytest.mark.slow
 def test_parameter_server_cluster_trains_and_exports_a_round_tripping_model(
     two_shards, ps_cluster, processes, tmp_path):
-  cluster = ps_cluster
+  cluster = serving_cluster(ps_cluster)
   model_dir, export_dir = str(tmp_path / "run"), str(tmp_path / "export")
   # Tables of at least 1 KiB split in two, so even one ps holds sharded variables.
   processes.start("chief", f"--train_files={two_shards}/train-*",
@@ -267,7 +276,7 @@ def ps_data(tmp_path_factory):
 @pytest.mark.slow
 def test_parameter_server_eval_auc_is_within_001_of_one_process(ps_data, ps_cluster,
                                                                  processes, tmp_path):
-  cluster = ps_cluster
+  cluster = serving_cluster(ps_cluster)
   # Same data, seed, epochs, global batch and learning rate: 157 steps of 256 per
   # epoch in both. No variable is split over the servers, so both runs start from
   # the same initial weights (a split table is initialised part by part).

@@ -3,7 +3,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import mixed_schema
-from mtl_zoo import layers
+from mtl_zoo import _keras, layers
 from mtl_zoo._keras import keras
 from pipelines import schema as schema_lib
 
@@ -191,3 +191,19 @@ def test_score_fusion_sum_and_product_follow_their_formulas():
     layers.parse_fusion("ctr=1")
   with pytest.raises(ValueError, match="name=weight"):
     layers.parse_fusion("sum:ctr=high")
+
+
+def test_every_public_layer_keeps_autograph_away_from_its_call():
+  classes = [c for c in vars(layers).values()
+             if isinstance(c, type) and issubclass(c, keras.layers.Layer)]
+  assert len(classes) >= 14
+  not_ours = [c.__name__ for c in classes if not issubclass(c, _keras.Layer)]
+  assert not not_ours, f"derive these from mtl_zoo._keras.Layer: {not_ours}"
+  if not _keras.KERAS_3:
+    # tf-keras' own hook: were it renamed, Keras 2 would silently rewrite every
+    # layer's call again (~0.9 s a process).
+    assert "_should_use_autograph" in vars(keras.layers.Layer)
+    class Plain(keras.layers.Layer):
+      pass
+
+    assert Plain()._should_use_autograph() and not layers.MLP([4])._should_use_autograph()

@@ -12,11 +12,11 @@ import tensorflow as tf
 
 from mtl_zoo import losses as losses_lib
 from mtl_zoo.balancers import shared
-from mtl_zoo._keras import Layer, keras
+from mtl_zoo._keras import keras
 from pipelines import schema as schema_lib
 
 
-class LossBalancer(Layer):
+class LossBalancer(keras.layers.Layer):
   """How per-task losses become one update; the base keeps fixed weights.
 
   Hooks a subclass overrides (each has a default):

@@ -61,9 +61,10 @@ class ServingModule(tf.Module):
                serving_task: Optional[str] = None, fusion: Optional[dict] = None):
     super().__init__(name="mtl_zoo_serving")
     self._hold_untracked(model, layers.score_fusion(fusion, schema) if fusion else None)
-    # What the signatures read, saved with them.
+    # What the signatures read, saved with them: a built functional model's
+    # weights (the fusion has none). A layer holding another resource, such as
+    # a lookup table, would need it tracked here too (saving names it if not).
     self.model_variables = list(model.variables)
-    self.fusion_variables = list(self.fusion.variables) if self.fusion else []
     self.schema = schema
     self.task = schema.task(serving_task or schema.task_names[0])
 
@@ -88,8 +89,8 @@ class ServingModule(tf.Module):
 SignatureFunction = tf.types.experimental.GenericFunction
 
 
-# Signatures are TensorFlow ops without Python control flow on tensors: traced
-# with AutoGraph off, which would only rewrite their source first.
+# Signatures are TensorFlow ops without Python control flow on tensors, so they
+# are traced with AutoGraph off: it would only spend time rewriting them.
 
 
 def serving_default(module: ServingModule) -> SignatureFunction:
