@@ -130,7 +130,7 @@ def feature_cross(name: str):
   return tfrs.layers.dcn.Cross(name=name)
 
 
-def default_adam(learning_rate: float):
+def default_adam(learning_rate: float, decay_steps: int = 0):
   """Adam as compile_model uses it by default.
 
   Keras 2's legacy Adam applies each variable's update in one fused kernel,
@@ -138,11 +138,16 @@ def default_adam(learning_rate: float):
   on a CPU; Keras 3 has only the new one.
 
   Args:
-    learning_rate: Adam's learning rate.
+    learning_rate: Adam's learning rate (at the first step, with `decay_steps`).
+    decay_steps: N > 0: the rate at step t is learning_rate / (1 + t / N)
+      (inverse time decay); 0: constant.
 
   Returns:
     A Keras optimizer.
   """
+  if decay_steps:
+    learning_rate = keras.optimizers.schedules.InverseTimeDecay(learning_rate, decay_steps,
+                                                                decay_rate=1.0)
   if KERAS_3:
     return keras.optimizers.Adam(learning_rate)
   return keras.optimizers.legacy.Adam(learning_rate)

@@ -11,6 +11,7 @@ from pipelines import schema as schema_lib
 
 def compile_model(model: keras.Model, schema: schema_lib.Schema,
                   learning_rate: float = 1e-3,
+                  learning_rate_decay_steps: int = 0,
                   optimizer: Optional[keras.optimizers.Optimizer] = None,
                   weighting: Union[str, balancers_lib.LossBalancer] = "fixed",
                   weighting_options: Optional[dict] = None,
@@ -33,7 +34,10 @@ def compile_model(model: keras.Model, schema: schema_lib.Schema,
   Args:
     model: a built model with one output per schema task.
     schema: the schema it trains on (`models.training_schema`).
-    learning_rate: Adam's learning rate (when no `optimizer` is given).
+    learning_rate: Adam's learning rate (when no `optimizer` is given; at the
+      first step with `learning_rate_decay_steps`).
+    learning_rate_decay_steps: N > 0: Adam's rate at step t is learning_rate /
+      (1 + t / N); 0: constant.
     optimizer: the optimizer; default Adam (`_keras.default_adam`: Keras 2's
       legacy, fused one).
     weighting: a `balancers.BALANCERS` name, or a built `LossBalancer`.
@@ -53,7 +57,7 @@ def compile_model(model: keras.Model, schema: schema_lib.Schema,
       ValueError) for GradNorm or PCGrad on a model whose tasks share no dense
       parameter (e.g. single_task).
   """
-  optimizer = optimizer or _keras.default_adam(learning_rate)
+  optimizer = optimizer or _keras.default_adam(learning_rate, learning_rate_decay_steps)
   # Task masks arrive as sample weights; no streaming metrics need them.
   compile_kwargs.setdefault("weighted_metrics", [])
   if isinstance(weighting, str):

@@ -52,7 +52,8 @@ RESULT_FIELDS = ("strategy", "model", "train_files", "schema", "tasks", "event_w
                  "patience", "batch_size",
                  "steps_per_epoch", "distribution", "ps_shards", "ps_min_shard_bytes",
                  "cpu_replicas",
-                 "backup_every_steps", "learning_rate", "hyperparameters", "seed", "cache",
+                 "backup_every_steps", "learning_rate", "learning_rate_decay_steps",
+                 "hyperparameters", "seed", "cache",
                  "cache_memory_mb",
                  "shuffle_block", "bad_records", "source", "source_options", "eval_files",
                  "negative_sampling", "task_weights")
@@ -106,7 +107,8 @@ class RunConfig:
   ps_min_shard_bytes: int = 256 << 10
   cpu_replicas: int = 0
   backup_every_steps: int = 1000
-  learning_rate: float = 2e-3
+  learning_rate: float = 2e-2
+  learning_rate_decay_steps: int = 500
   hyperparameters: Dict[str, Any] = dataclasses.field(default_factory=dict)
   seed: int = 0
   cache: str = "auto"
@@ -192,6 +194,10 @@ class RunConfig:
     for name in ("max_epochs", "batch_size", "shuffle_block"):
       if getattr(self, name) < 1:
         raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+    if not self.learning_rate > 0 or self.learning_rate_decay_steps < 0:
+      raise ConfigError(f"--learning_rate must be > 0 and --learning_rate_decay_steps >= 0 "
+                        f"(0: constant), got {self.learning_rate} and "
+                        f"{self.learning_rate_decay_steps}.")
 
   def _check_early_stopping(self) -> None:
     if self.train_files and not self.eval_files:

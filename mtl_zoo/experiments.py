@@ -25,7 +25,7 @@ def run_trial(schema: schema_lib.Schema, train_pattern: str,
               eval_patterns: Dict[str, str], model_name: str, hparams: dict,
               max_epochs: int, batch_size: int, learning_rate: float, seed: int,
               weighting: str = "fixed", curve_split: Optional[str] = None,
-              patience: Optional[int] = None) -> dict:
+              patience: Optional[int] = None, learning_rate_decay_steps: int = 0) -> dict:
   """Trains one model with the training runner and evaluates it on each split.
 
   The run is the train CLI's (`runner.run`), quiet, with no export, in a
@@ -43,6 +43,8 @@ def run_trial(schema: schema_lib.Schema, train_pattern: str,
       data of early stopping); the result's `curve` holds those metrics per epoch.
     patience: as the train flag (0: train all max_epochs, keeping the best
       epoch by the validation split's mean AUC); default, the train CLI's.
+    learning_rate_decay_steps: as the train flag; default 0, a constant rate (the
+      setting of the recorded experiments, not the CLI's default).
 
   Returns:
     {"model", "weighting", "seed", "train_seconds", "metrics": split -> task ->
@@ -55,7 +57,7 @@ def run_trial(schema: schema_lib.Schema, train_pattern: str,
         output_dir=output_dir, export_dir="", loss_weighting=weighting,
         max_epochs=max_epochs, patience=patience if curve_split else None,
         batch_size=batch_size, learning_rate=learning_rate,
-        hyperparameters=hparams, seed=seed, quiet=True))
+        learning_rate_decay_steps=learning_rate_decay_steps, hyperparameters=hparams, seed=seed, quiet=True))
   predict = metrics.predict_function(result.model)
   evaluated = {split: metrics.evaluate(result.model, result.schema,
                                        reader.make_dataset(p, result.schema, 8192,

@@ -811,6 +811,7 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
   with strategy.scope() if strategy else contextlib.nullcontext():
     model = models.build(architecture, schema, **hparams)
     trainable = compile_model(model, schema, learning_rate=config.learning_rate,
+                              learning_rate_decay_steps=config.learning_rate_decay_steps,
                               weighting=config.loss_weighting,
                               weighting_options=config.balancer_options,
                               balance_on=config.balance_on, masked_loss=config.masked_loss)

@@ -137,7 +137,12 @@ flags.DEFINE_integer("backup_every_steps", 1000, "With --model_dir: back up the 
                      "state every N steps (and after every epoch) into <model_dir>/backup; "
                      "0: after every epoch only. parameter_server backs up per epoch.",
                      lower_bound=0)
-flags.DEFINE_float("learning_rate", 2e-3, "Adam learning rate.", lower_bound=0.0)
+flags.DEFINE_float("learning_rate", 2e-2, "Adam's learning rate at the first step (chosen "
+                   "on validation of the realistic synthetic log: BUILD_NOTES \"Learning "
+                   "rate\").", lower_bound=0.0)
+flags.DEFINE_integer("learning_rate_decay_steps", 500, "The learning rate at step t is "
+                     "--learning_rate / (1 + t / N): half of it after N steps, a tenth "
+                     "after 9N; 0 keeps it constant.", lower_bound=0)
 flags.DEFINE_integer("num_experts", 8, "Shared experts (mmoe, omoe).", lower_bound=1)
 flags.DEFINE_integer("num_task_experts", 2, "Experts of each task (cgc, ple).", lower_bound=1)
 flags.DEFINE_integer("num_shared_experts", 2, "Shared experts per level (cgc, ple).",
@@ -263,6 +268,7 @@ def config_from_flags() -> RunConfig:
       ps_shards=FLAGS.ps_shards, ps_min_shard_bytes=FLAGS.ps_min_shard_bytes,
       cpu_replicas=FLAGS.cpu_replicas,
       backup_every_steps=FLAGS.backup_every_steps, learning_rate=FLAGS.learning_rate,
+      learning_rate_decay_steps=FLAGS.learning_rate_decay_steps,
       hyperparameters=hyperparameters(architecture), seed=FLAGS.seed, cache=FLAGS.cache,
       cache_memory_mb=FLAGS.cache_memory_mb,
       shuffle_block=FLAGS.shuffle_block, bad_records=FLAGS.bad_records, source=FLAGS.source,

@@ -39,7 +39,7 @@ def main(argv):
                                            FLAGS.dropout):
     result = runner.run(RunConfig(
         output_dir=output_dir, export_dir="", source_options=source_options, quiet=True,
-        learning_rate=float(lr),
+        learning_rate=float(lr), learning_rate_decay_steps=0,  # the grid's constant rates
         hyperparameters={"embeddings_l2": float(l2), "dropout": float(dropout)}))
     summary = result.summary
     row = {"embeddings_l2": float(l2), "learning_rate": float(lr),

@@ -88,6 +88,7 @@ def run(strategy: str, architecture: str, options: dict, schema: schema_lib.Sche
         strategy=strategy, model=architecture, train_files=os.path.join(data_dir, "train-*"),
         schema=schema, output_dir=output_dir, export_dir="", max_epochs=FLAGS.epochs,
         batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
+        learning_rate_decay_steps=0,  # a constant rate, as recorded in results/
         hyperparameters=models.hyperparameters_of(architecture, HPARAMS), seed=seed,
         event_weights=(",".join(f"{k}={v}" for k, v in event_weights.items())
                        if strategy == "sample_weighting" else None),

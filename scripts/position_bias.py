@@ -95,7 +95,8 @@ def main(argv):
         result = runner.run(config_lib.RunConfig(
             train_files=os.path.join(data, "train-*"), schema=schema, model="mmoe",
             hyperparameters=HPARAMS, max_epochs=FLAGS.epochs, batch_size=1024,
-            learning_rate=2e-3, seed=seed, model_dir=tmp, export_dir="", quiet=True))
+            learning_rate=2e-3, learning_rate_decay_steps=0, seed=seed, model_dir=tmp,
+            export_dir="", quiet=True))
       rows.setdefault(name, []).append(_rated(result.model, schema, columns, relevance))
       if name == "position feature":
         rows.setdefault("position feature @0", []).append(

@@ -303,3 +303,20 @@ def test_any_architecture_can_use_a_dcn_cross_bottom(name, tmp_path, ads_dir, ad
   loaded = keras.models.load_model(path)
   for task in output_names(model):
     np.testing.assert_allclose(model(features)[task], loaded(features)[task], atol=1e-6)
+
+
+@pytest.mark.keras3
+def test_learning_rate_decays_with_inverse_time_or_stays_constant(ads_schema):
+  def rate(decay_steps):
+    trainable = mtl_zoo.compile_model(mtl_zoo.build_mmoe(ads_schema), ads_schema,
+                                      learning_rate=0.02, learning_rate_decay_steps=decay_steps)
+    return trainable.optimizer.get_config()["learning_rate"]
+
+  schedule = keras.optimizers.schedules.deserialize(rate(100))
+  assert [float(schedule(step)) for step in (0, 100, 900)] == pytest.approx([0.02, 0.01, 0.002])
+  assert rate(0) == pytest.approx(0.02)
+  # The CLI's defaults are the run configuration's (BUILD_NOTES "Learning rate").
+  from mtl_zoo import config, train
+  defaults = config.RunConfig()
+  assert (train.FLAGS["learning_rate"].default, train.FLAGS["learning_rate_decay_steps"].default
+          ) == (defaults.learning_rate, defaults.learning_rate_decay_steps)
