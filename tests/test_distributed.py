@@ -55,21 +55,28 @@ def free_ports(n: int) -> list:
 # after the backup callback's work at epoch/batch argv[1]: every worker of a
 # multi_worker job dies after the same step.
 _SELF_KILLING_TRAIN = """
-import json, os, signal, sys
+import json, os, signal, sys, time
 from absl import app
 from mtl_zoo import distribute, train
 epoch, batch = json.loads(sys.argv[1])
+
+def die():
+  # A moment for this step's last collective messages to reach the other
+  # worker: killed mid-send, it would fail that worker with a collective error
+  # (seen once in CI) before that worker's own kill at the same point.
+  time.sleep(0.5)
+  os.kill(os.getpid(), signal.SIGKILL)
 
 class Dying(distribute.Backup):
   def on_train_batch_end(self, index, logs=None):
     super().on_train_batch_end(index, logs)
     if (self._current_epoch, index) == (epoch, batch):
-      os.kill(os.getpid(), signal.SIGKILL)
+      die()
 
   def on_epoch_end(self, index, logs=None):
     super().on_epoch_end(index, logs)
     if (index, batch) == (epoch, None):
-      os.kill(os.getpid(), signal.SIGKILL)
+      die()
 
 distribute.Backup = Dying
 app.run(train.main, argv=["mtl_zoo.train", *sys.argv[2:]])
@@ -279,9 +286,12 @@ def test_parameter_server_eval_auc_is_within_001_of_one_process(ps_data, ps_clus
   cluster = serving_cluster(ps_cluster)
   # Same data, seed, epochs, global batch and learning rate: 157 steps of 256 per
   # epoch in both. No variable is split over the servers, so both runs start from
-  # the same initial weights (a split table is initialised part by part).
+  # the same initial weights (a split table is initialised part by part). At
+  # the learning rate the bound was measured with (BUILD_NOTES): at the default,
+  # ten times higher early on, a cvr gap of 0.013 was seen (2,281 clicks).
   flags = [f"--train_files={ps_data}/train-*", f"--eval_files={ps_data}/eval-*",
-           "--epochs=2", "--batch_size=256", "--export_dir="]
+           "--epochs=2", "--batch_size=256", "--learning_rate=2e-3",
+           "--learning_rate_decay_steps=0", "--export_dir="]
   single_dir, ps_dir = str(tmp_path / "single"), str(tmp_path / "ps")
   processes.start("single", *flags, f"--model_dir={single_dir}")
   processes.start("chief", *flags, "--distribution=parameter_server", f"--model_dir={ps_dir}",
