@@ -235,6 +235,12 @@ class BackupOwnerError(ValueError):
   message says how to go on."""
 
 
+# Settings added to a backup's identity (run.json) after backups were first
+# written, with the value every run had before: a backup from before still
+# resumes under them.
+SETTINGS_BEFORE_THEY_WERE_SAVED = {"learning_rate_decay_steps": 0}
+
+
 def claim_backup(model_dir: Optional[str], chief: bool, identity: dict,
                  steps_per_epoch: int, per_step: bool
                  ) -> Tuple[Optional[str], Optional[Tuple[int, int]]]:
@@ -261,6 +267,7 @@ def claim_backup(model_dir: Optional[str], chief: bool, identity: dict,
   owner = os.path.join(backup_dir, "run.json")
   if tf.io.gfile.exists(os.path.join(backup_dir, "chief")):
     saved = files.read_json(owner) if tf.io.gfile.exists(owner) else {}
+    saved = {**SETTINGS_BEFORE_THEY_WERE_SAVED, **saved}
     changed = sorted(k for k in identity if saved.get(k) != identity[k])
     if changed:
       raise BackupOwnerError(

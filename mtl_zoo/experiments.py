@@ -57,7 +57,8 @@ def run_trial(schema: schema_lib.Schema, train_pattern: str,
         output_dir=output_dir, export_dir="", loss_weighting=weighting,
         max_epochs=max_epochs, patience=patience if curve_split else None,
         batch_size=batch_size, learning_rate=learning_rate,
-        learning_rate_decay_steps=learning_rate_decay_steps, hyperparameters=hparams, seed=seed, quiet=True))
+        learning_rate_decay_steps=learning_rate_decay_steps, hyperparameters=hparams,
+        seed=seed, quiet=True))
   predict = metrics.predict_function(result.model)
   evaluated = {split: metrics.evaluate(result.model, result.schema,
                                        reader.make_dataset(p, result.schema, 8192,

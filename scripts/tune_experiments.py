@@ -72,6 +72,11 @@ def evaluate(model_dir, pattern):
   return {t: {m: r[m] for m in ("auc", "logloss")} for t, r in results.items()}
 
 
+# The recorded searches and runs (results/tune_*.md) trained at constant learning
+# rates, the default before the fifth session's decay (BUILD_NOTES "Learning rate").
+CONSTANT_RATE = ["--learning_rate_decay_steps=0"]
+
+
 def trials_of(study_dir):
   return json.load(open(os.path.join(study_dir, "trials.json")))
 
@@ -80,7 +85,7 @@ def census(study_dir):
   SOURCES["census"].write_if_missing(CENSUS_DATA, census_dir=FLAGS.census_dir,
                                      census_group=1)
   if FLAGS.search:
-    run([sys.executable, "-m", "mtl_zoo.tune", "--model=mmoe",
+    run([sys.executable, "-m", "mtl_zoo.tune", "--model=mmoe", *CONSTANT_RATE,
          f"--train_files={CENSUS_DATA}/train-*", f"--eval_files={CENSUS_DATA}/validation-*",
          "--max_epochs=12", f"--trials={FLAGS.trials or 30}",
          "--space=results/tune_census_space.json", f"--output_dir={study_dir}"])
@@ -93,7 +98,7 @@ def census(study_dir):
     model_dir = best["model_dir"] if seed == 0 else os.path.join(
         study_dir, "seeds", f"trial-{best['number']:04d}-seed{seed}")
     if seed:
-      run([sys.executable, "-m", "mtl_zoo.train", f"--flagfile={best['flagfile']}",
+      run([sys.executable, "-m", "mtl_zoo.train", f"--flagfile={best['flagfile']}", *CONSTANT_RATE,
            f"--seed={seed}", f"--model_dir={model_dir}", "--export_dir="])
     tuned[seed] = {"validation": evaluate(model_dir, f"{CENSUS_DATA}/validation-*"),
                    "test": evaluate(model_dir, test)}
@@ -116,7 +121,7 @@ def census(study_dir):
 
 def ads(study_dir):
   if FLAGS.search:
-    run([sys.executable, "-m", "mtl_zoo.tune", "--objectives=ctr:auc,cvr:auc",
+    run([sys.executable, "-m", "mtl_zoo.tune", "--objectives=ctr:auc,cvr:auc", *CONSTANT_RATE,
          f"--trials={FLAGS.trials or 24}", "--space=results/tune_ads_space.json",
          f"--output_dir={study_dir}"])
   summary = trials_of(study_dir)
@@ -142,7 +147,7 @@ def ads(study_dir):
       if not os.path.exists(os.path.join(model_dir, "metrics.json")):
         # The built-in data are drawn from --seed: other seeds train on seed 0's files.
         data_flags = [f"--train_files={data_dir}/train-*", f"--eval_files={data_dir}/eval-*"]
-        run([sys.executable, "-m", "mtl_zoo.train", *train_flags,
+        run([sys.executable, "-m", "mtl_zoo.train", *train_flags, *CONSTANT_RATE,
              *(data_flags if seed else []), f"--seed={seed}", f"--model_dir={model_dir}",
              "--export_dir="])
       rows[name][seed] = {s: evaluate(model_dir, p) for s, p in splits.items()}

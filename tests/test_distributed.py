@@ -550,3 +550,15 @@ def test_model_save_is_atomic(tmp_path, monkeypatch):
     runner.save_model(model, path)
   assert open(path, "rb").read() == good
   assert os.listdir(tmp_path) == ["model.keras"]
+
+
+def test_a_backup_from_before_a_setting_was_saved_resumes_under_its_old_value(tmp_path):
+  backup = tmp_path / "backup"
+  (backup / "chief").mkdir(parents=True)
+  (backup / "run.json").write_text(json.dumps({"learning_rate": 0.02}))  # no decay saved
+  old = {"learning_rate": 0.02, "learning_rate_decay_steps": 0}  # constant, as runs were
+  assert distribute.claim_backup(str(tmp_path), False, old, 10, True) == (str(backup), None)
+  with pytest.raises(distribute.BackupOwnerError, match=r"other settings \(learning_rate_"
+                     r"decay_steps\)"):
+    distribute.claim_backup(str(tmp_path), False, {**old, "learning_rate_decay_steps": 500},
+                            10, True)
