@@ -68,6 +68,9 @@ def summary(config: RunConfig, fitted: Sequence, schema: schema_lib.Schema,
           "task_weights": _merged_dicts(fitted, "task_weights"),
           "eval": {task: values for run in fitted for task, values in
                    run.report["eval"].items()},
+          "eval_at_logged_positions": {
+              task: values for run in fitted
+              for task, values in run.report.get("eval_at_logged_positions", {}).items()},
           "gates": _merged_dicts(fitted, "gates"),
           "bad_records": bad_records_report(config, fitted)}
 
@@ -86,6 +89,11 @@ def print_eval(config: RunConfig, eval_pattern: str, run_summary: dict) -> None:
   if "eval_uncalibrated" in run_summary:
     say(config, "As trained, before the negative-sampling correction and calibrators:")
     say(config, metrics_lib.format_table(run_summary["eval_uncalibrated"], columns))
+  if run_summary.get("eval_at_logged_positions"):
+    say(config, "Tasks the bias tower shaped, at the logged positions (the model as trained, "
+        "tower included, negative sampling corrected; the served probabilities above are "
+        "debiased, so they need not match clicks the position shaped):")
+    say(config, metrics_lib.format_table(run_summary["eval_at_logged_positions"], columns))
   for gate, gate_summary in run_summary["gates"].items():
     weights = " ".join(f"{w:.2f}" for w in gate_summary["mean_weights"])
     starved = gate_summary["starved_experts"]

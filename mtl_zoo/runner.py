@@ -19,7 +19,7 @@ import os
 import re
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -882,6 +882,8 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
     _keras.load_weights(trainable, early_stopping.checkpoint_path(model_dir, kept))
     if evaluator:
       evaluator.evaluate()  # the report is the kept model's, measured again
+  at_logged_positions = (_eval_at_logged_positions(model, schema, eval_ds, sampling)
+                         if evaluator else {})
   if strategy is not None:
     # Saved and exported: the same architecture outside the strategy, so loading
     # it needs no cluster and sharded tables are whole again.
@@ -897,6 +899,7 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
                        if k.startswith("weight_")} if history else {},
       "backup_dir": backup_dir, "cache": cache_mode,
       "eval": evaluator.latest if evaluator else {},
+      "eval_at_logged_positions": at_logged_positions,
       "monitor": ({"spec": monitor.spec, "patience": config.patience_epochs,
                    "values": progress.values, "best_epoch": best_epoch,
                    "epochs_trained": epochs_trained,
@@ -911,6 +914,40 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
                                   else None)}
   return _Fitted(name, models.serving_model(model), schema, report,
                  evaluator.curve if evaluator else [])
+
+
+def _eval_at_logged_positions(model: keras.Model, schema: schema_lib.Schema,
+                              eval_ds: tf.data.Dataset,
+                              negative_sampling: Optional[Tuple[Sequence[str], float]]
+                              ) -> Dict[str, Dict[str, float]]:
+  """Metrics of the tasks the bias tower shapes, as trained: the training model,
+  tower included, over the eval data at the positions it was logged at.
+
+  The served probability of such a task is the debiased one, which a log's
+  position-shaped clicks cannot check (on the built-in log it under-predicts
+  the top slot's clicks and over-predicts the bottom's); this says whether the
+  model of those clicks is calibrated, and how well the negative-sampling
+  correction, exact in either form, did.
+
+  Args:
+    model: the trained model (with its tower), the kept epoch's weights.
+    schema: its schema.
+    eval_ds: the eval dataset (training layout: train-only features included).
+    negative_sampling: (labels, rate) the training data was sampled with, or None.
+
+  Returns:
+    task -> metrics (`metrics.task_metrics`), {} for a model without a tower.
+  """
+  biased = models.biased_tasks(model)
+  if not biased:
+    return {}
+  collected = metrics_lib.collect(model, eval_ds)
+  if negative_sampling:
+    engagement = calibration.engagement_task(schema).name
+    p = collected[engagement]["prediction"]
+    collected[engagement]["prediction"] = p / (p + (1.0 - p) / negative_sampling[1])
+  results = metrics_lib.task_metrics(schema, collected)
+  return {task: results[task] for task in biased}
 
 
 def _vouched_records(train_files: List[str]) -> Optional[int]:

@@ -1,6 +1,7 @@
 """MMoE on the built-in synthetic ads log with and without the position bias tower.
 
-  python scripts/position_bias.py [--seeds=0,1] [--epochs=2]
+  python scripts/position_bias.py [--seeds=0,1] [--epochs=4] [--policy_taste=0]
+      [--policy_item_error=1] [--learning_rate=2e-3 --learning_rate_decay_steps=0]
 
 Variants, all trained with the same settings on the same log:
 
@@ -43,6 +44,13 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("seeds", ["0", "1"], "Training seeds (the log is fixed: seed 0).")
 flags.DEFINE_integer("epochs", 4, "Epochs per model.")
 flags.DEFINE_integer("synthetic_requests", 12_000, "Training requests of the log.")
+flags.DEFINE_float("policy_taste", 1.0, "The log's --synthetic_policy_taste: the share of "
+                   "each user's taste the logging policy knows (1: all, as an oracle).")
+flags.DEFINE_float("policy_item_error", 0.0, "The log's --synthetic_policy_item_error: the "
+                   "logging policy's lasting error per item (0: fresh in every request).")
+flags.DEFINE_float("learning_rate", 2e-3, "Adam's learning rate (the recorded tables: 2e-3).")
+flags.DEFINE_integer("learning_rate_decay_steps", 0, "Inverse-time decay of the learning "
+                     "rate (0: constant, as in the recorded tables).")
 
 HPARAMS = {"num_experts": 8, "expert_units": [16], "tower_units": [8]}
 
@@ -74,10 +82,14 @@ def _rated(model, schema: schema_lib.Schema, columns: dict, relevance: np.ndarra
 
 def main(argv):
   del argv
-  data = os.path.join("mtl_zoo_output", "data",
-                      f"synthetic-v2-synthetic_requests={FLAGS.synthetic_requests}-seed0")
-  SOURCES["synthetic"].write_if_missing(data, seed=0,
-                                        synthetic_requests=FLAGS.synthetic_requests)
+  options = {"synthetic_requests": FLAGS.synthetic_requests}
+  if FLAGS.policy_taste != 1.0:
+    options["synthetic_policy_taste"] = FLAGS.policy_taste
+  if FLAGS.policy_item_error:
+    options["synthetic_policy_item_error"] = FLAGS.policy_item_error
+  data = os.path.join("mtl_zoo_output", "data", "synthetic-v2" + "".join(
+      f"-{name}={value}" for name, value in options.items()) + "-seed0")
+  SOURCES["synthetic"].write_if_missing(data, seed=0, **options)
   logged = schema_lib.Schema.load(data)
   columns = reader.read_columns(os.path.join(data, "eval-*"), logged)
   truth = oracle.find(os.path.join(data, "eval-*"))
@@ -95,7 +107,8 @@ def main(argv):
         result = runner.run(config_lib.RunConfig(
             train_files=os.path.join(data, "train-*"), schema=schema, model="mmoe",
             hyperparameters=HPARAMS, max_epochs=FLAGS.epochs, batch_size=1024,
-            learning_rate=2e-3, learning_rate_decay_steps=0, seed=seed, model_dir=tmp,
+            learning_rate=FLAGS.learning_rate,
+            learning_rate_decay_steps=FLAGS.learning_rate_decay_steps, seed=seed, model_dir=tmp,
             export_dir="", quiet=True))
       rows.setdefault(name, []).append(_rated(result.model, schema, columns, relevance))
       if name == "position feature":
@@ -104,12 +117,18 @@ def main(argv):
       print(f"seed {seed} {name}: {rows[name][-1]}", flush=True)
   keys = ["ctr_auc", "ctr_gauc", "ndcg@10", "relevance_spearman",
           "relevance_spearman_in_request"]
-  print(f"\nMMoE, synthetic ads log ({FLAGS.synthetic_requests} requests), {FLAGS.epochs} "
-        f"epochs, seeds {FLAGS.seeds}; means over seeds\n")
+  print(f"\nMMoE, synthetic ads log ({options}), {FLAGS.epochs} epochs, learning rate "
+        f"{FLAGS.learning_rate} (decay steps {FLAGS.learning_rate_decay_steps}), seeds "
+        f"{FLAGS.seeds}; means over seeds\n")
   print("| variant | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
   for name, values in rows.items():
     print(f"| {name} | " + " | ".join(f"{np.mean([v[k] for v in values]):.4f}"
                                       for k in keys) + " |")
+  for key in ("relevance_spearman", "relevance_spearman_in_request"):
+    paired = [t[key] - n[key] for t, n in zip(rows["bias tower"], rows["no position"])]
+    print(f"\nbias tower - no position, {key}, per seed: "
+          + " ".join(f"{d:+.4f}" for d in paired)
+          + f"; mean {np.mean(paired):+.4f} (sd {np.std(paired, ddof=1) if len(paired) > 1 else 0:.4f})")
 
 
 if __name__ == "__main__":

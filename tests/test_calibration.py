@@ -11,7 +11,7 @@ import tensorflow as tf
 
 import mtl_zoo
 from conftest import REPO, run_cli_cases
-from mtl_zoo import calibration, config, layers, metrics, runner
+from mtl_zoo import calibration, config, layers, metrics, models, runner
 from pipelines import reader
 from pipelines import schema as schema_lib
 from pipelines import writer as writer_lib
@@ -175,6 +175,20 @@ def test_calibrated_runs_export_what_model_keras_computes_in_a_fresh_process(
     saved = json.load(open(tmp_path / method / "metrics.json"))
     assert saved["calibration"]["calibrators"]["ctr"] == summary["calibration"][
         "calibrators"]["ctr"]
+    # The tasks the position's bias tower shaped, as trained at the logged
+    # positions, negative sampling corrected (not calibrated): by hand here.
+    at_logged = saved["eval_at_logged_positions"]
+    assert sorted(at_logged) == (["ctr", "ctr_cvr"] if architecture == "esmm" else ["ctr"])
+    trained = models.build(architecture, ads_schema, **summary["hyperparameters"])
+    mtl_zoo._keras.load_weights(trained, str(tmp_path / method / "checkpoints" / (
+        "epoch-001" + mtl_zoo._keras.WEIGHTS_SUFFIX)))
+    columns = reader.read_columns(f"{ads_dir}/eval-*", ads_schema)
+    p_ctr = trained({name: tf.constant(columns[name]) for name in trained.input_names}
+                    )["ctr"].numpy().ravel()
+    if rate:
+      p_ctr = p_ctr / (p_ctr + (1 - p_ctr) / rate)
+    assert at_logged["ctr"]["pcoc"] == pytest.approx(p_ctr.sum() / columns["click"].sum(),
+                                                     rel=1e-4)
     assert open(tmp_path / method / "reliability.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     runs[method] = (str(tmp_path / method), summary["export"], tasks)
 

@@ -36,6 +36,20 @@ def test_a_run_trains_with_position_and_exports_without_it(ads_dir, ads_schema, 
       export_dir=str(tmp_path / "export"), quiet=True))
   assert "position" not in result.model.input_names
   assert {"auc", "logloss"} <= set(result.summary["eval"]["ctr"])
+  # The biased task is also measured as trained, at its logged positions: the
+  # training model (tower included) over the eval records, as computed here.
+  at_logged = result.summary["eval_at_logged_positions"]
+  assert list(at_logged) == ["ctr"]
+  trained = models.build("mmoe", ads_schema, **result.summary["hyperparameters"])
+  mtl_zoo._keras.load_weights(trained, str(tmp_path / "run" / "checkpoints" / (
+      "epoch-001" + mtl_zoo._keras.WEIGHTS_SUFFIX)))
+  columns = reader.read_columns(f"{ads_dir}/eval-*", ads_schema)
+  p_logged = trained({name: tf.constant(columns[name]) for name in trained.input_names}
+                     )["ctr"].numpy().ravel()
+  assert at_logged["ctr"]["pcoc"] == pytest.approx(p_logged.sum() / columns["click"].sum(),
+                                                   rel=1e-4)
+  assert at_logged["ctr"]["pcoc"] != pytest.approx(result.summary["eval"]["ctr"]["pcoc"],
+                                                   rel=1e-3)
   saved = mtl_zoo.keras.models.load_model(str(tmp_path / "run" / "model.keras"))
   assert "position" not in saved.input_names
   assert not any(isinstance(layer, layers.BiasTower) for layer in saved.layers)

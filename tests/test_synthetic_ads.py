@@ -122,6 +122,37 @@ def test_clicks_fall_with_position_for_fixed_relevance(world_log):
     assert columns["click"][top].mean() > 1.3 * columns["click"][bottom].mean()
 
 
+def _request_spearman(columns, values) -> float:
+  """Mean over requests of the rank correlation of `values` with the slot
+  order (top first), from the logged position."""
+  top_first = -columns["position"].reshape(-1, 10)
+  ranks = [np.argsort(np.argsort(v, axis=1), axis=1) for v in (values.reshape(-1, 10),
+                                                               top_first)]
+  centred = [r - r.mean(axis=1, keepdims=True) for r in ranks]
+  return float(np.mean((centred[0] * centred[1]).sum(1)
+                       / np.sqrt((centred[0] ** 2).sum(1) * (centred[1] ** 2).sum(1))))
+
+
+def test_the_logging_policy_can_know_less_than_the_truth(world_log):
+  world, columns, truth = world_log
+  relevance = truth.columns["p_click_without_position"]
+  # The default policy orders a page by the true relevance, noisily (measured 0.48).
+  assert _request_spearman(columns, relevance) > 0.4
+  # Knowing none of the users' taste and with a lasting error per item, it orders
+  # pages by its own mistakes: the page order follows the item's error and the
+  # true relevance much less; the world itself (and so the truth) is unchanged.
+  biased = synthetic_ads.AdsWorld(5000, 2000, seed=0, policy_taste=0.0, policy_item_error=2.0)
+  np.testing.assert_array_equal(biased.item_weights, world.item_weights)
+  other, other_truth = biased.sample_log(4000, 10, seed=1)
+  other_relevance = other_truth.columns["p_click_without_position"]
+  # Measured: 0.10 with the truth, 0.63 with the item's error (default log: -0.01).
+  assert _request_spearman(other, other_relevance) < 0.2
+  assert _request_spearman(other, biased.policy_item_error[other["item_id"]]) > 0.5
+  assert abs(_request_spearman(columns, biased.policy_item_error[columns["item_id"]])) < 0.1
+  with pytest.raises(ValueError, match="share of the users' taste"):
+    SOURCES["synthetic"].write("unused", synthetic_policy_taste=1.5, **SMALL)
+
+
 def test_a_default_run_reports_the_oracle_next_to_the_model(tmp_path):
   config = RunConfig(source_options=SMALL, max_epochs=2, batch_size=256, export_dir="",
                      output_dir=str(tmp_path), quiet=True)

@@ -9,7 +9,7 @@ like ESMM). Train-only features (`Feature.train_only`) need nothing from a build
 import inspect
 from typing import Callable, Dict
 
-from mtl_zoo.models.bias import serving_model, with_bias_tower
+from mtl_zoo.models.bias import biased_tasks, serving_model, with_bias_tower
 from mtl_zoo.models.combine import combine_models, combine_runs
 from mtl_zoo.models.common import task_towers
 from mtl_zoo.models.esmm import build_esmm, entire_space_schema
@@ -92,4 +92,4 @@ def build(architecture: str, schema, /, **hparams):
 __all__ = ["MODELS", "combine_models", "combine_runs", "build", "get_builder", "hyperparameters_of", "build_single_task", "build_shared_bottom",
            "build_omoe", "build_mmoe", "build_cgc", "build_ple", "build_esmm",
            "build_cross_stitch", "build_l2_constrained", "task_towers", "training_schema", "TRAINING_SCHEMAS",
-           "serving_model", "with_bias_tower"]
+           "serving_model", "with_bias_tower", "biased_tasks"]

@@ -89,3 +89,19 @@ def serving_model(model: keras.Model) -> keras.Model:
   if not any(isinstance(layer, layers.BiasTower) for layer in model.layers):
     return model
   return next(layer for layer in model.layers if isinstance(layer, keras.Model))
+
+
+def biased_tasks(model: keras.Model) -> List[str]:
+  """The outputs of a training model that the bias tower shapes.
+
+  Args:
+    model: a model from `models.build` (or `with_bias_tower`).
+
+  Returns:
+    The task names whose training output adds the tower's logit, and ESMM
+    products recomputed from such an output; [] for a model without a tower.
+  """
+  if serving_model(model) is model:
+    return []
+  return [name for name in output_names(model)
+          if isinstance(model.get_layer(name), (layers.BiasedOutput, layers.ProbabilityProduct))]

@@ -10,7 +10,12 @@ log has the effects that make ranking on real logs hard:
     fill most of the log and the tail ids are rare (cold).
   * A logging policy chose and ordered each page: CANDIDATES_PER_SLOT times as
     many distinct candidates as slots, the best by a noisy estimate of click
-    relevance kept and sorted, so position and relevance are correlated.
+    relevance kept and sorted, so position and relevance are correlated. By
+    default the policy knows each user's true taste and its error is drawn
+    afresh in every request; `policy_taste` < 1 makes it know less of the
+    taste (as a previous ranker built on the logged features would) and
+    `policy_item_error` adds a lasting error per item (that ranker's mistakes
+    about an item), which a model reading clicks naively inherits.
   * Clicks depend on the position: P(click) = examination(position) x
     P(click | examined), examination (1 + position)^-EXAMINATION_DECAY (the
     top slot is always seen). A model that reads clicks naively confuses a
@@ -107,11 +112,25 @@ def examination(positions: np.ndarray) -> np.ndarray:
 
 
 class AdsWorld:
-  """Users, items and the hidden factors that drive their behaviour."""
+  """Users, items and the hidden factors that drive their behaviour.
+
+  Args:
+    num_users: users in the world.
+    num_items: items in the world.
+    seed: the world's random seed.
+    click_conversion_correlation: correlation of an item's click and conversion
+      factors.
+    policy_taste: the share of the user x item click affinity the logging
+      policy knows (1: all of it).
+    policy_item_error: standard deviation (logit scale) of the logging policy's
+      lasting error per item (0: none).
+  """
 
   def __init__(self, num_users: int, num_items: int, seed: int,
-               click_conversion_correlation: float = 0.5):
+               click_conversion_correlation: float = 0.5, policy_taste: float = 1.0,
+               policy_item_error: float = 0.0):
     rng = np.random.default_rng(seed)
+    self.policy_taste = policy_taste
     self.num_users, self.num_items = num_users, num_items
     self.user_segment = rng.integers(0, NUM_SEGMENTS, num_users)
     centroids = rng.normal(size=(NUM_SEGMENTS, LATENT_DIM))
@@ -161,6 +180,10 @@ class AdsWorld:
     self.hour_effect = 0.3 * np.sin(np.arange(NUM_HOURS) / NUM_HOURS * 2 * np.pi)
     self.device_weights = np.array([0.55, 0.35, 0.10])
     self.device_effect = np.array([0.0, -0.2, 0.15])
+    # The logging policy's lasting error per item, from a generator of its own so
+    # that the rest of the world (and a log without it) is the same at any size.
+    self.policy_item_error = policy_item_error * np.random.default_rng(
+        [seed, 1]).normal(size=num_items)
 
   def sample_log(self, num_requests: int, impressions_per_request: int, seed,
                  first_request_id: int = 0
@@ -191,8 +214,11 @@ class AdsWorld:
         rng, num_requests, min(self.num_items, CANDIDATES_PER_SLOT * slots))
     relevance = self._click_logit(users[:, None], candidates, hours[:, None], devices[:, None])
     # The logging policy: the best candidates by a noisy relevance, best on top.
-    shown = np.argsort(-(relevance + POLICY_NOISE * rng.normal(size=relevance.shape)),
-                       axis=1, kind="stable")[:, :slots]
+    known = relevance if self.policy_taste == 1.0 else self._click_logit(
+        users[:, None], candidates, hours[:, None], devices[:, None], self.policy_taste)
+    estimate = (known + self.policy_item_error[candidates]
+                + POLICY_NOISE * rng.normal(size=relevance.shape))
+    shown = np.argsort(-estimate, axis=1, kind="stable")[:, :slots]
     item = np.take_along_axis(candidates, shown, axis=1).ravel()
     p_relevant = _sigmoid(np.take_along_axis(relevance, shown, axis=1).ravel())
     user, hour, device = (np.repeat(v, slots) for v in (users, hours, devices))
@@ -227,11 +253,12 @@ class AdsWorld:
     return columns, truth
 
   def _click_logit(self, user: np.ndarray, item: np.ndarray, hour: np.ndarray,
-                   device: np.ndarray) -> np.ndarray:
+                   device: np.ndarray, taste: float = 1.0) -> np.ndarray:
     """Logit of P(click | examined) of (user, item) in context; the arguments
-    broadcast against each other."""
+    broadcast against each other. `taste` scales the user x item affinity (the
+    logging policy's partial knowledge of it)."""
     affinity = np.einsum("...d,...d->...", self.user_factors[user], self.click_factors[item])
-    return (-2.8 + 2.5 * affinity + 0.4 * self.item_quality[item] + self.click_offset[item]
+    return (-2.8 + 2.5 * taste * affinity + 0.4 * self.item_quality[item] + self.click_offset[item]
             + self.hour_effect[hour] + self.device_effect[device]
             + 0.1 * np.log1p(self.user_activity[user]))
 
@@ -290,17 +317,31 @@ class SyntheticAdsSource(base.Source):
       base.Option("synthetic_items", 2000, int, "synthetic: items in the log (at least "
                   f"{IMPRESSIONS_PER_REQUEST}, a page's worth).",
                   lower_bound=IMPRESSIONS_PER_REQUEST),
+      base.Option("synthetic_policy_taste", 1.0, float, "synthetic: the share (0 to 1) "
+                  "of each user's taste (the user x item affinity of clicks) that the "
+                  "logging policy knows: 1, all of it, as an oracle would; 0, none, as a "
+                  "ranker by item appeal and context.", lower_bound=0.0),
+      base.Option("synthetic_policy_item_error", 0.0, float, "synthetic: standard "
+                  "deviation (logit scale) of the logging policy's lasting error per item, "
+                  "the same in every request (a previous ranker's mistakes about an item); "
+                  "0: its only error is drawn afresh per request.", lower_bound=0.0),
   )
 
   def convert(self, out_dir: str, *, num_shards: int, compression: Optional[str],
               overwrite: bool, seed: int, synthetic_requests: int,
               synthetic_eval_requests: Optional[int],
               synthetic_calibration_requests: Optional[int], synthetic_users: int,
-              synthetic_items: int) -> schema_lib.Schema:
+              synthetic_items: int, synthetic_policy_taste: float,
+              synthetic_policy_item_error: float) -> schema_lib.Schema:
+    if synthetic_policy_taste > 1.0:
+      raise ValueError(f"synthetic_policy_taste is a share of the users' taste, from 0 to 1; "
+                       f"got {synthetic_policy_taste}.")
     impressions = IMPRESSIONS_PER_REQUEST
     eval_requests = synthetic_eval_requests or max(1, synthetic_requests // 4)
     calibration_requests = synthetic_calibration_requests or eval_requests
-    world = AdsWorld(synthetic_users, synthetic_items, seed)
+    world = AdsWorld(synthetic_users, synthetic_items, seed,
+                     policy_taste=synthetic_policy_taste,
+                     policy_item_error=synthetic_policy_item_error)
     schema = make_schema(synthetic_users, synthetic_items, impressions)
     # split, requests, seed of its draws, shards; request ids run on across splits.
     splits = [("train", synthetic_requests, seed + 1, num_shards),
