@@ -223,8 +223,12 @@ def test_space_file_narrows_and_fixes(tmp_path):
     f.write("[1, 2]")
   with pytest.raises(space_lib.SpaceError, match="must hold a JSON object"):
     space_lib.load_space_file(path)
+  assert "learning_rate_decay_steps" not in space_lib.make_space(
+      "single_task", ["ctr", "cvr"], None, shares_parameters=False).parameters
   space = space_lib.make_space("single_task", ["ctr", "cvr"],
-                               {"bottom_units": "32", "dropout": None},
+                               {"bottom_units": "32", "dropout": None,
+                                "learning_rate_decay_steps": {"type": "int", "low": 0,
+                                                              "high": 2000}},
                                fixed_flags=["learning_rate"], shares_parameters=False)
   assert "learning_rate" not in space.parameters and "dropout" not in space.parameters
   assert space.parameters["bottom_units"].kind == "fixed"
@@ -234,6 +238,9 @@ def test_space_file_narrows_and_fixes(tmp_path):
   values = space.suggest(trial)
   base = space_lib.apply(config_lib.RunConfig(model="single_task"), values)
   assert base.hyperparameters["bottom_units"] == [32]
+  assert base.learning_rate_decay_steps == values["learning_rate_decay_steps"]
+  assert 0 <= base.learning_rate_decay_steps <= 2000
+  assert "learning_rate_decay_steps" not in base.hyperparameters
   if values["loss_weighting"] == "fixed":
     assert values["task_weights"].startswith("ctr=1.0,cvr=")
   assert "--bottom_units=32" in space_lib.as_flags(values)

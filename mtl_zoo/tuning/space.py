@@ -39,7 +39,10 @@ ARCHITECTURE_PARAMETERS = ("num_experts", "num_task_experts", "num_shared_expert
 # Architecture flags with list values (comma-separated units; "" is no layer).
 UNIT_PARAMETERS = ("expert_units", "bottom_units", "tower_units")
 # Run-level parameters (RunConfig fields), searched for every architecture.
-RUN_PARAMETERS = ("learning_rate", "batch_size", "loss_weighting", "task_weights")
+# Run settings a space may vary; `learning_rate_decay_steps` only when a space
+# file names it (not in DEFAULT_SPACE: the default search keeps the decay as given).
+RUN_PARAMETERS = ("learning_rate", "learning_rate_decay_steps", "batch_size", "loss_weighting",
+                  "task_weights")
 # Balancers that need dense parameters shared by the tasks (refused otherwise).
 TASK_GRADIENT_BALANCERS = tuple(n for n, c in balancers.BALANCERS.items()
                                 if c.uses_task_gradients)
