@@ -126,9 +126,10 @@ def main(argv):
                                       for k in keys) + " |")
   for key in ("relevance_spearman", "relevance_spearman_in_request"):
     paired = [t[key] - n[key] for t, n in zip(rows["bias tower"], rows["no position"])]
+    spread = np.std(paired, ddof=1) if len(paired) > 1 else 0.0
     print(f"\nbias tower - no position, {key}, per seed: "
           + " ".join(f"{d:+.4f}" for d in paired)
-          + f"; mean {np.mean(paired):+.4f} (sd {np.std(paired, ddof=1) if len(paired) > 1 else 0:.4f})")
+          + f"; mean {np.mean(paired):+.4f} (sd {spread:.4f})")
 
 
 if __name__ == "__main__":

@@ -258,8 +258,8 @@ class AdsWorld:
     broadcast against each other. `taste` scales the user x item affinity (the
     logging policy's partial knowledge of it)."""
     affinity = np.einsum("...d,...d->...", self.user_factors[user], self.click_factors[item])
-    return (-2.8 + 2.5 * taste * affinity + 0.4 * self.item_quality[item] + self.click_offset[item]
-            + self.hour_effect[hour] + self.device_effect[device]
+    return (-2.8 + 2.5 * taste * affinity + 0.4 * self.item_quality[item]
+            + self.click_offset[item] + self.hour_effect[hour] + self.device_effect[device]
             + 0.1 * np.log1p(self.user_activity[user]))
 
   def _distinct_items(self, rng: np.random.Generator, rows: int, count: int) -> np.ndarray:
