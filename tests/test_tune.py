@@ -217,6 +217,21 @@ def test_shares_parameters(ads_dir):
   assert not space_lib.shares_parameters("single_task", schema)
 
 
+def test_a_study_refuses_to_resume_with_other_fixed_flags(tmp_path):
+  base = config_lib.RunConfig(model="mmoe", train_files="t-*", eval_files="e-*")
+  space = space_lib.make_space("mmoe", ["ctr", "cvr"], None, shares_parameters=True)
+  settings = study_lib.Settings(output_dir=str(tmp_path), trials=1)
+  objectives = study_lib.parse_objectives(None, base.monitor_spec)
+  given = ["--output_dir=a", "--max_epochs=2"]
+  study_lib.open_study(settings, objectives, study_lib.identity(base, space, objectives, given))
+  # The same command from another output directory resumes; another --max_epochs does not.
+  study_lib.open_study(settings, objectives, study_lib.identity(
+      base, space, objectives, ["--max_epochs=2", "--output_dir=b"]))
+  with pytest.raises(study_lib.TuneError, match=r"base_flags differ.*--max_epochs=3"):
+    study_lib.open_study(settings, objectives, study_lib.identity(
+        base, space, objectives, ["--output_dir=a", "--max_epochs=3"]))
+
+
 def test_space_file_narrows_and_fixes(tmp_path):
   path = str(tmp_path / "space.json")
   with open(path, "w") as f:

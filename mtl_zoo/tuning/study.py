@@ -193,8 +193,9 @@ def open_study(settings: Settings, objectives: Sequence[Objective],
   stored = study.user_attrs.get(TUNE_ATTRS)
   if stored is None:
     study.set_user_attr(TUNE_ATTRS, identity)
-  elif stored != identity:
-    changed = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
+  # A study stored before an entry existed is not judged on it.
+  elif any(stored[k] != identity.get(k) for k in stored):
+    changed = sorted(k for k in stored if stored[k] != identity.get(k))
     raise TuneError(f"the study {settings.study_name!r} in {url} was started with other "
                     f"settings ({', '.join(changed)} differ: {[stored.get(k) for k in changed]}"
                     f" then, {[identity.get(k) for k in changed]} now). Resume it with the "
@@ -332,12 +333,25 @@ def prepare(base: RunConfig, base_flags: Sequence[str], objectives_spec: Optiona
   return base, base_flags, objectives
 
 
-def identity(base: RunConfig, space: space_lib.Space, objectives: Sequence[Objective]
-             ) -> dict:
-  """What a study searches, stored with it: resuming with other settings is refused."""
+def identity(base: RunConfig, space: space_lib.Space, objectives: Sequence[Objective],
+             base_flags: Sequence[str] = ()) -> dict:
+  """What a study searches, stored with it: resuming with other settings is refused.
+
+  Args:
+    base: the trials' base settings.
+    space: what the trials vary.
+    objectives: what they are scored on.
+    base_flags: the train flags every trial shares (`prepare`'s); all but the
+      output directory are part of the identity, so that trials trained, say,
+      for other --max_epochs are never mixed into one study.
+
+  Returns:
+    A JSON-serialisable dict.
+  """
   return {"model": base.architecture, "objectives": [o.name for o in objectives],
           "space": space.describe(), "train_files": base.train_files,
-          "eval_files": base.eval_files}
+          "eval_files": base.eval_files,
+          "base_flags": sorted(f for f in base_flags if not f.startswith("--output_dir="))}
 
 
 def run_search(base: RunConfig, base_flags: Sequence[str], space: space_lib.Space,
@@ -363,7 +377,8 @@ def run_search(base: RunConfig, base_flags: Sequence[str], space: space_lib.Spac
     runner.DataError: data that cannot be used (the search stops at once).
   """
   settings.validate()
-  study, storage = open_study(settings, objectives, identity(base, space, objectives))
+  study, storage = open_study(settings, objectives,
+                              identity(base, space, objectives, base_flags))
   say(f"Study {settings.study_name!r} in {settings.storage_url}: {len(objectives)} "
       f"objective(s) {[f'{o.name} ({o.direction})' for o in objectives]}, "
       f"budget {settings.trials} trials; searching:\n" + "\n".join(space.describe()))
