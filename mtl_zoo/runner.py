@@ -882,8 +882,11 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
     _keras.load_weights(trainable, early_stopping.checkpoint_path(model_dir, kept))
     if evaluator:
       evaluator.evaluate()  # the report is the kept model's, measured again
-  at_logged_positions = (_eval_at_logged_positions(model, schema, eval_ds, sampling)
-                         if evaluator else {})
+  try:
+    at_logged_positions = (_eval_at_logged_positions(model, schema, eval_ds, sampling)
+                           if evaluator else {})
+  except metrics_lib.MetricError as e:
+    raise DataError(f"--eval_files={eval_pattern}: {e}") from None
   if strategy is not None:
     # Saved and exported: the same architecture outside the strategy, so loading
     # it needs no cluster and sharded tables are whole again.

@@ -179,16 +179,17 @@ def test_calibrated_runs_export_what_model_keras_computes_in_a_fresh_process(
     # positions, negative sampling corrected (not calibrated): by hand here.
     at_logged = saved["eval_at_logged_positions"]
     assert sorted(at_logged) == (["ctr", "ctr_cvr"] if architecture == "esmm" else ["ctr"])
-    trained = models.build(architecture, ads_schema, **summary["hyperparameters"])
+    trained = models.build(architecture, result.schema, **summary["hyperparameters"])
     mtl_zoo._keras.load_weights(trained, str(tmp_path / method / "checkpoints" / (
         "epoch-001" + mtl_zoo._keras.WEIGHTS_SUFFIX)))
     columns = reader.read_columns(f"{ads_dir}/eval-*", ads_schema)
-    p_ctr = trained({name: tf.constant(columns[name]) for name in trained.input_names}
-                    )["ctr"].numpy().ravel()
-    if rate:
-      p_ctr = p_ctr / (p_ctr + (1 - p_ctr) / rate)
-    assert at_logged["ctr"]["pcoc"] == pytest.approx(p_ctr.sum() / columns["click"].sum(),
-                                                     rel=1e-4)
+    outputs = trained({name: tf.constant(columns[name]) for name in trained.input_names})
+    for task, values in at_logged.items():  # unmasked tasks: every eval row counts
+      p = outputs[task].numpy().ravel()
+      if rate and task == "ctr":
+        p = p / (p + (1 - p) / rate)
+      labels = columns[result.schema.task(task).label]
+      assert values["pcoc"] == pytest.approx(p.sum() / labels.sum(), rel=1e-4), task
     assert open(tmp_path / method / "reliability.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     runs[method] = (str(tmp_path / method), summary["export"], tasks)
 

@@ -208,6 +208,11 @@ def test_learning_to_rank_adds_the_bias_to_the_list_score(ads_dir, ads_schema, t
       model_dir=str(tmp_path / "run"), export_dir="", quiet=True))
   assert "position" not in result.model.input_names
   assert np.isfinite(result.summary["train_loss"]["loss"])
+  # The list score as trained, at the logged positions: ranked by any event, as eval is.
+  at_logged = result.summary["eval_at_logged_positions"]
+  assert list(at_logged) == ["relevance"]
+  assert 0.5 < at_logged["relevance"]["auc"] <= 1
+  assert at_logged["relevance"]["examples"] == result.summary["eval"]["relevance"]["examples"]
 
 
 def test_bias_tower_dropout_zeroes_some_logits_in_training_only():

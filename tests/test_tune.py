@@ -5,6 +5,7 @@ The subprocess tests run the real CLI: a search killed mid-trial and resumed
 one SQLite study. Pruning and the space file's errors run in process.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -200,6 +201,12 @@ def test_losing_trial_is_pruned(ads_dir, tmp_path):
      "entry 'dropout' has type 'uniform'"),
     ({"loss_weighting": {"type": "categorical", "choices": ["fixed", "magic"]}},
      "entry 'loss_weighting' has value 'magic'"),
+    ({"learning_rate_decay_steps": {"type": "float", "low": 0, "high": 900}},
+     "entry 'learning_rate_decay_steps' has type float; its flag takes integers"),
+    ({"learning_rate_decay_steps": {"type": "int", "low": -5, "high": 900}},
+     "entry 'learning_rate_decay_steps' has value -5; it must be 0"),
+    ({"learning_rate_decay_steps": 500.0},
+     "entry 'learning_rate_decay_steps' has value 500.0; it must be an integer"),
 ])
 def test_bad_space_entry_is_named(entries, message):
   with pytest.raises(space_lib.SpaceError, match="^--space=s.json: " + message):
@@ -224,12 +231,23 @@ def test_a_study_refuses_to_resume_with_other_fixed_flags(tmp_path):
   objectives = study_lib.parse_objectives(None, base.monitor_spec)
   given = ["--output_dir=a", "--max_epochs=2"]
   study_lib.open_study(settings, objectives, study_lib.identity(base, space, objectives, given))
-  # The same command from another output directory resumes; another --max_epochs does not.
+  # The same command from another output directory, or quiet, resumes; another
+  # --max_epochs does not.
   study_lib.open_study(settings, objectives, study_lib.identity(
-      base, space, objectives, ["--max_epochs=2", "--output_dir=b"]))
+      base, space, objectives, ["--max_epochs=2", "--output_dir=b", "--noquiet"]))
   with pytest.raises(study_lib.TuneError, match=r"base_flags differ.*--max_epochs=3"):
     study_lib.open_study(settings, objectives, study_lib.identity(
         base, space, objectives, ["--output_dir=a", "--max_epochs=3"]))
+  # A study stored before the fixed flags were part of its identity resumes.
+  old_settings = study_lib.Settings(output_dir=str(tmp_path / "old"), trials=1)
+  identity = study_lib.identity(base, space, objectives, given)
+  del identity["base_flags"]
+  study_lib.open_study(old_settings, objectives, identity)
+  study_lib.open_study(old_settings, objectives,
+                       study_lib.identity(base, space, objectives, ["--max_epochs=9"]))
+  with pytest.raises(study_lib.TuneError, match="model differ"):
+    study_lib.open_study(old_settings, objectives, study_lib.identity(
+        dataclasses.replace(base, model="ple"), space, objectives, given))
 
 
 def test_space_file_narrows_and_fixes(tmp_path):

@@ -11,8 +11,8 @@ values are flags (its flagfile) and a space file reads like the CLI:
 
 A space file's entries replace the default entries of the same name (narrow or
 widen them) and may add parameters the defaults leave out: a balancer's options
-(`dwa_temperature`, searched only in trials that choose that balancer) and any
-architecture flag. `task_weights` is one range for the loss weight of every task
+(`dwa_temperature`, searched only in trials that choose that balancer), any
+architecture flag and `learning_rate_decay_steps`. `task_weights` is one range for the loss weight of every task
 but the first, which is held at 1 (scaling every weight alike changes little
 under Adam; fixing one removes those duplicates); it is searched in trials with
 --loss_weighting=fixed (the other balancers set the weights themselves).
@@ -38,11 +38,13 @@ ARCHITECTURE_PARAMETERS = ("num_experts", "num_task_experts", "num_shared_expert
                            "cross_stitch_self_weight")
 # Architecture flags with list values (comma-separated units; "" is no layer).
 UNIT_PARAMETERS = ("expert_units", "bottom_units", "tower_units")
-# Run-level parameters (RunConfig fields), searched for every architecture.
-# Run settings a space may vary; `learning_rate_decay_steps` only when a space
-# file names it (not in DEFAULT_SPACE: the default search keeps the decay as given).
+# Run-level parameters (RunConfig fields) a space may vary, for every architecture;
+# all but `learning_rate_decay_steps` are in DEFAULT_SPACE (the default search keeps
+# the decay as given; a space file may name it).
 RUN_PARAMETERS = ("learning_rate", "learning_rate_decay_steps", "batch_size", "loss_weighting",
                   "task_weights")
+# Run parameters whose flags take integers only.
+INTEGER_RUN_PARAMETERS = ("learning_rate_decay_steps", "batch_size")
 # Balancers that need dense parameters shared by the tasks (refused otherwise).
 TASK_GRADIENT_BALANCERS = tuple(n for n, c in balancers.BALANCERS.items()
                                 if c.uses_task_gradients)
@@ -278,6 +280,8 @@ def _parameter(name: str, entry, where: str) -> Parameter:
     for choice in choices:
       _check_value(name, choice, fail)
     return Parameter(name, kind, choices=tuple(choices))
+  if name in INTEGER_RUN_PARAMETERS and kind == "float":
+    fail("has type float; its flag takes integers: use type int")
   low, high, log = entry.get("low"), entry.get("high"), entry.get("log", False)
   numbers = (int,) if kind == "int" else (int, float)
   for key, value in (("low", low), ("high", high)):
@@ -316,8 +320,12 @@ def _check_value(name: str, value, fail) -> None:
       fail(f"has value {value!r}; a task weight is a positive number")
   elif isinstance(value, bool) or not isinstance(value, (int, float)):
     fail(f"has value {value!r}; it must be a number")
+  elif name in INTEGER_RUN_PARAMETERS and not isinstance(value, int):
+    fail(f"has value {value!r}; it must be an integer")
   elif name in ("learning_rate", "batch_size") and not value > 0:
     fail(f"has value {value!r}; it must be positive")
+  elif name == "learning_rate_decay_steps" and value < 0:
+    fail(f"has value {value!r}; it must be 0 (a constant rate) or more")
 
 
 def apply(base: RunConfig, values: Dict[str, Any]) -> RunConfig:

@@ -37,7 +37,7 @@ from optuna.trial import TrialState
 from mtl_zoo import early_stopping
 from mtl_zoo import runner
 from mtl_zoo._keras import keras
-from mtl_zoo.config import ConfigError, RunConfig
+from mtl_zoo.config import OUTPUT_FIELDS, ConfigError, RunConfig
 from mtl_zoo.tuning import space as space_lib
 from pipelines import files
 from pipelines import schema as schema_lib
@@ -168,8 +168,9 @@ def open_study(settings: Settings, objectives: Sequence[Objective],
   Args:
     settings: the search settings.
     objectives: their directions are the study's.
-    identity: what the study searches (architecture, objectives, space); a
-      study started with another is refused rather than mixed.
+    identity: what the study searches (`identity`); a study started with
+      another is refused rather than mixed. Entries a stored identity lacks
+      (a study started before they existed) are not compared.
 
   Raises:
     TuneError: the storage cannot be opened, or holds another search.
@@ -341,9 +342,10 @@ def identity(base: RunConfig, space: space_lib.Space, objectives: Sequence[Objec
     base: the trials' base settings.
     space: what the trials vary.
     objectives: what they are scored on.
-    base_flags: the train flags every trial shares (`prepare`'s); all but the
-      output directory are part of the identity, so that trials trained, say,
-      for other --max_epochs are never mixed into one study.
+    base_flags: the train flags every trial shares (`prepare`'s); those that
+      change results (not `config.OUTPUT_FIELDS`' flags, such as the output
+      directory) are part of the identity as given, so that trials trained,
+      say, for other --max_epochs are never mixed into one study.
 
   Returns:
     A JSON-serialisable dict.
@@ -351,7 +353,13 @@ def identity(base: RunConfig, space: space_lib.Space, objectives: Sequence[Objec
   return {"model": base.architecture, "objectives": [o.name for o in objectives],
           "space": space.describe(), "train_files": base.train_files,
           "eval_files": base.eval_files,
-          "base_flags": sorted(f for f in base_flags if not f.startswith("--output_dir="))}
+          "base_flags": sorted(f for f in base_flags if _flag_name(f) not in OUTPUT_FIELDS)}
+
+
+def _flag_name(flag: str) -> str:
+  """'quiet' of '--quiet', '--noquiet' and '--quiet=true'; 'max_epochs' of '--max_epochs=3'."""
+  name = flag.lstrip("-").split("=", 1)[0]
+  return name[2:] if name.startswith("no") and name[2:] in OUTPUT_FIELDS else name
 
 
 def run_search(base: RunConfig, base_flags: Sequence[str], space: space_lib.Space,
