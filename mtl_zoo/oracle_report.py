@@ -21,26 +21,39 @@ from pipelines import schema as schema_lib
 from pipelines import targets
 from pipelines import validation
 
+# The row of a tower-shaped task's metrics as trained: "ctr at logged positions".
+AT_LOGGED_POSITIONS = "at logged positions"
 COLUMNS = ["oracle", "examples", "model_auc", "oracle_auc", "auc_gap", "model_logloss",
            "oracle_logloss", "logloss_gap"]
 
 
 def compare(schema: schema_lib.Schema, eval_pattern: str,
             model_eval: Dict[str, Dict[str, float]],
-            bad_records: str = validation.FAIL) -> Dict[str, dict]:
+            bad_records: str = validation.FAIL,
+            at_logged_positions: Optional[Dict[str, Dict[str, float]]] = None
+            ) -> Dict[str, dict]:
   """Per task, the model's eval AUC and log-loss beside the oracle's.
+
+  A task a bias tower shaped is served debiased, so where the oracle knows the
+  position-free probabilities it is compared with those, and its metrics as
+  trained at the logged positions with the oracle's own (a row
+  "<task> at logged positions"): each comparison then asks of the model only
+  what it could know.
 
   Args:
     schema: the schema the model was evaluated with (its tasks and masks).
     eval_pattern: the eval data's files; their oracle is looked for beside them.
     model_eval: the model's eval metrics, task -> {"auc", "logloss", ...}.
     bad_records: the run's policy, so that the same records are read.
+    at_logged_positions: the metrics of the tasks a bias tower shaped, as
+      trained at the logged positions (the run's `eval_at_logged_positions`).
 
   Returns:
-    {} when the eval data has no oracle. Otherwise task -> {"oracle" (what it
+    {} when the eval data has no oracle. Otherwise row -> {"oracle" (what it
     predicts), "examples", "model_auc", "oracle_auc", "auc_gap" and, for binary
-    tasks, the same for "logloss"}; a task the oracle cannot score (or data it
-    does not cover) -> {"skipped": why}.
+    tasks, the same for "logloss"}, one row per task (and one more per task a
+    tower shaped); a task the oracle cannot score (or data it does not cover)
+    -> {"skipped": why}.
   """
   try:
     truth = oracle_lib.find(eval_pattern)
@@ -71,20 +84,45 @@ def compare(schema: schema_lib.Schema, eval_pattern: str,
   scored_schema = schema.with_tasks(scored)
   labels, weights = targets.split_for_tasks(
       scored_schema, {c: tf.constant(columns[c]) for c in scored_schema.labels})
-  oracle_eval = metrics_lib.task_metrics(scored_schema, {
-      t: {"label": labels[t].numpy().ravel(), "weight": weights[t].numpy(),
-          "prediction": predictions[t]} for t in scored})
+
+  def oracle_metrics(chosen: Dict[str, np.ndarray]) -> Dict[str, Dict[str, float]]:
+    return metrics_lib.task_metrics(scored_schema, {
+        t: {"label": labels[t].numpy().ravel(), "weight": weights[t].numpy(),
+            "prediction": chosen[t]} for t in scored})
+
+  position_free = {}
+  for name in set(at_logged_positions or {}) & set(scored):
+    free = truth.task_probabilities(scored_schema.task(name), without_position=True)
+    if not isinstance(free, str):
+      position_free[name] = np.asarray(free, np.float64)[rows]
+  logged = oracle_metrics(predictions)
+  debiased = oracle_metrics({**predictions, **position_free}) if position_free else logged
+  extra = {}  # task -> its row at the logged positions
   for task in scored_schema.tasks:
-    model, best = model_eval.get(task.name, {}), oracle_eval[task.name]
-    entry = {"oracle": describe(task, truth), "examples": best["examples"]}
-    for metric, sign in (("auc", 1.0), ("logloss", -1.0)):
-      if metric in best:
-        entry[f"model_{metric}"] = _value(model.get(metric))
-        entry[f"oracle_{metric}"] = best[metric]
-        entry[f"{metric}_gap"] = (sign * (best[metric] - entry[f"model_{metric}"])
-                                  if entry[f"model_{metric}"] is not None else None)
-    report[task.name] = entry
-  return {t: report[t] for t in schema.task_names}
+    if task.name in position_free:
+      report[task.name] = _entry(describe(task, truth) + " without position",
+                                 model_eval.get(task.name, {}), debiased[task.name])
+      at_logged = f"{task.name} {AT_LOGGED_POSITIONS}"
+      report[at_logged] = _entry(describe(task, truth), at_logged_positions[task.name],
+                                 logged[task.name])
+      extra[task.name] = at_logged
+    else:
+      report[task.name] = _entry(describe(task, truth), model_eval.get(task.name, {}),
+                                 logged[task.name])
+  return {row: report[row] for t in schema.task_names
+          for row in ([t, extra[t]] if t in extra else [t])}
+
+
+def _entry(oracle: str, model: Dict[str, float], best: Dict[str, float]) -> dict:
+  """One row: the model's and the oracle's AUC (and log-loss), and the gaps."""
+  entry = {"oracle": oracle, "examples": best["examples"]}
+  for metric, sign in (("auc", 1.0), ("logloss", -1.0)):
+    if metric in best:
+      entry[f"model_{metric}"] = _value(model.get(metric))
+      entry[f"oracle_{metric}"] = best[metric]
+      entry[f"{metric}_gap"] = (sign * (best[metric] - entry[f"model_{metric}"])
+                                if entry[f"model_{metric}"] is not None else None)
+  return entry
 
 
 def describe(task: schema_lib.Task, truth: oracle_lib.Oracle) -> str:

@@ -163,7 +163,8 @@ def run(config: RunConfig, on_epoch_end: Optional[Callable[[int, float], None]] 
   if eval_pattern:
     reports.print_eval(config, eval_pattern, summary)
     summary["oracle"] = oracle_report.compare(schema, eval_pattern, summary["eval"],
-                                              config.bad_records)
+                                              config.bad_records,
+                                              summary.get("eval_at_logged_positions"))
     if summary["oracle"]:
       _say(config, "\n" + oracle_report.format_table(summary["oracle"]))
     try:

@@ -11,7 +11,8 @@ A generating source writes one file per split, `<data_dir>/oracle-<split>.npz`
                            p_conversion (= P(click and conversion))
   p_<label>_given_<mask>   P(label = 1 | mask = 1), e.g. p_conversion_given_click
   p_click_without_position P(click) had the item been examined for sure: the
-                           relevance a server should rank by
+                           relevance a server should rank by (optional;
+                           `position_free_name` of the funnel's first label)
   meta                     JSON: {"format_version", "key", "funnel"}; `funnel`
                            lists the label columns shallowest first, each event
                            implying the one before (a conversion needs a click)
@@ -39,6 +40,11 @@ FORMAT_VERSION = 1
 KEY = ("request_id", "position")
 # <split>-NNNNN-of-NNNNN.tfrecord[.gz]: the writer's shard names.
 _SHARD_NAME = re.compile(r"^(.+)-\d{5}-of-\d{5}\.tfrecord(\.gz)?$")
+
+
+def position_free_name(label: str) -> str:
+  """The column of P(label) had the item been examined for sure."""
+  return probability_name(label) + "_without_position"
 
 
 def filename(split: str) -> str:
@@ -127,7 +133,8 @@ class Oracle:
                      f"first: request_id {request_ids[i]}, position {positions[i]}.")
     return rows
 
-  def task_probabilities(self, task: schema_lib.Task) -> Union[np.ndarray, str]:
+  def task_probabilities(self, task: schema_lib.Task, without_position: bool = False
+                         ) -> Union[np.ndarray, str]:
     """The oracle's prediction for a task's target, or why there is none.
 
     Binary task with a mask: P(label | mask) (stored, or P(label) / P(mask));
@@ -135,9 +142,33 @@ class Oracle:
     events (sample weighting, ranking grades): P(any of its events), which in a
     funnel is the shallowest event's probability.
 
+    Args:
+      task: the task.
+      without_position: the probability had the item been examined for sure
+        (what a debiased model predicts): the position acts on the funnel's
+        first event only, so P(first) is replaced by its position-free value;
+        a target given that event is unchanged.
+
     Returns:
       [impressions] probabilities, or a string saying why the oracle has none.
     """
+    found = self._task_probabilities(task)
+    if not without_position or isinstance(found, str):
+      return found
+    first = self.funnel[0]
+    if task.mask:  # given an event of the funnel: the position has done its work
+      return found
+    free = self.columns.get(position_free_name(first))
+    if free is None:
+      return f"the oracle has no {position_free_name(first)}"
+    logged = self.columns[probability_name(first)]
+    if found is logged:  # the first event itself: its stored position-free value
+      return free
+    return np.asarray(found, np.float64) * np.divide(
+        free, logged, out=np.ones(len(free), np.float64), where=logged > 0)
+
+  def _task_probabilities(self, task: schema_lib.Task) -> Union[np.ndarray, str]:
+    """`task_probabilities` at the logged positions."""
     if task.type == schema_lib.REGRESSION:
       return "a regression target has no oracle probability"
     labels = list(task.events) if task.events else [task.label]

@@ -164,23 +164,32 @@ def test_a_default_run_reports_the_oracle_next_to_the_model(tmp_path):
   rows = truth.rows_of(columns["request_id"], columns["position"])
   clicked = columns["click"] > 0
   p_click = truth.columns["p_click"][rows]
+  p_relevant = truth.columns["p_click_without_position"][rows]
   p_cvr = truth.columns["p_conversion_given_click"][rows]
-  expected = {"ctr": (columns["click"], p_click),
-              "cvr": (columns["conversion"][clicked], p_cvr[clicked])}
+  # The served (debiased) pCTR against the oracle without position; the pCTR as
+  # trained, bias tower included, against the oracle at the logged positions.
+  expected = {"ctr": (columns["click"], p_relevant, summary["eval"]["ctr"]),
+              "ctr at logged positions": (columns["click"], p_click,
+                                          summary["eval_at_logged_positions"]["ctr"]),
+              "cvr": (columns["conversion"][clicked], p_cvr[clicked], summary["eval"]["cvr"])}
   report = summary["oracle"]
-  assert set(report) == {"ctr", "cvr"}
-  for task, (labels, probabilities) in expected.items():
-    entry = report[task]
+  assert list(report) == ["ctr", "ctr at logged positions", "cvr"]
+  for row, (labels, probabilities, model) in expected.items():
+    entry = report[row]
     assert entry["oracle_auc"] == pytest.approx(metrics.auc(labels, probabilities), abs=1e-9)
     assert entry["oracle_logloss"] == pytest.approx(metrics.log_loss(labels, probabilities),
                                                     abs=1e-6)
     assert entry["oracle_auc"] > 0.6
-    assert entry["examples"] == summary["eval"][task]["examples"] == len(labels)
-    assert entry["model_auc"] == summary["eval"][task]["auc"]
+    assert entry["examples"] == model["examples"] == len(labels)
+    assert entry["model_auc"] == model["auc"]
     assert entry["auc_gap"] == pytest.approx(entry["oracle_auc"] - entry["model_auc"])
+  # Knowing the slot is worth AUC on logged clicks, to the oracle as to the model.
+  assert report["ctr at logged positions"]["oracle_auc"] > report["ctr"]["oracle_auc"]
+  assert report["ctr"]["oracle"] == "P(click) without position"
   assert report["cvr"]["oracle"] == "P(conversion | click)"
   printed = oracle_report.format_table(report)
   assert "| cvr | P(conversion \\| click) |" in printed
+  assert "| ctr at logged positions | P(click) |" in printed
 
 
 def test_the_oracle_scores_every_strategys_tasks(tmp_path):
@@ -209,6 +218,23 @@ def test_the_oracle_scores_every_strategys_tasks(tmp_path):
                             [schema_lib.Task("spend", "price_paid", schema_lib.REGRESSION)],
                             schema.request_id, schema.name)
   assert "regression" in truth.task_probabilities(price.tasks[0])
+  # Without the position: only the first event (the click) changes.
+  entire = esmm.entire_space_schema(schema)
+  free = {t.name: truth.task_probabilities(t, without_position=True) for t in entire.tasks}
+  c = truth.columns
+  np.testing.assert_array_equal(free["ctr"], c["p_click_without_position"])
+  np.testing.assert_array_equal(free["cvr"], c["p_conversion_given_click"])
+  np.testing.assert_allclose(free["ctr_cvr"], c["p_click_without_position"]
+                             * c["p_conversion_given_click"], rtol=1e-5)
+  # A tower-shaped task's report compares the served model with the oracle
+  # without position, and adds its row as trained at the logged positions.
+  report = oracle_report.compare(schema, f"{data}/eval-*", {"ctr": {"auc": 0.6}},
+                                 at_logged_positions={"ctr": {"auc": 0.7}})
+  assert list(report) == ["ctr", "ctr at logged positions", "cvr"]
+  assert report["ctr"]["oracle_auc"] == pytest.approx(metrics.auc(
+      columns["click"], p["p_click_without_position"]), abs=1e-9)
+  assert report["ctr at logged positions"]["auc_gap"] == pytest.approx(
+      metrics.auc(columns["click"], p["p_click"]) - 0.7)
   (tmp_path / "ads" / "oracle-eval.npz").write_bytes(b"damaged")
   assert "oracle-eval.npz is not a readable oracle" in oracle_report.compare(
       schema, f"{data}/eval-*", {})["cvr"]["skipped"]  # the run goes on without it

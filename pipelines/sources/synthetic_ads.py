@@ -246,7 +246,7 @@ class AdsWorld:
     truth = oracle_lib.Oracle({
         "request_id": request_id, "position": position, "item_id": item,
         name("click"): p_click.astype(np.float32),
-        "p_click_without_position": p_relevant.astype(np.float32),
+        oracle_lib.position_free_name("click"): p_relevant.astype(np.float32),
         name("conversion", "click"): p_conversion.astype(np.float32),
         name("conversion"): (p_click * p_conversion).astype(np.float32),
     }, funnel=["click", "conversion"])
