@@ -12,10 +12,11 @@ values are flags (its flagfile) and a space file reads like the CLI:
 A space file's entries replace the default entries of the same name (narrow or
 widen them) and may add parameters the defaults leave out: a balancer's options
 (`dwa_temperature`, searched only in trials that choose that balancer), any
-architecture flag and `learning_rate_decay_steps`. `task_weights` is one range for the loss weight of every task
-but the first, which is held at 1 (scaling every weight alike changes little
-under Adam; fixing one removes those duplicates); it is searched in trials with
---loss_weighting=fixed (the other balancers set the weights themselves).
+architecture flag and `learning_rate_decay_steps`. `task_weights` is one range
+for the loss weight of every task but the first, which is held at 1 (scaling
+every weight alike changes little under Adam; fixing one removes those
+duplicates); it is searched in trials with --loss_weighting=fixed (the other
+balancers set the weights themselves).
 """
 
 import dataclasses
