@@ -130,8 +130,9 @@ def main(argv):
     result = runner.run(RunConfig(train_files=f"{data_dir}/train-*",
                                   eval_files=f"{data_dir}/eval-*", export_dir="",
                                   output_dir=os.path.join(FLAGS.work_dir, "run"), quiet=True))
-    print(f"\nThe default run ({result.summary['model']}, {result.summary['epochs']} epochs) "
-          f"on --synthetic_requests={first:,}:")
+    monitor = result.summary["monitor"]
+    print(f"\nThe default run ({result.summary['model']}, best epoch {monitor['best_epoch']} of "
+          f"{monitor['epochs_trained']}) on --synthetic_requests={first:,}:")
     print(oracle_report.format_table(result.summary["oracle"]))
 
 
