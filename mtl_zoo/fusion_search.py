@@ -7,7 +7,7 @@ candidates no other candidate beats on every objective at once. Picking a point
 on the front is a business decision; the tool shows what each costs.
 
   python -m mtl_zoo.fusion_search --saved_model=mtl_zoo_output/export/fusion/<version> \\
-      --eval_files='mtl_zoo_output/data/synthetic-v2-seed0/eval-*' \\
+      --eval_files='mtl_zoo_output/data/synthetic-v3-seed0/eval-*' \\
       --fusion=product:ctr,cvr,price --grid=0,0.5,1,2 --output=fusion_search.csv
 
 The first term's weight is held at 1: scaling every weight by the same factor

@@ -10,7 +10,6 @@ otherwise; no per-model tuning). Reports test AUC mean ± std per task, writes
 results/census_group<g>_<experiment>.md/.json/.png.
 """
 
-import json
 import os
 import sys
 
@@ -20,6 +19,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mtl_zoo import balancers, experiments, models  # noqa: E402  (pins Keras 2 first)
+from pipelines import files  # noqa: E402
 from pipelines.sources import SOURCES  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +57,8 @@ def plot(table: dict, tasks: list, path: str, title: str) -> None:
     ax.invert_yaxis()
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with files.atomic_open(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=120)
 
 
 def main(argv):
@@ -103,14 +104,11 @@ def main(argv):
                  "another's label).")
   text = "\n".join(lines)
   print("\n" + text)
-  os.makedirs(FLAGS.out_dir, exist_ok=True)
   out = os.path.join(FLAGS.out_dir, f"census_group{FLAGS.group}_{FLAGS.experiment}")
-  with open(out + ".md", "w") as f:
-    f.write(text + "\n")
-  with open(out + ".json", "w") as f:
-    json.dump({"hyperparameters": HPARAMS, "epochs": FLAGS.epochs,
-               "batch_size": FLAGS.batch_size, "learning_rate": FLAGS.learning_rate,
-               "runs": runs}, f)
+  files.write_text(out + ".md", text + "\n")
+  files.write_json(out + ".json", {"hyperparameters": HPARAMS, "epochs": FLAGS.epochs,
+                                   "batch_size": FLAGS.batch_size,
+                                   "learning_rate": FLAGS.learning_rate, "runs": runs})
   plot(table, schema.task_names, out + ".png", title)
   print(f"wrote {out}.md, .json, .png")
 

@@ -19,6 +19,7 @@ from absl import app, flags
 
 from mtl_zoo import metrics, runner
 from mtl_zoo.config import RunConfig
+from pipelines import files
 from pipelines import reader
 
 flags.DEFINE_integer("synthetic_requests", 12_000, "Training requests (10 impressions).")
@@ -70,9 +71,8 @@ def main(argv):
         + ", ".join(f"{t} AUC {v['auc']:.4f} log-loss {v['logloss']:.4f} NE {v['ne']:.4f}"
                     for t, v in held_out.items()))
   if FLAGS.output:
-    with open(FLAGS.output, "w") as f:
-      json.dump({"rows": [r for r, _ in rows], "best": best_row, "held_out": held_out}, f,
-                indent=1)
+    files.write_json(FLAGS.output, {"rows": [r for r, _ in rows], "best": best_row,
+                                    "held_out": held_out})
 
 
 if __name__ == "__main__":

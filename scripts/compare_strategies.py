@@ -26,7 +26,6 @@ a CVR output, the fusion weight w of pCTR x pCVR^w is swept to draw their
 CTR-vs-CVR trade-off curves. Writes results/strategies_<data>.md/.json/.png.
 """
 
-import json
 import os
 import sys
 import tempfile
@@ -40,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mtl_zoo import config as config_lib  # noqa: E402  (Keras 2 first)
 from mtl_zoo import experiments, metrics, models, runner, strategies  # noqa: E402
+from pipelines import files  # noqa: E402
 from pipelines import reader, targets  # noqa: E402
 from pipelines import schema as schema_lib  # noqa: E402
 from pipelines.sources import SOURCES  # noqa: E402
@@ -175,7 +175,8 @@ def plot(table: dict, path: str, title: str) -> None:
   ax.set_title(title, fontsize=10)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with files.atomic_open(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=120)
 
 
 def main(argv):
@@ -190,6 +191,7 @@ def main(argv):
                             f"synthetic-v{SOURCES['synthetic'].version}{changed}-seed0")
     if not os.path.exists(os.path.join(data_dir, schema_lib.SCHEMA_FILENAME)):
       SOURCES["synthetic"].write(data_dir, synthetic_requests=FLAGS.synthetic_requests)
+  data_label = os.path.basename(os.path.normpath(data_dir))
   schema = schema_lib.Schema.load(data_dir)
   columns = reader.read_columns(os.path.join(data_dir, "eval-*"), schema)
   event_weights = targets.event_weights_from_counts(targets.count_events(
@@ -209,7 +211,7 @@ def main(argv):
           f"{k} {result[k]:.4f}" for k, _ in COLUMNS[:5]), flush=True)
   minutes = (time.perf_counter() - start) / 60
   table = summarize(runs)
-  header = (f"Ranking strategies on {data_name} ({len(columns[schema.labels[0]]):,} eval "
+  header = (f"Ranking strategies on {data_label} ({len(columns[schema.labels[0]]):,} eval "
             f"impressions); mean ± 95% CI over seeds {','.join(FLAGS.seeds)}; "
             f"{FLAGS.epochs} epochs, batch {FLAGS.batch_size}, lr {FLAGS.learning_rate}; "
             f"event weights {', '.join(f'{k}={v:.3f}' for k, v in event_weights.items())}; "
@@ -217,18 +219,13 @@ def main(argv):
             f"whole comparison {minutes:.1f} min.")
   text = markdown(table, header)
   print("\n" + text)
-  os.makedirs(FLAGS.out_dir, exist_ok=True)
   stem = os.path.join(FLAGS.out_dir, f"strategies_{data_name}")
-  with open(stem + ".md", "w") as f:
-    f.write(text)
-  with open(stem + ".json", "w") as f:
-    json.dump({"settings": {"seeds": FLAGS.seeds, "epochs": FLAGS.epochs,
-                            "batch_size": FLAGS.batch_size,
-                            "learning_rate": FLAGS.learning_rate, "hparams": HPARAMS,
-                            "beyond_k": FLAGS.beyond_k,
-                            "event_weights": event_weights},
-               "table": table, "runs": runs}, f, indent=1)
-  plot(table, stem + ".png", f"Ranking strategies on {data_name}: CTR vs CVR AUC of each "
+  files.write_text(stem + ".md", text)
+  settings = {"seeds": FLAGS.seeds, "epochs": FLAGS.epochs, "batch_size": FLAGS.batch_size,
+              "learning_rate": FLAGS.learning_rate, "hparams": HPARAMS,
+              "beyond_k": FLAGS.beyond_k, "event_weights": event_weights, "data": data_label}
+  files.write_json(stem + ".json", {"settings": settings, "table": table, "runs": runs})
+  plot(table, stem + ".png", f"Ranking strategies on {data_label}: CTR vs CVR AUC of each "
        "ranking score\n(dashed: pCTR x pCVR^w for w in " +
        ", ".join(f"{w:g}" for w in CURVE_WEIGHTS) + ")")
   print(f"Wrote {stem}.md, .json, .png")

@@ -12,7 +12,6 @@ mean and 95% interval per model and correlation, writes a markdown table, a JSON
 of every run and a PNG of test loss vs training steps (mean and 95% band).
 """
 
-import json
 import os
 import sys
 
@@ -22,6 +21,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mtl_zoo import experiments  # noqa: E402  (pins Keras 2 first)
+from pipelines import files  # noqa: E402
 from pipelines import schema as schema_lib  # noqa: E402
 from pipelines.sources import SOURCES  # noqa: E402
 
@@ -69,7 +69,8 @@ def plot(runs: list, path: str) -> None:
   np.atleast_1d(axes)[0].set_ylabel("test loss (mean task MSE)")
   np.atleast_1d(axes)[0].legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with files.atomic_open(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=120)
 
 
 def main(argv):
@@ -118,14 +119,12 @@ def main(argv):
                            for m in FLAGS.models))
   table = "\n".join(lines)
   print("\n" + table)
-  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-  with open(FLAGS.out + ".md", "w") as f:
-    f.write(table + "\n")
-  with open(FLAGS.out + ".json", "w") as f:
-    json.dump({"flags": {k: FLAGS[k].value for k in ("correlations", "models", "runs", "epochs",
-                                                     "batch_size", "learning_rate",
-                                                     "num_train", "data_seed")},
-               "hyperparameters": HPARAMS, "runs": runs}, f)
+  files.write_text(FLAGS.out + ".md", table + "\n")
+  settings = {k: FLAGS[k].value for k in ("correlations", "models", "runs", "epochs",
+                                          "batch_size", "learning_rate", "num_train",
+                                          "data_seed")}
+  files.write_json(FLAGS.out + ".json",
+                   {"flags": settings, "hyperparameters": HPARAMS, "runs": runs})
   plot(runs, FLAGS.out + ".png")
   print(f"wrote {FLAGS.out}.md, .json, .png")
 

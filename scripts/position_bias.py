@@ -1,7 +1,11 @@
 """MMoE on the built-in synthetic ads log with and without the position bias tower.
 
-  python scripts/position_bias.py [--seeds=0,1] [--epochs=4] [--policy_taste=0]
-      [--policy_item_error=1] [--learning_rate=2e-3 --learning_rate_decay_steps=0]
+  python scripts/position_bias.py [--seeds=0,1] [--epochs=4] [--policy_taste=1]
+      [--policy_item_error=0] [--learning_rate=2e-3 --learning_rate_decay_steps=0]
+
+(The tables recorded before the generator's version 3 were made with
+`--policy_taste=1 --policy_item_error=0`, the version-2 log's policy, and before
+the sixth session also with `--learning_rate=2e-3 --learning_rate_decay_steps=0`.)
 
 Variants, all trained with the same settings on the same log:
 
@@ -38,19 +42,23 @@ from mtl_zoo import metrics, runner, strategies  # noqa: E402
 from pipelines import oracle  # noqa: E402
 from pipelines import reader  # noqa: E402
 from pipelines import schema as schema_lib  # noqa: E402
-from pipelines.sources import SOURCES  # noqa: E402
+from pipelines.sources import SOURCES, synthetic_ads  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("seeds", ["0", "1"], "Training seeds (the log is fixed: seed 0).")
 flags.DEFINE_integer("epochs", 4, "Epochs per model.")
 flags.DEFINE_integer("synthetic_requests", 12_000, "Training requests of the log.")
-flags.DEFINE_float("policy_taste", 1.0, "The log's --synthetic_policy_taste: the share of "
-                   "each user's taste the logging policy knows (1: all, as an oracle).")
-flags.DEFINE_float("policy_item_error", 0.0, "The log's --synthetic_policy_item_error: the "
-                   "logging policy's lasting error per item (0: fresh in every request).")
-flags.DEFINE_float("learning_rate", 2e-3, "Adam's learning rate (the recorded tables: 2e-3).")
-flags.DEFINE_integer("learning_rate_decay_steps", 0, "Inverse-time decay of the learning "
-                     "rate (0: constant, as in the recorded tables).")
+flags.DEFINE_float("policy_taste", synthetic_ads.POLICY_TASTE, "The log's "
+                   "--synthetic_policy_taste: the share of each user's taste the logging "
+                   "policy knows (1: all, as an oracle).")
+flags.DEFINE_float("policy_item_error", synthetic_ads.POLICY_ITEM_ERROR, "The log's "
+                   "--synthetic_policy_item_error: the logging policy's lasting error per "
+                   "item (0: fresh in every request).")
+flags.DEFINE_float("learning_rate", config_lib.RunConfig.learning_rate,
+                   "Adam's learning rate (default: the train CLI's).")
+flags.DEFINE_integer("learning_rate_decay_steps", config_lib.RunConfig.learning_rate_decay_steps,
+                     "Inverse-time decay of the learning rate (0: constant; default: the "
+                     "train CLI's).")
 
 HPARAMS = {"num_experts": 8, "expert_units": [16], "tower_units": [8]}
 
@@ -82,14 +90,15 @@ def _rated(model, schema: schema_lib.Schema, columns: dict, relevance: np.ndarra
 
 def main(argv):
   del argv
-  options = {"synthetic_requests": FLAGS.synthetic_requests}
-  if FLAGS.policy_taste != 1.0:
-    options["synthetic_policy_taste"] = FLAGS.policy_taste
-  if FLAGS.policy_item_error:
-    options["synthetic_policy_item_error"] = FLAGS.policy_item_error
-  data = os.path.join("mtl_zoo_output", "data", "synthetic-v2" + "".join(
-      f"-{name}={value}" for name, value in options.items()) + "-seed0")
-  SOURCES["synthetic"].write_if_missing(data, seed=0, **options)
+  source = SOURCES["synthetic"]
+  options = {"synthetic_requests": FLAGS.synthetic_requests,
+             "synthetic_policy_taste": FLAGS.policy_taste,
+             "synthetic_policy_item_error": FLAGS.policy_item_error}
+  defaults = {o.name: o.default for o in source.options}
+  data = os.path.join("mtl_zoo_output", "data", f"synthetic-v{source.version}" + "".join(
+      f"-{name}={value}" for name, value in options.items() if value != defaults[name])
+      + "-seed0")
+  source.write_if_missing(data, seed=0, **options)
   logged = schema_lib.Schema.load(data)
   columns = reader.read_columns(os.path.join(data, "eval-*"), logged)
   truth = oracle.find(os.path.join(data, "eval-*"))

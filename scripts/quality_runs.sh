@@ -12,11 +12,11 @@ for requests in 12000 100000; do
   dir="$out/r$requests"
   python -m mtl_zoo.train --output_dir="$dir" --model_dir="$dir/run" \
       --synthetic_requests=$requests
-  data=$(ls -d "$dir"/data/synthetic-v2*)
+  data=$(ls -d "$dir"/data/synthetic-v*)
   python scripts/baseline_logreg.py --data_dir="$data"
 done
 dir="$out/r100000"
-data=$(ls -d "$dir"/data/synthetic-v2*)
+data=$(ls -d "$dir"/data/synthetic-v*)
 python -m mtl_zoo.train --train_files="$data/train-*" --eval_files="$data/eval-*" \
     --calibrate=isotonic --calibration_files="$data/calibration-*" \
     --model_dir="$dir/isotonic" --export_dir=

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mtl_zoo import metrics  # noqa: E402  (pins Keras 2 first)
 from mtl_zoo._keras import keras  # noqa: E402
+from pipelines import files  # noqa: E402
 from pipelines import reader  # noqa: E402
 from pipelines import schema as schema_lib  # noqa: E402
 from pipelines.sources import SOURCES  # noqa: E402
@@ -152,7 +153,7 @@ def ads(study_dir):
              "--export_dir="])
       rows[name][seed] = {s: evaluate(model_dir, p) for s, p in splits.items()}
   seeds = ", ".join(FLAGS.seeds)
-  lines = [f"Ads log (synthetic-v2), MMoE, objectives ctr:auc and cvr:auc: "
+  lines = [f"Ads log ({os.path.basename(data_dir)}), MMoE, objectives ctr:auc and cvr:auc: "
            f"{sum(t['state'] == 'COMPLETE' for t in summary['trials'])} complete trials, "
            f"{len(front)} on the Pareto front (validation = the eval split). AUC, mean "
            f"(min-max) over seeds {seeds}; seed 0 is the trial itself.", "",
@@ -192,16 +193,15 @@ def plot_front(summary, front, default):
   axis.grid(alpha=0.3)
   axis.legend(fontsize=8)
   figure.tight_layout()
-  figure.savefig(os.path.join(REPO, "results", "tune_ads_front.png"), dpi=110)
+  with files.atomic_open(os.path.join(REPO, "results", "tune_ads_front.png"), "wb") as f:
+    figure.savefig(f, format="png", dpi=110)
 
 
 def report(lines, data, name):
   text = "\n".join(lines)
   print("\n" + text)
-  with open(os.path.join(REPO, "results", f"tune_{name}.md"), "w") as f:
-    f.write(text + "\n")
-  with open(os.path.join(REPO, "results", f"tune_{name}.json"), "w") as f:
-    json.dump(data, f, indent=2, sort_keys=True)
+  files.write_text(os.path.join(REPO, "results", f"tune_{name}.md"), text + "\n")
+  files.write_json(os.path.join(REPO, "results", f"tune_{name}.json"), data)
 
 
 def main(argv):

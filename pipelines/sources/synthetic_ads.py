@@ -9,13 +9,14 @@ log has the effects that make ranking on real logs hard:
     popularity (ITEM_ZIPF) that favours better items, so a few users and items
     fill most of the log and the tail ids are rare (cold).
   * A logging policy chose and ordered each page: CANDIDATES_PER_SLOT times as
-    many distinct candidates as slots, the best by a noisy estimate of click
-    relevance kept and sorted, so position and relevance are correlated. By
-    default the policy knows each user's true taste and its error is drawn
-    afresh in every request; `policy_taste` < 1 makes it know less of the
-    taste (as a previous ranker built on the logged features would) and
-    `policy_item_error` adds a lasting error per item (that ranker's mistakes
-    about an item), which a model reading clicks naively inherits.
+    many distinct candidates as slots, the best by its estimate of click
+    relevance kept and sorted, so position and relevance are correlated. The
+    policy is a previous ranker, not an oracle: by default (POLICY_TASTE,
+    POLICY_ITEM_ERROR) it knows the items' appeal and the context but none of a
+    user's own taste (the user x item affinity), and it makes a lasting error
+    about each item besides fresh noise per request, which a model reading
+    clicks naively inherits. `policy_taste` (up to 1: the true taste, as the
+    version-2 log's policy knew it) and `policy_item_error` (0: none) change it.
   * Clicks depend on the position: P(click) = examination(position) x
     P(click | examined), examination (1 + position)^-EXAMINATION_DECAY (the
     top slot is always seen). A model that reads clicks naively confuses a
@@ -67,6 +68,10 @@ CANDIDATES_PER_SLOT = 2
 # Noise (logit scale) of the logging policy's estimate of click relevance.
 POLICY_NOISE = 1.0
 EXAMINATION_DECAY = 0.5
+# The default logging policy (generator version 3): the share of each user's taste
+# it knows, and the standard deviation (logit scale) of its lasting error per item.
+# Version 2 was 1.0 and 0.0, an oracle-like logger (BUILD_NOTES "Position bias").
+POLICY_TASTE, POLICY_ITEM_ERROR = 0.0, 1.0
 # Items that are click-bait / sleepers, on average over categories, and their
 # offsets of the click and conversion logits.
 BAIT_SHARE, SLEEPER_SHARE = 0.15, 0.10
@@ -127,8 +132,9 @@ class AdsWorld:
   """
 
   def __init__(self, num_users: int, num_items: int, seed: int,
-               click_conversion_correlation: float = 0.5, policy_taste: float = 1.0,
-               policy_item_error: float = 0.0):
+               click_conversion_correlation: float = 0.5,
+               policy_taste: float = POLICY_TASTE,
+               policy_item_error: float = POLICY_ITEM_ERROR):
     rng = np.random.default_rng(seed)
     self.policy_taste = policy_taste
     self.num_users, self.num_items = num_users, num_items
@@ -302,7 +308,9 @@ class SyntheticAdsSource(base.Source):
   impressions, each with its oracle (`oracle-<split>.npz`)."""
 
   name = "synthetic"
-  version = 2  # issue 13: Zipf popularity, logging policy, position bias, oracle
+  # 2, issue 13: Zipf popularity, logging policy, position bias, oracle;
+  # 3: the logging policy a previous ranker (POLICY_TASTE, POLICY_ITEM_ERROR).
+  version = 3
   description = "the built-in synthetic ads log (click, conversion) with its oracle"
   options = (
       base.Option("synthetic_requests", 12_000, int, "synthetic: training requests (10 "
@@ -317,11 +325,11 @@ class SyntheticAdsSource(base.Source):
       base.Option("synthetic_items", 2000, int, "synthetic: items in the log (at least "
                   f"{IMPRESSIONS_PER_REQUEST}, a page's worth).",
                   lower_bound=IMPRESSIONS_PER_REQUEST),
-      base.Option("synthetic_policy_taste", 1.0, float, "synthetic: the share (0 to 1) "
+      base.Option("synthetic_policy_taste", POLICY_TASTE, float, "synthetic: the share (0 to 1) "
                   "of each user's taste (the user x item affinity of clicks) that the "
                   "logging policy knows: 1, all of it, as an oracle would; 0, none, as a "
                   "ranker by item appeal and context.", lower_bound=0.0),
-      base.Option("synthetic_policy_item_error", 0.0, float, "synthetic: standard "
+      base.Option("synthetic_policy_item_error", POLICY_ITEM_ERROR, float, "synthetic: standard "
                   "deviation (logit scale) of the logging policy's lasting error per item, "
                   "the same in every request (a previous ranker's mistakes about an item); "
                   "0: its only error is drawn afresh per request.", lower_bound=0.0),
