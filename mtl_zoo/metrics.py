@@ -4,6 +4,7 @@ Keras' streaming AUC bins scores into thresholds and is approximate; the
 figures we report (and compare with papers) use the exact rank statistic.
 """
 
+import weakref
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
@@ -295,15 +296,48 @@ def mse(labels: np.ndarray, predictions: np.ndarray) -> float:
   return float(np.mean(diff ** 2))
 
 
+# One inference call per live model: the end of a run scores the same model
+# several times (eval, reports, oracle), and a fresh tf.function each time would
+# trace it again (and trip TensorFlow's "frequent retracing" warning).
+_PREDICT_FUNCTIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def predict_function(model):
-  """A traced inference call that tolerates the smaller last batch and takes
-  only the model's inputs from the features (a serving model is evaluated on
-  data that also holds the train-only features). AutoGraph off: a dict
-  comprehension and the model's call leave it nothing to rewrite."""
+  """A traced inference call that takes any batch size and only the model's
+  inputs from the features (a serving model is evaluated on data that also
+  holds the train-only features and labels). It is traced once per layout of
+  the features it is given (their names, dtypes and per-example shapes), with
+  the batch dimension left open, so the smaller last batch costs no second
+  trace. AutoGraph off: a dict comprehension and the model's call leave it
+  nothing to rewrite.
+
+  Args:
+    model: a Keras model taking a dict of features.
+
+  Returns:
+    A function of a feature dict (tensors or arrays) returning the model's
+    outputs; the same one for the same model while it lives.
+  """
+  if model in _PREDICT_FUNCTIONS:
+    return _PREDICT_FUNCTIONS[model]
   names = set(input_names(model))
-  return tf.function(lambda features: model({k: v for k, v in features.items() if k in names},
-                                            training=False),
-                     reduce_retracing=True, autograph=False)
+  live = weakref.ref(model)  # a strong reference would keep the model alive here for good
+  traced = {}
+
+  def call(features):
+    return live()({k: v for k, v in features.items() if k in names}, training=False)
+
+  def predict(features):
+    specs = {k: tf.TensorSpec([None, *v.shape[1:]], tf.as_dtype(v.dtype))
+             for k, v in features.items()}
+    layout = tuple(sorted((k, spec.dtype.name, tuple(spec.shape[1:]))
+                          for k, spec in specs.items()))
+    if layout not in traced:
+      traced[layout] = tf.function(call, input_signature=[specs], autograph=False)
+    return traced[layout](features)
+
+  _PREDICT_FUNCTIONS[model] = predict
+  return predict
 
 
 def predict_columns(model, schema: schema_lib.Schema, columns: Dict[str, np.ndarray],
