@@ -312,11 +312,12 @@ def predict_function(model):
   nothing to rewrite.
 
   Args:
-    model: a Keras model taking a dict of features.
+    model: a Keras model taking a dict of features. The function does not keep
+      it alive: hold the model while you use the function.
 
   Returns:
-    A function of a feature dict (tensors or arrays) returning the model's
-    outputs; the same one for the same model while it lives.
+    A function of a feature dict (tensors or arrays, batch first) returning the
+    model's outputs; the same one for the same model while it lives.
   """
   if model in _PREDICT_FUNCTIONS:
     return _PREDICT_FUNCTIONS[model]
@@ -325,13 +326,17 @@ def predict_function(model):
   traced = {}
 
   def call(features):
-    return live()({k: v for k, v in features.items() if k in names}, training=False)
+    target = live()
+    if target is None:
+      raise RuntimeError("the model of this predict_function was deleted; keep a reference "
+                         "to the model while you use its predict function.")
+    return target({k: v for k, v in features.items() if k in names}, training=False)
 
   def predict(features):
-    specs = {k: tf.TensorSpec([None, *v.shape[1:]], tf.as_dtype(v.dtype))
+    features = {k: tf.convert_to_tensor(v) for k, v in features.items()}
+    specs = {k: tf.TensorSpec([None, *v.shape[1:]] if v.shape.rank else [], v.dtype)
              for k, v in features.items()}
-    layout = tuple(sorted((k, spec.dtype.name, tuple(spec.shape[1:]))
-                          for k, spec in specs.items()))
+    layout = tuple(sorted((k, spec.dtype.name, tuple(spec.shape)) for k, spec in specs.items()))
     if layout not in traced:
       traced[layout] = tf.function(call, input_signature=[specs], autograph=False)
     return traced[layout](features)

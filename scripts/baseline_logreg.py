@@ -1,6 +1,6 @@
 """Logistic-regression baseline per binary task, on any converted dataset.
 
-  python scripts/baseline_logreg.py --data_dir=mtl_zoo_output/data/synthetic-seed0
+  python scripts/baseline_logreg.py --data_dir=mtl_zoo_output/data/synthetic-v3-seed0
   python scripts/baseline_logreg.py --train_files='d/train-*' --eval_files='d/eval-*' \\
       --schema=d/schema.json --output=results/baseline.json
 

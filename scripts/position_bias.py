@@ -3,9 +3,9 @@
   python scripts/position_bias.py [--seeds=0,1] [--epochs=4] [--policy_taste=1]
       [--policy_item_error=0] [--learning_rate=2e-3 --learning_rate_decay_steps=0]
 
-(The tables recorded before the generator's version 3 were made with
-`--policy_taste=1 --policy_item_error=0`, the version-2 log's policy, and before
-the sixth session also with `--learning_rate=2e-3 --learning_rate_decay_steps=0`.)
+(Before the generator's version 3 the defaults were `--policy_taste=1
+--policy_item_error=0`, the version-2 log's policy, and `--learning_rate=2e-3
+--learning_rate_decay_steps=0`: the recorded tables give the flags of each row.)
 
 Variants, all trained with the same settings on the same log:
 

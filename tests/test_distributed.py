@@ -274,7 +274,7 @@ def ps_data(tmp_path_factory):
   """40,000 training impressions in four shards, 20,000 for evaluation: enough
   that a run's eval AUC depends on the training, not on sampling noise (the CVR
   AUC is measured on the ~2,400 clicks). The generator's version-2 policy, which
-  the bound was measured on: the default one's log has a third fewer clicks."""
+  the bound was measured on: the default one's log has a quarter fewer clicks."""
   out = str(tmp_path_factory.mktemp("ps") / "ads")
   SOURCES["synthetic"].write(out, num_shards=4, seed=1, synthetic_requests=4000,
                              synthetic_eval_requests=2000, synthetic_policy_taste=1.0,

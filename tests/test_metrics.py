@@ -103,3 +103,36 @@ def test_reported_metrics_name_the_column_instead_of_nan():
     metrics.task_metrics(schema, collected)
   collected["cvr"].update(label=np.array([1.0, 0.0]), weight=np.ones(2))
   assert metrics.task_metrics(schema, collected)["cvr"]["auc"] == 1.0
+
+
+def test_predict_function_traces_once_per_feature_layout_and_frees_the_model():
+  import gc
+  import weakref
+
+  import mtl_zoo
+  keras = mtl_zoo.keras
+  traces = []
+
+  class Doubling(keras.layers.Layer):
+    def call(self, x):
+      traces.append(1)  # Python runs only while a graph is traced
+      return x * 2.0
+
+  x = keras.Input(shape=(), name="x", dtype="float32")
+  model = keras.Model({"x": x}, {"y": Doubling()(x)})
+  traces.clear()
+  predict = metrics.predict_function(model)
+  assert metrics.predict_function(model) is predict  # the same one for the same model
+  out = predict({"x": np.arange(5, dtype=np.float32)})
+  np.testing.assert_allclose(out["y"], 2 * np.arange(5))
+  predict({"x": np.ones(3, np.float32)})  # a smaller last batch: no new trace
+  assert len(traces) == 1
+  # Features the model does not take (labels, train-only columns) are dropped;
+  # a new layout of the features is traced once more.
+  out = predict({"x": np.ones(4, np.float32), "position": np.zeros(4, np.int64)})
+  np.testing.assert_allclose(out["y"], 2.0)
+  assert len(traces) == 2
+  freed = weakref.ref(model)
+  del model, predict, out
+  gc.collect()
+  assert freed() is None  # the cache keeps no model alive

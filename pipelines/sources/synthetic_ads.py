@@ -126,9 +126,9 @@ class AdsWorld:
     click_conversion_correlation: correlation of an item's click and conversion
       factors.
     policy_taste: the share of the user x item click affinity the logging
-      policy knows (1: all of it).
+      policy knows (1: all of it; default POLICY_TASTE).
     policy_item_error: standard deviation (logit scale) of the logging policy's
-      lasting error per item (0: none).
+      lasting error per item (0: none; default POLICY_ITEM_ERROR).
   """
 
   def __init__(self, num_users: int, num_items: int, seed: int,
@@ -219,7 +219,8 @@ class AdsWorld:
     candidates = self._distinct_items(
         rng, num_requests, min(self.num_items, CANDIDATES_PER_SLOT * slots))
     relevance = self._click_logit(users[:, None], candidates, hours[:, None], devices[:, None])
-    # The logging policy: the best candidates by a noisy relevance, best on top.
+    # The logging policy: the best candidates by its own noisy estimate of the
+    # relevance (the part of the taste it knows, its lasting item errors), best on top.
     known = relevance if self.policy_taste == 1.0 else self._click_logit(
         users[:, None], candidates, hours[:, None], devices[:, None], self.policy_taste)
     estimate = (known + self.policy_item_error[candidates]
