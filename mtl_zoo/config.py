@@ -215,7 +215,8 @@ class RunConfig:
 
   @property
   def monitor_spec(self) -> str:
-    """--monitor, or its default: the mean of the tasks' AUCs."""
+    """--monitor, or its default: the mean of the tasks' AUCs (a run of regression
+    tasks only monitors their MSE instead: `early_stopping.default_monitor`)."""
     return self.monitor or early_stopping.DEFAULT_MONITOR
 
   @property

@@ -8,7 +8,9 @@ and ends with the weights of its best epoch, which are what is saved, reported
 and exported.
 
 Monitor specs (`--monitor`):
-  auc                       the mean of the tasks' AUCs (the default)
+  auc                       the mean of the tasks' AUCs (the default; a run whose
+                            tasks are all regressions, which have no AUC,
+                            defaults to mse, their mean squared error)
   cvr:auc, ctr:logloss      one task's metric
   ctr:auc=1,cvr:auc=2       a weighted mean of several
 
@@ -31,12 +33,30 @@ import tensorflow as tf
 from mtl_zoo import _keras
 from mtl_zoo._keras import keras
 from pipelines import files
+from pipelines import schema as schema_lib
 
 # Metric -> +1 where higher is better, -1 where lower is.
 DIRECTIONS = {"auc": 1.0, "logloss": -1.0, "mse": -1.0, "ne": -1.0, "ece": -1.0}
 DEFAULT_MONITOR = "auc"
+# The default of a run without a task that reports AUC (only regressions).
+REGRESSION_MONITOR = "mse"
 DEFAULT_PATIENCE = 2
 STATE_FILENAME = "monitor.json"
+
+
+def default_monitor(task_types: Sequence[str]) -> str:
+  """The monitor of a run that names none.
+
+  Args:
+    task_types: the type of each task the run trains (`pipelines.schema`
+      TASK_TYPES).
+
+  Returns:
+    DEFAULT_MONITOR (mean AUC) when a task is binary or ranking, otherwise
+    REGRESSION_MONITOR (mean MSE, minimised).
+  """
+  only_regressions = all(t == schema_lib.REGRESSION for t in task_types)
+  return REGRESSION_MONITOR if task_types and only_regressions else DEFAULT_MONITOR
 
 
 class MonitorError(ValueError):

@@ -42,7 +42,8 @@ def run_trial(schema: schema_lib.Schema, train_pattern: str,
     curve_split: also evaluate this split after every epoch (the validation
       data of early stopping); the result's `curve` holds those metrics per epoch.
     patience: as the train flag (0: train all max_epochs, keeping the best
-      epoch by the validation split's mean AUC); default, the train CLI's.
+      epoch by the validation split's mean AUC, or mean MSE when every task is
+      a regression); default, the train CLI's.
     learning_rate_decay_steps: as the train flag; default 0, a constant rate (the
       setting of the recorded experiments, not the CLI's default).
 

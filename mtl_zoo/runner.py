@@ -751,7 +751,8 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
   done_steps = (resumed[0] * steps_per_epoch + resumed[1]
                 if resumed and not _is_ps(strategy) else 0)
   progress, curve = early_stopping.Progress(), []
-  monitor = early_stopping.Monitor(config.monitor_spec).for_tasks(schema.task_names)
+  monitor = early_stopping.Monitor(config.monitor or early_stopping.default_monitor(
+      [t.type for t in schema.tasks])).for_tasks(schema.task_names)
   if resumed and eval_pattern:
     progress, curve = early_stopping.load_progress(model_dir, monitor, resumed[0])
   finished = bool(resumed) and (resumed[0] >= config.max_epochs

@@ -107,7 +107,8 @@ flags.DEFINE_integer("max_epochs", 10, "Passes over the training data at most: w
                      lower_bound=1)
 flags.DEFINE_alias("epochs", "max_epochs")
 flags.DEFINE_string("monitor", None, "The validation objective watched after every epoch "
-                    "(needs eval data): 'auc' (the mean of the tasks' AUCs, the default), "
+                    "(needs eval data): 'auc' (the mean of the tasks' AUCs, the default; 'mse' "
+                    "when every task is a regression), "
                     "one task's metric ('cvr:auc', 'ctr:logloss') or a weighted mean "
                     "('ctr:auc=1,cvr:auc=2'); metrics auc, logloss, mse, ne, ece (lower is "
                     "better for all but auc). The saved and exported model is the best "

@@ -20,7 +20,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mtl_zoo import experiments  # noqa: E402  (pins Keras 2 first)
+from mtl_zoo import experiments, models  # noqa: E402  (pins Keras 2 first)
 from pipelines import files  # noqa: E402
 from pipelines import schema as schema_lib  # noqa: E402
 from pipelines.sources import SOURCES  # noqa: E402
@@ -86,7 +86,8 @@ def main(argv):
       for seed in range(FLAGS.runs):
         result = experiments.run_trial(
             schema, os.path.join(data_dir, "train-*"),
-            {"test": os.path.join(data_dir, "test-*")}, model, HPARAMS, FLAGS.epochs,
+            {"test": os.path.join(data_dir, "test-*")}, model,
+            models.hyperparameters_of(model, HPARAMS), FLAGS.epochs,
             FLAGS.batch_size, FLAGS.learning_rate, seed, curve_split="test",
             patience=0)
         result["correlation"] = p

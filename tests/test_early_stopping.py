@@ -20,6 +20,7 @@ from mtl_zoo._keras import keras
 from mtl_zoo.config import ConfigError, RunConfig
 from pipelines import files
 from pipelines import reader
+from pipelines.sources import SOURCES
 
 RESULTS = {"ctr": {"auc": 0.70, "logloss": 0.40}, "cvr": {"auc": 0.60, "logloss": 0.50}}
 
@@ -44,6 +45,23 @@ def test_monitor_values(spec, expected):
 def test_malformed_monitor_is_refused_with_the_entry(spec, message):
   with pytest.raises(ValueError, match=message):
     early_stopping.Monitor(spec)
+
+
+def test_a_run_of_regressions_monitors_their_mse_by_default(tmp_path):
+  assert early_stopping.default_monitor(["binary", "regression"]) == "auc"
+  assert early_stopping.default_monitor(["ranking"]) == "auc"
+  assert early_stopping.default_monitor(["regression", "regression"]) == "mse"
+  data = str(tmp_path / "paper")
+  SOURCES["mmoe_synthetic"].write(data, seed=0, mmoe_train_examples=1000,
+                                  mmoe_test_examples=500, mmoe_dims=8)
+  result = runner.run(RunConfig(train_files=f"{data}/train-*", eval_files=f"{data}/test-*",
+                                model="shared_bottom", max_epochs=2, batch_size=128,
+                                output_dir=str(tmp_path / "out"), export_dir="", quiet=True))
+  monitor = result.summary["monitor"]
+  assert monitor["spec"] == "mse"
+  mses = [-np.mean([m["mse"] for m in epoch["metrics"].values()]) for epoch in result.curve]
+  np.testing.assert_allclose(monitor["values"], mses, rtol=1e-6)
+  assert monitor["best_epoch"] == 1 + int(np.argmax(monitor["values"]))
 
 
 def test_monitor_of_a_missing_or_undefined_metric_says_so():
