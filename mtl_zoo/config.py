@@ -13,7 +13,7 @@ architecture or balancer does not take.
 """
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from mtl_zoo import _keras
 from mtl_zoo import balancers
@@ -206,18 +206,25 @@ class RunConfig:
           raise ConfigError(f"--{name} watches the eval data after every epoch; give "
                             f"--eval_files, or drop --{name} to train --max_epochs epochs.")
     try:
-      early_stopping.Monitor(self.monitor_spec)
+      if self.monitor:
+        early_stopping.Monitor(self.monitor)
     except ValueError as e:
       raise ConfigError(f"--monitor={self.monitor}: {e}") from None
     if self.patience is not None and self.patience < 0:
       raise ConfigError(f"--patience must be 0 (never stop early) or more, got "
                         f"{self.patience}.")
 
-  @property
-  def monitor_spec(self) -> str:
-    """--monitor, or its default: the mean of the tasks' AUCs (a run of regression
-    tasks only monitors their MSE instead: `early_stopping.default_monitor`)."""
-    return self.monitor or early_stopping.DEFAULT_MONITOR
+  def monitor_spec(self, task_types: Sequence[str]) -> str:
+    """--monitor, or its default for these tasks (`early_stopping.default_monitor`:
+    the mean of their AUCs, or of their MSEs when all are regressions).
+
+    Args:
+      task_types: the type of each task the run trains.
+
+    Returns:
+      The monitor spec, e.g. "auc" or "ctr:auc,cvr:auc".
+    """
+    return self.monitor or early_stopping.default_monitor(task_types)
 
   @property
   def patience_epochs(self) -> int:

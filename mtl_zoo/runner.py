@@ -120,14 +120,15 @@ def run(config: RunConfig, on_epoch_end: Optional[Callable[[int, float], None]] 
   except schema_lib.SchemaError as e:
     raise DataError(str(e)) from None
   tasks = [task for _, schema in runs for task in schema.task_names]
+  monitor_spec = config.monitor_spec([t.type for _, schema in runs for t in schema.tasks])
   if config.serving_task and config.serving_task not in tasks:
     raise ConfigError(f"--serving_task={config.serving_task} is not a task of the model; "
                       f"its tasks are {tasks}.")
   if eval_pattern:
     try:
-      early_stopping.Monitor(config.monitor_spec).check_tasks(tasks)
+      early_stopping.Monitor(monitor_spec).check_tasks(tasks)
     except ValueError as e:
-      raise ConfigError(f"--monitor={config.monitor_spec} {e}") from None
+      raise ConfigError(f"--monitor={monitor_spec} {e}") from None
   if config.strategy == "fusion":
     fusion = fusion or strategies.default_fusion(data_schema)
   calibration_pattern = calibration.prepare(config, [s for _, s in runs], train_pattern,
@@ -523,7 +524,8 @@ def run_identity(config: RunConfig, train_pattern: str, schema: schema_lib.Schem
   identity.update(model=config.architecture, hyperparameters=_hyperparameters(config),
                   train_files=train_pattern, tasks=schema.task_names,
                   schema=schema.to_dict(), steps_per_epoch=steps_per_epoch,
-                  monitor=config.monitor_spec, patience=config.patience_epochs,
+                  monitor=config.monitor_spec([t.type for t in schema.tasks]),
+                  patience=config.patience_epochs,
                   **{name: config.option(name) for name in STRATEGY_OPTIONS})
   return identity
 
@@ -751,8 +753,8 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
   done_steps = (resumed[0] * steps_per_epoch + resumed[1]
                 if resumed and not _is_ps(strategy) else 0)
   progress, curve = early_stopping.Progress(), []
-  monitor = early_stopping.Monitor(config.monitor or early_stopping.default_monitor(
-      [t.type for t in schema.tasks])).for_tasks(schema.task_names)
+  monitor = early_stopping.Monitor(config.monitor_spec([t.type for t in schema.tasks])
+                                  ).for_tasks(schema.task_names)
   if resumed and eval_pattern:
     progress, curve = early_stopping.load_progress(model_dir, monitor, resumed[0])
   finished = bool(resumed) and (resumed[0] >= config.max_epochs

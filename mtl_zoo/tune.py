@@ -91,7 +91,8 @@ def tune(argv_rest=None) -> None:
         base.architecture, schema.task_names, entries, fixed_flags=fixed,
         where=f"--space={FLAGS.space}", loss_weighting=base.loss_weighting,
         shares_parameters=space_lib.shares_parameters(base.architecture, schema))
-    base, flags_list, objectives = study_lib.prepare(base, base_flags(), FLAGS.objectives)
+    base, flags_list, objectives = study_lib.prepare(base, base_flags(), FLAGS.objectives,
+                                                     schema)
     study = study_lib.run_search(
         base, flags_list, space, settings, objectives,
         after_trial=lambda s: results.write(s, objectives, flags_list, FLAGS.output_dir,

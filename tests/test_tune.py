@@ -164,7 +164,8 @@ def test_losing_trial_is_pruned(ads_dir, tmp_path):
                                  "embeddings_l2")}})
   settings = study_lib.Settings(output_dir=out, trials=2, prune_after_trials=1,
                                 prune_warmup_epochs=0)
-  base, flags, objectives = study_lib.prepare(base, [], None)
+  ads_schema = schema_lib.Schema.load(os.path.join(ads_dir, "schema.json"))
+  base, flags, objectives = study_lib.prepare(base, [], None, ads_schema)
   assert [(o.name, o.direction) for o in objectives] == [("ctr:logloss", "minimize")]
   study, _ = study_lib.open_study(settings, objectives,
                                   study_lib.identity(base, space, objectives))
@@ -224,11 +225,27 @@ def test_shares_parameters(ads_dir):
   assert not space_lib.shares_parameters("single_task", schema)
 
 
+def test_the_default_objective_follows_the_tasks(ads_dir):
+  """Without --objectives or --monitor a search maximises the mean AUC, or
+  minimises the mean MSE when every task is a regression (no AUC to read)."""
+  ads = schema_lib.Schema.load(os.path.join(ads_dir, "schema.json"))
+  regressions = schema_lib.Schema.from_dict({**ads.to_dict(), "tasks": [
+      {**t.to_dict(), "type": schema_lib.REGRESSION, "mask": None} for t in ads.tasks]})
+  base = config_lib.RunConfig(model="mmoe", train_files="t-*", eval_files="e-*")
+  for schema, expected in ((ads, ("auc", "maximize")), (regressions, ("mse", "minimize"))):
+    _, _, objectives = study_lib.prepare(base, [], None, schema)
+    assert [(o.name, o.direction) for o in objectives] == [expected]
+  # A --monitor given is the objective whatever the tasks.
+  _, _, objectives = study_lib.prepare(dataclasses.replace(base, monitor="ctr:logloss"), [],
+                                       None, regressions)
+  assert [(o.name, o.direction) for o in objectives] == [("ctr:logloss", "minimize")]
+
+
 def test_a_study_refuses_to_resume_with_other_fixed_flags(tmp_path):
   base = config_lib.RunConfig(model="mmoe", train_files="t-*", eval_files="e-*")
   space = space_lib.make_space("mmoe", ["ctr", "cvr"], None, shares_parameters=True)
   settings = study_lib.Settings(output_dir=str(tmp_path), trials=1)
-  objectives = study_lib.parse_objectives(None, base.monitor_spec)
+  objectives = study_lib.parse_objectives(None, base.monitor_spec(["binary", "binary"]))
   given = ["--output_dir=a", "--max_epochs=2"]
   study_lib.open_study(settings, objectives, study_lib.identity(base, space, objectives, given))
   # The same command from another output directory, or quiet, resumes; another

@@ -311,12 +311,23 @@ def data_schema(base: RunConfig) -> schema_lib.Schema:
   return runner.resolve_data(base)[2]
 
 
-def prepare(base: RunConfig, base_flags: Sequence[str], objectives_spec: Optional[str]
-            ) -> Tuple[RunConfig, List[str], List[Objective]]:
+def prepare(base: RunConfig, base_flags: Sequence[str], objectives_spec: Optional[str],
+            schema: schema_lib.Schema) -> Tuple[RunConfig, List[str], List[Objective]]:
   """The trials' base settings and flags, and the objectives.
 
   With several objectives and no --monitor, early stopping keeps the epoch best
-  for the objectives together (their mean). Trials never export.
+  for the objectives together (their mean). Without either, the one objective
+  is the run's default monitor for the data's tasks (mean AUC, or mean MSE
+  when all are regressions). Trials never export.
+
+  Args:
+    base: the settings every trial shares.
+    base_flags: the train flags given for them.
+    objectives_spec: --objectives, or None.
+    schema: the data's schema (`data_schema`).
+
+  Returns:
+    (base settings, base flags, objectives).
 
   Raises:
     TuneError, ConfigError: settings that cannot be used.
@@ -324,7 +335,8 @@ def prepare(base: RunConfig, base_flags: Sequence[str], objectives_spec: Optiona
   if not base.eval_files and base.train_files:
     raise TuneError("the search scores trials on the validation data: give --eval_files "
                     "(never the test data).")
-  objectives = parse_objectives(objectives_spec, base.monitor_spec)
+  objectives = parse_objectives(objectives_spec,
+                                base.monitor_spec([t.type for t in schema.tasks]))
   base_flags = list(base_flags)
   if objectives_spec and base.monitor is None:
     base = dataclasses.replace(base, monitor=",".join(o.name for o in objectives))
