@@ -172,10 +172,10 @@ def dataset_options() -> tf.data.Options:
   Warm start: the background threads start when the iterator is made, not at
   the first `next()`, so in `fit` the read overlaps the tracing of the train
   step. No autotuning: TF 2.21's autotuning thread can miss the cancellation of
-  a deleted iterator and hold the deletion until its next optimisation, up to a
-  minute later (4-27 s seen at the end of `fit`, the process idle); without it
-  each parallel stage runs at the default parallelism (the cores) and
-  `prefetch(AUTOTUNE)` sizes its buffer with its own autotuner.
+  a deleted iterator and hold the deletion, idle, until its next optimisation
+  (4-5 s at the end of a 10 s census `fit`; its period grows as a run goes on).
+  Without it each parallel stage runs at the default parallelism (the cores)
+  and `prefetch(AUTOTUNE)` sizes its buffer with its own autotuner.
 
   Returns:
     The options, for `Dataset.with_options`.
