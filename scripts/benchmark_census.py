@@ -24,6 +24,9 @@ Prints, for the census Group 1 TFRecords (199,523 training examples):
     arrays in memory, run right after ours at each batch size when its venv
     exists (`../shared/anchors/make_deepctr_env.sh` builds it; never a
     dependency of this project); then a table of both.
+With --isolate_first_epoch=N, only a diagnostic of epoch 1: N rounds of a
+usual fit, one whose cache is filled before `fit` and one whose train step is
+traced before `fit` (each moves one of epoch 1's costs out of it).
 Epochs, reader passes and tracing also print their CPU seconds (all cores
 together: where the time goes on a 2-core machine). The machine may be busy
 with other work: compare runs, not single numbers.
@@ -61,6 +64,11 @@ flags.DEFINE_string("deepctr_python", "/tmp/deepctr-anchor/bin/python",
 flags.DEFINE_string("deepctr_script", os.path.join(ANCHORS, "deepctr_census.py"),
                     "DeepCTR's census benchmark (prints train_examples_per_s=...).")
 flags.DEFINE_integer("deepctr_timeout", 1800, "Seconds before a DeepCTR run is abandoned.")
+flags.DEFINE_integer("isolate_first_epoch", 0, "N > 0: instead of the above, N rounds of "
+                     "three fits at the first batch size that tell epoch 1's costs apart: as "
+                     "usual; with the cache filled before fit (no read in epoch 1); with the "
+                     "train step traced before fit (no tracing in epoch 1). Diagnostic only: "
+                     "the last two move work out of fit.")
 
 LEARNING_RATE = 2e-3
 MMOE = dict(num_experts=8, expert_units=[16], tower_units=[8])
@@ -144,8 +152,36 @@ def deepctr_rate(batch):
   return float(found.group(1)), None
 
 
+def isolate_first_epoch(schema, pattern, rounds):
+  """Prints epoch 1 / later epochs for fits that skip one of epoch 1's costs."""
+  batch = int(FLAGS.batch_sizes[0])
+  steps = math.ceil(reader.count_records(pattern) / batch)
+  for round_ in range(rounds):
+    for variant in ("as usual", "cache filled first", "traced first"):
+      trainable, _ = build_mmoe(schema)
+      ds = reader.make_dataset(pattern, schema, batch, seed=0)
+      if variant == "cache filled first":
+        for _ in ds:
+          pass
+      ds = ds.repeat()
+      if variant == "traced first":
+        trainable.make_train_function().get_concrete_function(iter(ds))
+      timer = EpochTimer()
+      trainable.fit(ds, epochs=FLAGS.epochs, steps_per_epoch=steps, verbose=0,
+                    callbacks=[timer])
+      later = sum(timer.seconds[1:]) / max(len(timer.seconds) - 1, 1)
+      print(f"round {round_}, {variant:18s}: epoch 1 {timer.seconds[0]:.2f}s (first step "
+            f"ends after {timer.first_step - timer.setup_seconds:.2f}s), later {later:.2f}s: "
+            f"{timer.seconds[0] / later:.2f}x", flush=True)
+
+
 def main(argv):
   del argv
+  if FLAGS.isolate_first_epoch:
+    schema = SOURCES["census"].write_if_missing(FLAGS.data_dir, census_dir=FLAGS.census_dir)
+    isolate_first_epoch(schema, os.path.join(FLAGS.data_dir, "train-*"),
+                        FLAGS.isolate_first_epoch)
+    return
   # Every framing scan of the run is timed, wherever the reader calls it.
   scan = integrity.scan_shards = ScanTimer(integrity.scan_shards)
   schema = SOURCES["census"].write_if_missing(FLAGS.data_dir, census_dir=FLAGS.census_dir)
