@@ -29,9 +29,9 @@ import tensorflow as tf
 
 from mtl_zoo import serving  # importing mtl_zoo pins Keras 2 first
 from pipelines import files
-from pipelines import reader
 from pipelines import schema as schema_lib
 from pipelines import shards as shards_lib
+from pipelines import tfdata
 
 FLAGS = flags.FLAGS
 
@@ -190,7 +190,7 @@ def score(saved_model: str, pattern: str, output: str, layout: str = "training",
     signature = loaded.signatures[serving.FEATURES_SIGNATURE]
   else:
     signature = loaded.signatures[serving.SERVING_DEFAULT]
-  ds = ds.prefetch(tf.data.AUTOTUNE).with_options(reader.dataset_options())
+  ds = ds.prefetch(tf.data.AUTOTUNE).with_options(tfdata.dataset_options())
   with_request_id = layout == "training" and schema.request_id
   columns = {"index": np.int64, **({schema.request_id: np.int64} if with_request_id else {}),
              **{task: np.float32 for task in schema.task_names}}

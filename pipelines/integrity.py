@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipelines import records as records_lib
+from pipelines import tfdata
 from pipelines import validation
 
 # A record: uint64 length, masked CRC32C of the length, the data, masked CRC32C
@@ -187,7 +188,7 @@ def count_records(path: str, compression: str) -> Tuple[int, int]:
 @tf.function(input_signature=[_PATH, _PATH], autograph=False)
 def _count(path: tf.Tensor, compression: tf.Tensor):
   records = tf.data.TFRecordDataset(path, compression).batch(4096)
-  return records.reduce(
+  return records.with_options(tfdata.dataset_options()).reduce(
       (tf.constant(0, tf.int64), tf.constant(0, tf.int64)),
       lambda total, batch: (total[0] + tf.size(batch, tf.int64),
                             total[1] + tf.reduce_sum(tf.cast(tf.strings.length(batch),
@@ -206,7 +207,7 @@ def count_in_parallel(files: Sequence[str], compressions: Sequence[str]) -> list
 def _count_each(files: tf.Tensor, compressions: tf.Tensor):
   ds = tf.data.Dataset.from_tensor_slices((files, compressions)).map(
       _count, num_parallel_calls=tf.data.AUTOTUNE)
-  return ds.batch(tf.size(files, out_type=tf.int64)).get_single_element()
+  return ds.with_options(tfdata.dataset_options()).batch(tf.size(files, out_type=tf.int64)).get_single_element()
 
 
 def _count_all(files: Sequence[str]) -> list:
@@ -241,6 +242,7 @@ def _run_length(path: tf.Tensor, compression: tf.Tensor, offset: tf.Tensor):
   # the end of the run.
   run = tf.data.Dataset.from_tensors(path).interleave(
       lambda p: record_dataset(p, compression, offset, -1)).ignore_errors()
+  run = run.with_options(tfdata.dataset_options())
   return run.reduce(
       (tf.constant(0, tf.int64), tf.constant(0, tf.int64)),
       lambda total, r: (total[0] + 1,

@@ -20,6 +20,7 @@ from pipelines import integrity
 from pipelines import schema as schema_lib
 from pipelines import shards
 from pipelines import targets
+from pipelines import tfdata
 from pipelines import validation
 
 # Parsed blocks held for shuffling: all of them for datasets up to ~500k examples.
@@ -163,27 +164,7 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
     return features, labels, weights
 
   ds = ds.map(split, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-  return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options())
-
-
-def dataset_options() -> tf.data.Options:
-  """The options of every dataset the library reads: warm start, no autotuning.
-
-  Warm start: the background threads start when the iterator is made, not at
-  the first `next()`, so in `fit` the read overlaps the tracing of the train
-  step. No autotuning: TF 2.21's autotuning thread can miss the cancellation of
-  a deleted iterator and hold the deletion, idle, until its next optimisation
-  (4-5 s at the end of a 10 s census `fit`; its period grows as a run goes on).
-  Without it each parallel stage runs at the default parallelism (the cores)
-  and `prefetch(AUTOTUNE)` sizes its buffer with its own autotuner.
-
-  Returns:
-    The options, for `Dataset.with_options`.
-  """
-  options = tf.data.Options()
-  options.experimental_warm_start = True
-  options.autotune.enabled = False
-  return options
+  return ds.prefetch(tf.data.AUTOTUNE)
 
 
 # Hash buckets of the negative-sampling draw: rates resolve to 2^-24.
@@ -297,6 +278,7 @@ def first_unparsable(file_pattern: Union[str, Sequence[str]], schema: schema_lib
     if scan.damage:
       raise validation.BadRecordError("; ".join(str(d) for d in scan.damage))
     records = tf.data.TFRecordDataset(scan.path, scan.compression or "").batch(4096)
+    records = records.with_options(tfdata.dataset_options())
     for start, batch in enumerate(records.as_numpy_iterator()):
       # TensorFlow's error for bytes that are not a tf.Example quotes them, which
       # fails to decode when they are not text: hence UnicodeDecodeError, and
@@ -358,7 +340,7 @@ def has_records(file_pattern: Union[str, Sequence[str]]) -> bool:
   """
   files = shards.list_files(file_pattern)
   records = tf.data.TFRecordDataset(files, shards.detect_compression(files) or "")
-  return any(True for _ in records.take(1))
+  return any(True for _ in records.take(1).with_options(tfdata.dataset_options()))
 
 
 @tf.autograph.experimental.do_not_convert

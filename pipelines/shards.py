@@ -24,6 +24,7 @@ import tensorflow as tf
 from pipelines import integrity
 from pipelines import manifest
 from pipelines import schema as schema_lib
+from pipelines import tfdata
 from pipelines import validation
 
 # path -> (size, modification time, records) of shards found whole by a scan in
@@ -132,7 +133,8 @@ def parsed_blocks(files: Sequence[str], schema: schema_lib.Schema, block: int,
 
   Returns:
     A dataset of dicts of packed tensors (the training parse spec's keys),
-    missing labels read as 0 where their gate is 0 (`validation.label_filler`).
+    missing labels read as 0 where their gate is 0 (`validation.label_filler`),
+    with `tfdata.dataset_options()` (they hold for datasets built from it).
 
   Raises:
     validation.BadRecordError: under FAIL, a shard is damaged (found by the
@@ -167,7 +169,7 @@ def parsed_blocks(files: Sequence[str], schema: schema_lib.Schema, block: int,
   if shard:
     num_shards, index = shard
     sources = sources.filter(lambda i, *_: tf.equal(i % num_shards, tf.cast(index, tf.int64)))
-  sources = sources.map(lambda i, *run: run)
+  sources = sources.map(lambda i, *run: run).with_options(tfdata.dataset_options())
   if shuffle:
     sources = sources.shuffle(max(len(runs), 1), seed=seed)
   ds = sources.interleave(blocks_of, cycle_length=cycle_length or min(max(len(runs), 1), 8),

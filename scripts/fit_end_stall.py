@@ -1,5 +1,5 @@
 """How long `fit` takes to return after its last epoch, with tf.data autotuning
-on and off (`pipelines.reader.dataset_options` turns it off).
+on and off (`pipelines.tfdata.dataset_options` turns it off).
 
   python scripts/fit_end_stall.py [--data_dir=...] [--repeats=6]
 

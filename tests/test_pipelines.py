@@ -571,6 +571,31 @@ def test_counting_then_reading_scans_each_shard_once(ads_dir, tmp_path, monkeypa
   assert scanned == [sorted(glob.glob(pattern))]
 
 
+def _autotuning_of_datasets_in(function) -> list:
+  """tf.data autotuning (True, False, or None when unset) of each
+  `with_options` in a tf.function's graph."""
+  from tensorflow.core.framework import dataset_options_pb2
+  found = []
+  for op in function.get_concrete_function().graph.get_operations():
+    if op.type == "OptionsDataset":
+      options = dataset_options_pb2.Options.FromString(op.get_attr("serialized_options"))
+      found.append(options.autotune_options.enabled
+                   if options.autotune_options.HasField("enabled") else None)
+  return found
+
+
+def test_every_read_runs_without_tf_data_autotuning(ads_dir, ads_schema):
+  """Its thread can hold an iterator's deletion for seconds (pipelines.tfdata):
+  training, scoring and reading-back datasets, and the counting passes."""
+  pattern = os.path.join(ads_dir, "train-*")
+  for ds in (reader.make_dataset(pattern, ads_schema, 64),
+             reader.make_dataset(pattern, ads_schema, 64, bad_records="skip", cache=False)):
+    assert ds.options().autotune.enabled is False
+    assert ds.options().experimental_warm_start is True
+  for counting_pass in (integrity._count, integrity._count_each, integrity._run_length):
+    assert _autotuning_of_datasets_in(counting_pass) == [False]
+
+
 def test_shard_damaged_in_place_after_conversion_fails_as_it_is_read(mixed_dir):
   """Same size, so the manifest still vouches for it: TensorFlow's checksums
   catch the damage while reading; under "skip" every shard is scanned."""
