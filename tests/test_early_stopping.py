@@ -20,6 +20,7 @@ from mtl_zoo._keras import keras
 from mtl_zoo.config import ConfigError, RunConfig
 from pipelines import files
 from pipelines import reader
+from pipelines import schema as schema_lib
 from pipelines.sources import SOURCES
 
 RESULTS = {"ctr": {"auc": 0.70, "logloss": 0.40}, "cvr": {"auc": 0.60, "logloss": 0.50}}
@@ -48,9 +49,10 @@ def test_malformed_monitor_is_refused_with_the_entry(spec, message):
 
 
 def test_a_run_of_regressions_monitors_their_mse_by_default(tmp_path):
-  assert early_stopping.default_monitor(["binary", "regression"]) == "auc"
-  assert early_stopping.default_monitor(["ranking"]) == "auc"
-  assert early_stopping.default_monitor(["regression", "regression"]) == "mse"
+  binary, regression = schema_lib.BINARY, schema_lib.REGRESSION
+  assert early_stopping.default_monitor([binary, regression]) == "auc"
+  assert early_stopping.default_monitor([schema_lib.RANKING]) == "auc"
+  assert early_stopping.default_monitor([regression, regression]) == "mse"
   data = str(tmp_path / "paper")
   SOURCES["mmoe_synthetic"].write(data, seed=0, mmoe_train_examples=1000,
                                   mmoe_test_examples=500, mmoe_dims=8)
@@ -212,7 +214,7 @@ def test_a_failed_export_keeps_the_run_and_the_export_cli_finishes_it(ads_dir, t
   # Warm-up from the run's eval data, as the training run would have written it.
   assert os.path.exists(os.path.join(summary["export"], "assets.extra",
                                      "tf_serving_warmup_requests"))
-  served = exported_eval(config.export_dir, runner.schema_lib.Schema.load(
+  served = exported_eval(config.export_dir, schema_lib.Schema.load(
       os.path.join(config.model_dir, "schema.json")), config.eval_files)
   assert served["ctr"] == pytest.approx(summary["eval"]["ctr"]["auc"], abs=1e-6)
 

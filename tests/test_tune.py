@@ -245,7 +245,7 @@ def test_a_study_refuses_to_resume_with_other_fixed_flags(tmp_path):
   base = config_lib.RunConfig(model="mmoe", train_files="t-*", eval_files="e-*")
   space = space_lib.make_space("mmoe", ["ctr", "cvr"], None, shares_parameters=True)
   settings = study_lib.Settings(output_dir=str(tmp_path), trials=1)
-  objectives = study_lib.parse_objectives(None, base.monitor_spec(["binary", "binary"]))
+  objectives = study_lib.parse_objectives(None, base.monitor_spec([schema_lib.BINARY] * 2))
   given = ["--output_dir=a", "--max_epochs=2"]
   study_lib.open_study(settings, objectives, study_lib.identity(base, space, objectives, given))
   # The same command from another output directory, or quiet, resumes; another
