@@ -783,13 +783,15 @@ def fit_model(config: RunConfig, name: str, schema: schema_lib.Schema, train_pat
            f"{len(train_files)} training files (file i goes to worker i mod {readers}).")
     # Each worker repeats its own files: every epoch is exactly steps_per_epoch
     # steps on every worker, so none waits for another that ran out of data.
+    # Read deterministically: the same seed gives the same model bit for bit,
+    # and a resumed run sees the batches the interrupted one would have.
     ds = reader.make_dataset(train_pattern, schema,
                              context.get_per_replica_batch_size(config.batch_size),
                              seed=config.seed, cache=cache,
                              shuffle_block=config.shuffle_block,
                              duplicate_task=duplicate_task,
                              shard=(readers, index) if readers > 1 else None,
-                             deterministic=backup_dir is not None,
+                             deterministic=True,
                              bad_records=config.bad_records,
                              negative_sampling=sampling).repeat()
     replicas_per_reader = context.num_replicas_in_sync // context.num_input_pipelines

@@ -92,9 +92,10 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
       index-th on (sorted order), so distributed workers read disjoint files.
       The index may be a tensor, e.g. a parameter-server worker's index.
     deterministic: the same order in every run with the same seed. Default:
-      only without shuffling; shuffled reads then take blocks as they finish
-      (faster, but the order differs between runs). A resumed run needs it to
-      see the batches the interrupted one would have.
+      when a seed is given or nothing is shuffled. False takes blocks as they
+      finish (the order then differs between runs; on census no faster, as
+      measured in BUILD_NOTES.md). A resumed run needs it to see the batches
+      the interrupted one would have.
     bad_records: "fail": a damaged shard raises validation.BadRecordError here,
       naming file, record and damage (a shard the manifest vouches for is not
       scanned: damaged in place after conversion, it fails as it is read); a
@@ -127,7 +128,7 @@ def make_dataset(file_pattern: Union[str, Sequence[str]],
   files = shards.list_files(file_pattern)
   shards.detect_compression(files)  # one kind per dataset
   if deterministic is None:
-    deterministic = not shuffle
+    deterministic = seed is not None or not shuffle
   if shard and isinstance(shard[1], int):  # only this reader's files are checked and read
     files, shard = files[shard[1]::shard[0]], None
   block = max(shuffle_block, batch_size)
