@@ -58,7 +58,7 @@ RESULT_FIELDS = ("strategy", "model", "train_files", "schema", "tasks", "event_w
                  "shuffle_block", "bad_records", "source", "source_options", "eval_files",
                  "negative_sampling", "task_weights")
 OUTPUT_FIELDS = ("output_dir", "model_dir", "export_dir", "fusion", "keep", "serving_task",
-                 "serving_threads", "quiet", "calibrate", "calibration_files")
+                 "serving_threads", "quiet", "calibrate", "calibration_files", "beyond_k")
 
 
 @dataclasses.dataclass
@@ -124,6 +124,9 @@ class RunConfig:
   negative_sampling: Optional[float] = None
   # Task loss weights over the schema's, e.g. "ctr=1,cvr=0.5" (issue 15: tuned).
   task_weights: Optional[str] = None
+  # List length of the ranking report's coverage, diversity and novelty (None:
+  # strategies.default_beyond_k).
+  beyond_k: Optional[int] = None
 
   @property
   def architecture(self) -> str:
@@ -191,6 +194,8 @@ class RunConfig:
     self._check_balancer_options()
     self._check_early_stopping()
     self._check_calibration()
+    if self.beyond_k is not None and self.beyond_k < 1:
+      raise ConfigError(f"--beyond_k must be at least 1, got {self.beyond_k}.")
     for name in ("max_epochs", "batch_size", "shuffle_block"):
       if getattr(self, name) < 1:
         raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}.")

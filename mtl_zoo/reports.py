@@ -176,7 +176,7 @@ def ranking_report(config: RunConfig, model: keras.Model, schema: schema_lib.Sch
                 if data_schema.item_id and data_schema.request_id else None)
   report = strategies.objective_report(
       strategies.ranking_score(outputs, columns, fusion, data_schema), columns,
-      data_schema, item_popularity=popularity)
+      data_schema, item_popularity=popularity, beyond_k=config.beyond_k)
   how = (f"{fusion['mode']} of " + ", ".join(f"{t}^{w:g}" if fusion["mode"] == "product"
                                              else f"{w:g}*{t}"
                                              for t, w in zip(fusion["terms"],

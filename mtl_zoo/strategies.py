@@ -157,9 +157,9 @@ def objective_report(score: np.ndarray, columns: Dict[str, np.ndarray],
     k: list length of NDCG.
     item_popularity: `metrics.popularity` of the training impressions per
       item row (`reader.count_ids`); None: no novelty.
-    beyond_k: list length of coverage, diversity and novelty (default: k).
-      They measure what a ranking shows, so they only tell scores apart when
-      requests hold more than `beyond_k` candidates.
+    beyond_k: list length of coverage, diversity and novelty (default:
+      `default_beyond_k`). They measure what a ranking shows, so they only
+      tell scores apart when requests hold more than `beyond_k` candidates.
 
   Returns:
     Metric name -> value.
@@ -188,9 +188,30 @@ def objective_report(score: np.ndarray, columns: Dict[str, np.ndarray],
                                 f"negative {shallowest}: GAUC is undefined.")
     report[f"ndcg@{k}"] = metrics.ndcg_at_k(columns[deepest], score, requests, k)
     if schema.item_id and schema.item_id in columns:
-      report.update(_beyond_accuracy(score, columns, schema, beyond_k or k,
+      report.update(_beyond_accuracy(score, columns, schema,
+                                     beyond_k or default_beyond_k(requests, k),
                                      item_popularity))
   return report
+
+
+def default_beyond_k(requests: np.ndarray, k: int) -> int:
+  """The list length of the beyond-accuracy metrics when none is given: `k`
+  where the median request holds more than `k` candidates, else a third of the
+  median request, at least 2 (diversity rates pairs). At `k` on requests of at
+  most `k` candidates every ranking shows the same items, and coverage,
+  diversity and novelty are the same for any score (the built-in log's
+  requests hold 10 impressions: 3).
+
+  Args:
+    requests: the request id of every example.
+    k: the list length otherwise used (NDCG's).
+
+  Returns:
+    The list length.
+  """
+  _, sizes = np.unique(np.asarray(requests).ravel(), return_counts=True)
+  median = int(np.median(sizes)) if sizes.size else 0
+  return k if median > k else max(2, median // 3)
 
 
 def _beyond_accuracy(score, columns, schema, k, item_popularity) -> Dict[str, float]:

@@ -96,6 +96,11 @@ flags.DEFINE_string("fusion", None, "How task scores (and numeric features) fuse
                     "--strategy=fusion, and for the final report: the product of the "
                     "binary tasks' probabilities.")
 flags.DEFINE_integer("keep", None, "Keep only the newest N exported versions.", lower_bound=1)
+flags.DEFINE_integer("beyond_k", None, "List length of the ranking report's catalog coverage, "
+                     "category diversity and novelty (each request's top N by the ranking "
+                     "score). Default: 10, or a third of the median request (at least 2) "
+                     "where requests hold no more than 10 candidates (then any ranking "
+                     "shows the same items).", lower_bound=1)
 flags.DEFINE_string("serving_task", None, "Task behind the classify/regress signatures "
                     "(default: the schema's first task).")
 flags.DEFINE_integer("serving_threads", None, "num_batch_threads of the exported "
@@ -276,7 +281,8 @@ def config_from_flags() -> RunConfig:
       source_options=({"synthetic_requests": FLAGS.synthetic_requests}
                       if FLAGS.source == "synthetic" else {}),
       calibrate=FLAGS.calibrate, calibration_files=FLAGS.calibration_files,
-      negative_sampling=FLAGS.negative_sampling, task_weights=FLAGS.task_weights)
+      negative_sampling=FLAGS.negative_sampling, task_weights=FLAGS.task_weights,
+      beyond_k=FLAGS.beyond_k)
 
 
 def check_source_flags() -> None:

@@ -154,6 +154,25 @@ def test_objective_report_rates_what_each_request_shows(ads_schema):
   assert "ndcg@4" in report and "coverage@4" not in report
 
 
+def test_beyond_accuracy_rates_fewer_items_than_requests_hold(ads_schema):
+  """On requests of at most k candidates a top k is the whole request, the same
+  for any score; the default list is then a third of the median request."""
+  tens = np.repeat(np.arange(50), 10)
+  assert strategies.default_beyond_k(tens, 10) == 3
+  assert strategies.default_beyond_k(np.repeat(np.arange(50), 5), 10) == 2
+  assert strategies.default_beyond_k(np.repeat(np.arange(50), 40), 10) == 10
+  row = np.arange(500)
+  columns = {"request_id": tens, "item_id": row % 10, "item_category": row % 5,
+             "click": (row % 3 == 0).astype(np.float32),
+             "conversion": (row % 6 == 0).astype(np.float32)}
+  rng = np.random.default_rng(0)
+  reports = [strategies.objective_report(score, columns, ads_schema, k=10)
+             for score in (rng.random(500), (row % 10).astype(float))]
+  # The whole request at 10 would rate both scores alike; their top 3 differ.
+  assert "coverage@3" in reports[0] and "coverage@10" not in reports[0]
+  assert reports[0]["coverage@3"] > reports[1]["coverage@3"] == 3 / 100
+
+
 def test_fusion_search_scores_candidates_and_finds_the_pareto_front(ads_schema):
   columns = _report_columns()
   outputs = {"ctr": np.array([0.9, 0.1, 0.8, 0.2, 0.7, 0.6, 0.3, 0.1]),

@@ -210,11 +210,12 @@ def test_cli_strategies_train_report_and_export(strategy, cli, ads_dir, tmp_path
   assert code == 0, err[-3000:]
   metrics = json.load(open(base / "run" / "metrics.json"))
   assert metrics["strategy"] == strategy and metrics["tasks"] == tasks
-  # The log's requests hold 10 impressions, the default --list_size.
+  # The log's requests hold 10 impressions, the default --list_size; beyond
+  # accuracy rates each request's top 3 (strategies.default_beyond_k).
   assert metrics["examples_past_list_size"] == (0 if strategy == "learning_to_rank" else None)
   ranking = metrics["ranking"]
   assert set(ranking) == {"ctr_auc", "cvr_auc", "cvr_entire_auc", "gauc", "ndcg@10",
-                          "coverage@10", "diversity@10", "novelty@10"}
+                          "coverage@3", "diversity@3", "novelty@3"}
   # Every strategy's score learns something about clicks or conversions.
   assert max(ranking["ctr_auc"], ranking["cvr_entire_auc"]) > 0.55, ranking
   assert "Ranking score" in out
