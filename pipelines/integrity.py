@@ -206,8 +206,8 @@ def count_in_parallel(files: Sequence[str], compressions: Sequence[str]) -> list
 @tf.function(input_signature=[_PATHS, _PATHS], autograph=False)
 def _count_each(files: tf.Tensor, compressions: tf.Tensor):
   ds = tf.data.Dataset.from_tensor_slices((files, compressions)).map(
-      _count, num_parallel_calls=tf.data.AUTOTUNE)
-  return ds.with_options(tfdata.dataset_options()).batch(tf.size(files, out_type=tf.int64)).get_single_element()
+      _count, num_parallel_calls=tf.data.AUTOTUNE).with_options(tfdata.dataset_options())
+  return ds.batch(tf.size(files, out_type=tf.int64)).get_single_element()
 
 
 def _count_all(files: Sequence[str]) -> list:
