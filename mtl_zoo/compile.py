@@ -29,7 +29,10 @@ def compile_model(model: keras.Model, schema: schema_lib.Schema,
   data by `mtl_zoo.metrics` rather than by streaming Keras metrics, which are
   approximate (AUC) and slow down every training step. The optimizer's slots
   and the loss means are made here, so `fit` traces its train step once
-  (`_keras.create_training_state`).
+  (`_keras.create_training_state`). All of it happens under the
+  `tf.distribute` strategy the model was built under, so a model built inside
+  `strategy.scope()` may be compiled outside it (Keras 3 otherwise refuses to
+  mix the default optimizer's strategy with the model's).
 
   Args:
     model: a built model with one output per schema task.
@@ -39,7 +42,7 @@ def compile_model(model: keras.Model, schema: schema_lib.Schema,
     learning_rate_decay_steps: N > 0: Adam's rate at step t is learning_rate /
       (1 + t / N); 0: constant.
     optimizer: the optimizer; default Adam (`_keras.default_adam`: Keras 2's
-      legacy, fused one).
+      legacy, fused one). One given must be made under the model's strategy.
     weighting: a `balancers.BALANCERS` name, or a built `LossBalancer`.
     weighting_options: the named balancer's options (e.g. dwa_temperature).
     balance_on: the shared dense parameters GradNorm and PCGrad act on:
@@ -57,6 +60,14 @@ def compile_model(model: keras.Model, schema: schema_lib.Schema,
       ValueError) for GradNorm or PCGrad on a model whose tasks share no dense
       parameter (e.g. single_task).
   """
+  with model.distribute_strategy.scope():  # the strategy Keras recorded at build
+    return _compile(model, schema, learning_rate, learning_rate_decay_steps, optimizer,
+                    weighting, weighting_options, balance_on, masked_loss, compile_kwargs)
+
+
+def _compile(model, schema, learning_rate, learning_rate_decay_steps, optimizer, weighting,
+             weighting_options, balance_on, masked_loss, compile_kwargs) -> keras.Model:
+  """`compile_model`'s work, under the model's strategy."""
   optimizer = optimizer or _keras.default_adam(learning_rate, learning_rate_decay_steps)
   # Task masks arrive as sample weights; no streaming metrics need them.
   compile_kwargs.setdefault("weighted_metrics", [])

@@ -158,3 +158,18 @@ def test_what_needs_keras_2_is_refused_at_start_naming_the_flag(settings, flag):
   with pytest.raises(ConfigError, match=flag):
     RunConfig(**settings).validate()
   RunConfig().validate()  # the defaults run under Keras 3
+
+
+@pytest.mark.keras3
+def test_a_model_built_under_a_strategy_compiles_outside_it_and_trains(ads_dir, ads_schema):
+  """Keras 3 refuses an optimizer made outside the scope of the model's
+  variables; compile_model makes it under the strategy the model was built in."""
+  strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+  with strategy.scope():
+    model = mtl_zoo.build_mmoe(ads_schema, num_experts=2, expert_units=[8], tower_units=[4])
+  trainable = mtl_zoo.compile_model(model, ads_schema, learning_rate=5e-3)
+  assert trainable.distribute_strategy is strategy
+  train = reader.make_dataset(os.path.join(ads_dir, "train-*"), ads_schema, 128, seed=0)
+  before = model.evaluate(train.take(4), verbose=0, return_dict=True)["loss"]
+  trainable.fit(train.take(4), epochs=3, verbose=0)
+  assert model.evaluate(train.take(4), verbose=0, return_dict=True)["loss"] < before
