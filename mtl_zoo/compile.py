@@ -60,34 +60,30 @@ def compile_model(model: keras.Model, schema: schema_lib.Schema,
       ValueError) for GradNorm or PCGrad on a model whose tasks share no dense
       parameter (e.g. single_task).
   """
-  with model.distribute_strategy.scope():  # the strategy Keras recorded at build
-    return _compile(model, schema, learning_rate, learning_rate_decay_steps, optimizer,
-                    weighting, weighting_options, balance_on, masked_loss, compile_kwargs)
-
-
-def _compile(model, schema, learning_rate, learning_rate_decay_steps, optimizer, weighting,
-             weighting_options, balance_on, masked_loss, compile_kwargs) -> keras.Model:
-  """`compile_model`'s work, under the model's strategy."""
-  optimizer = optimizer or _keras.default_adam(learning_rate, learning_rate_decay_steps)
-  # Task masks arrive as sample weights; no streaming metrics need them.
-  compile_kwargs.setdefault("weighted_metrics", [])
-  if isinstance(weighting, str):
-    trained = balancers_lib.trained_tasks(schema)
-    balancer = balancers_lib.make_balancer(weighting, [t.loss_weight for t in trained],
-                                           **(weighting_options or {}))
-  else:
-    balancer = weighting
-  if balancer.needs_train_step:
-    if balancer.num_tasks < 2:
-      raise ValueError(f"loss balancing needs at least two tasks with loss_weight > 0; "
-                       f"schema {schema.name!r} trains "
-                       f"{[t.name for t in balancers_lib.trained_tasks(schema)]}.")
-    trainer = balancers_lib.MultiTaskTrainer(model, schema, balancer, balance_on, masked_loss)
-    trainer.compile(optimizer=optimizer, **compile_kwargs)
-    _keras.create_training_state(trainer)
-    return trainer
-  model.compile(optimizer=optimizer, loss=losses.task_losses(schema, masked_loss),
-                loss_weights={t.name: t.loss_weight for t in schema.tasks},
-                **compile_kwargs)
-  _keras.create_training_state(model)
-  return model
+  # Under the strategy Keras recorded when the model was built: the optimizer,
+  # a balancer's trainer and their variables must belong to it.
+  with model.distribute_strategy.scope():
+    optimizer = optimizer or _keras.default_adam(learning_rate, learning_rate_decay_steps)
+    # Task masks arrive as sample weights; no streaming metrics need them.
+    compile_kwargs.setdefault("weighted_metrics", [])
+    if isinstance(weighting, str):
+      trained = balancers_lib.trained_tasks(schema)
+      balancer = balancers_lib.make_balancer(weighting, [t.loss_weight for t in trained],
+                                             **(weighting_options or {}))
+    else:
+      balancer = weighting
+    if balancer.needs_train_step:
+      if balancer.num_tasks < 2:
+        raise ValueError(f"loss balancing needs at least two tasks with loss_weight > 0; "
+                         f"schema {schema.name!r} trains "
+                         f"{[t.name for t in balancers_lib.trained_tasks(schema)]}.")
+      trainer = balancers_lib.MultiTaskTrainer(model, schema, balancer, balance_on,
+                                               masked_loss)
+      trainer.compile(optimizer=optimizer, **compile_kwargs)
+      _keras.create_training_state(trainer)
+      return trainer
+    model.compile(optimizer=optimizer, loss=losses.task_losses(schema, masked_loss),
+                  loss_weights={t.name: t.loss_weight for t in schema.tasks},
+                  **compile_kwargs)
+    _keras.create_training_state(model)
+    return model
